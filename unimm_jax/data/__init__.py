@@ -1,0 +1,1 @@
+"""Data: sources (shapes, folder), tokenizers, the vocabulary layout and the grain pipeline."""
