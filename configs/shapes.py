@@ -1,0 +1,31 @@
+"""The embedded ``shapes`` data on a 2-core CPU: the README's main job.
+
+Run::
+
+    python -m unimm_jax.main --config=configs/shapes.py --workdir=runs/shapes
+
+24x24 images become 6x6 = 36 tokens of a 4x4-patch codebook (about 150 codes, 4 levels per channel); captions
+become at most 20 word tokens; one sequence is 56 tokens. The model is 4 layers of width 128 (about 0.9M
+parameters). See BENCHMARKS.md for the measured wall time and val bits/token.
+"""
+
+from unimm_jax.configuration import base_config
+
+
+def get_config():
+  config = base_config()
+  config.data.source = "shapes"
+  config.text.tokenizer = "word"
+  config.text.max_len = 20
+  config.image.tokenizer = "patch"
+  config.image.patch = 4
+  config.image.levels = 4
+  config.model.d_model = 128
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.head_dim = 32
+  config.model.mlp_dim = 384
+  config.train.steps = 3_000
+  config.train.batch_size = 64
+  config.diffusion.loss_weighting = "flat"
+  return config

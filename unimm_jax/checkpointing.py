@@ -1,0 +1,75 @@
+"""Orbax checkpoints of a training run: model, optimizer, EMA, step, RNG and the data iterator position.
+
+``WORKDIR/checkpoints/<step>/`` holds two items: ``state`` (the :class:`~unimm_jax.train.TrainState` pytree,
+written by every process collectively) and ``data`` (the grain iterator state, a few integers). Saves are
+asynchronous where the config asks for it: the train loop goes on while the arrays are written. A restore is
+done onto an abstract target (shapes, dtypes and shardings of the state the run would initialise), so the arrays
+come back with the current run's sharding whatever the mesh that wrote them.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class Checkpointer:
+  """Save / restore / latest step for one workdir."""
+
+  def __init__(self, workdir, *, every_steps: int, max_to_keep: int, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps,
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Saves if ``step`` is on the save interval (or ``force``); returns whether a save started."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+    """Restores ``step`` (default: latest) onto ``abstract_state``'s shapes, dtypes and shardings.
+
+    The data iterator, if given, is moved in place to the saved position. Returns the restored state.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("restored checkpoint %s/%d", self.directory, step)
+    return restored["state"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree):
+  """jax.ShapeDtypeStruct tree (with shardings) of ``tree``: a restore target that allocates nothing."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -1,0 +1,248 @@
+"""The base config (every key the code reads, with its default) and the validation of a run's config.
+
+Every config in ``configs/`` starts from :func:`base_config` and changes values; it may not add keys.
+:func:`validate` runs before anything is compiled and raises one :class:`ConfigError` that names every bad
+field: a key the base config does not have (with the closest existing one), a wrong type, a value outside its
+choices or range, or sizes that do not fit together (text length + image tokens vs ``model.max_len``, image
+size vs patch). Sizes that depend on fitted tokenizers are checked by :func:`check_tokenizers`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names each bad field."""
+
+
+# Fields whose value must be one of a fixed set.
+CHOICES = {
+    "data.source": ("shapes", "folder"),
+    "text.tokenizer": ("word", "byte"),
+    "image.tokenizer": ("pixel", "patch"),
+    "diffusion.schedule": ("linear", "cosine", "polynomial"),
+    "diffusion.loss_weighting": ("elbo", "flat"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.positions": ("rope", "learned"),
+    "model.attention": ("xla", "cudnn"),
+}
+# Fields that must be > 0 (ints and floats); ">= 0" ones below.
+POSITIVE = (
+    "model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim", "model.max_len",
+    "text.max_len", "image.size", "image.channels", "image.patch", "image.codebook_size", "train.steps",
+    "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
+    "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
+    "diffusion.poly_power", "model.rope_theta",
+)
+NON_NEGATIVE = ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight",
+                "diffusion.image_loss_weight", "data.num_threads", "text.max_vocab", "seed")
+
+
+def base_config() -> ConfigDict:
+  """Every key the code reads, with defaults sized for the embedded ``shapes`` data on a CPU."""
+  c = ConfigDict()
+  c.seed = 0
+
+  c.data = ConfigDict()
+  c.data.source = "shapes"       # shapes | folder
+  c.data.path = ""               # folder: DIR with train.jsonl / val.jsonl
+  c.data.train_size = 100_000    # shapes: examples in the train split (procedural, so size is free)
+  c.data.val_size = 512          # shapes: examples in the val split
+  c.data.fit_examples = 5_000    # training examples used to fit the tokenizers at the first run
+  c.data.num_threads = 2         # grain read threads; 0 reads in the main thread
+
+  c.text = ConfigDict()
+  c.text.tokenizer = "word"      # word | byte
+  c.text.max_len = 20            # text positions per sequence; captions are truncated / PAD-padded
+  c.text.max_vocab = 0           # word: keep the most frequent N words (0 = all)
+
+  c.image = ConfigDict()
+  c.image.tokenizer = "patch"    # pixel | patch
+  c.image.size = 24
+  c.image.channels = 3
+  c.image.levels = 4             # quantization levels per channel
+  c.image.patch = 4              # patch: side of a patch in pixels
+  c.image.codebook_size = 1024   # patch: keep at most this many distinct training patches
+
+  c.model = ConfigDict()
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 384          # hidden width of the gated MLP
+  c.model.max_len = 64           # must hold text.max_len + image tokens
+  c.model.positions = "rope"     # rope (1-D text, 2-D image) | learned
+  c.model.rope_theta = 10_000.0
+  c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
+  c.model.param_dtype = "float32"
+  c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
+
+  c.diffusion = ConfigDict()
+  c.diffusion.schedule = "linear"        # linear | cosine | polynomial
+  c.diffusion.poly_power = 2.0           # polynomial: alpha = 1 - t^k
+  c.diffusion.shared_time = False        # one t for both modalities (UniDisc) instead of one each
+  c.diffusion.loss_weighting = "elbo"    # elbo | flat
+  c.diffusion.t_min = 1e-3
+  c.diffusion.text_loss_weight = 1.0
+  c.diffusion.image_loss_weight = 1.0
+  c.diffusion.tasks = ConfigDict()       # per-example task mixture (normalised weights)
+  c.diffusion.tasks.joint = 0.4          # both modalities noised, each at its own t
+  c.diffusion.tasks.text_to_image = 0.2  # text clean, image noised
+  c.diffusion.tasks.image_to_text = 0.2  # image clean, text noised
+  c.diffusion.tasks.image_only = 0.1     # text fully masked (null condition), image noised
+  c.diffusion.tasks.text_only = 0.1      # image fully masked (null condition), text noised
+
+  c.train = ConfigDict()
+  c.train.steps = 2_000
+  c.train.batch_size = 64        # global batch
+  c.train.log_every = 50
+  c.train.ema_decay = 0.999
+
+  c.optim = ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.end_lr_ratio = 0.1     # cosine decay ends at learning_rate * end_lr_ratio
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip = 1.0
+
+  c.mesh = ConfigDict()
+  c.mesh.shape = (-1, 1, 1)      # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+  c.ckpt = ConfigDict()
+  c.ckpt.every_steps = 500
+  c.ckpt.max_to_keep = 3
+  c.ckpt.async_save = True
+
+  c.eval = ConfigDict()
+  c.eval.every_steps = 500
+  c.eval.batch_size = 128
+  c.eval.use_ema = True          # evaluate the EMA weights
+  return c
+
+
+def _flatten(cfg: ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ConfigDict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def image_token_grid(config: ConfigDict) -> tuple[int, int]:
+  """(h, w) of the image token grid that the configured image tokenizer produces."""
+  side = config.image.size // (config.image.patch if config.image.tokenizer == "patch" else 1)
+  return side, side
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+  """Checks ``config`` against the base config; returns it, or raises one ConfigError naming every bad field."""
+  base = _flatten(base_config())
+  flat = _flatten(config)
+  problems = []
+  for name, value in flat.items():
+    if name not in base:
+      close = difflib.get_close_matches(name, base, n=1, cutoff=0.6)
+      hint = f"; did you mean {close[0]}?" if close else ""
+      problems.append(f"config.{name} is not a known field{hint}")
+    elif not _type_ok(value, base[name]):
+      problems.append(f"config.{name}={value!r} has type {type(value).__name__}, "
+                      f"expected {type(base[name]).__name__}")
+  for name in base:
+    if name not in flat:
+      problems.append(f"config.{name} is missing (start configs from unimm_jax.configuration.base_config())")
+  if problems:  # the checks below assume known keys of the right types
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+  for name, choices in CHOICES.items():
+    if flat[name] not in choices:
+      problems.append(f"config.{name}={flat[name]!r} is not one of {choices}")
+  for name in POSITIVE:
+    if not flat[name] > 0:
+      problems.append(f"config.{name}={flat[name]!r} must be > 0")
+  for name in NON_NEGATIVE:
+    if flat[name] < 0:
+      problems.append(f"config.{name}={flat[name]!r} must be >= 0")
+
+  c = config
+  if not 2 <= c.image.levels <= 256:
+    problems.append(f"config.image.levels={c.image.levels} must be in [2, 256]")
+  if c.image.channels not in (1, 3):
+    problems.append(f"config.image.channels={c.image.channels} must be 1 (grey) or 3 (RGB)")
+  if c.image.tokenizer == "pixel" and c.image.levels ** c.image.channels > 2 ** 20:
+    problems.append(f"config.image.levels={c.image.levels} gives a pixel vocabulary of "
+                    f"{c.image.levels ** c.image.channels} ids (levels ** channels); use fewer levels")
+  if c.image.tokenizer == "patch" and c.image.patch > 0 and c.image.size % c.image.patch:
+    problems.append(f"config.image.size={c.image.size} is not a multiple of config.image.patch={c.image.patch}")
+  elif c.image.size > 0 and c.image.patch > 0:
+    h, w = image_token_grid(c)
+    need = c.text.max_len + h * w
+    if need > c.model.max_len:
+      problems.append(f"config.model.max_len={c.model.max_len} is smaller than config.text.max_len "
+                      f"({c.text.max_len}) + image tokens ({h}x{w}={h * w}) = {need}")
+  if not 0.0 <= c.train.ema_decay < 1.0:
+    problems.append(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1)")
+  if not 0.0 < c.diffusion.t_min < 0.5:
+    problems.append(f"config.diffusion.t_min={c.diffusion.t_min} must be in (0, 0.5)")
+  if not 0.0 <= c.optim.end_lr_ratio <= 1.0:
+    problems.append(f"config.optim.end_lr_ratio={c.optim.end_lr_ratio} must be in [0, 1]")
+  tasks = dict(c.diffusion.tasks)
+  if any(w < 0 for w in tasks.values()) or sum(tasks.values()) <= 0:
+    problems.append(f"config.diffusion.tasks={tasks} must be non-negative with a positive sum")
+  if c.optim.warmup_steps >= c.train.steps > 0:
+    problems.append(f"config.optim.warmup_steps={c.optim.warmup_steps} must be < config.train.steps={c.train.steps}")
+  if len(c.mesh.shape) != 3:
+    problems.append(f"config.mesh.shape={tuple(c.mesh.shape)} must have 3 entries ('data', 'fsdp', 'tensor')")
+  if c.data.source == "folder" and not c.data.path:
+    problems.append("config.data.path is empty; config.data.source='folder' needs a directory "
+                    "holding train.jsonl and val.jsonl")
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  return config
+
+
+def check_tokenizers(config: ConfigDict, text_tokenizer, image_tokenizer) -> None:
+  """Checks that fitted or loaded tokenizers agree with the config (a resumed run may have changed it)."""
+  problems = []
+  if text_tokenizer.kind != config.text.tokenizer:
+    problems.append(f"config.text.tokenizer={config.text.tokenizer!r} but the workdir's saved text tokenizer "
+                    f"is {text_tokenizer.kind!r}")
+  img = image_tokenizer.config_dict()
+  want = {"kind": config.image.tokenizer, "size": config.image.size, "channels": config.image.channels,
+          "levels": config.image.levels}
+  if config.image.tokenizer == "patch":
+    want["patch"] = config.image.patch
+  for key, value in want.items():
+    field = "tokenizer" if key == "kind" else key
+    if img.get(key) != value:
+      problems.append(f"config.image.{field}={value!r} but the workdir's saved image tokenizer has "
+                      f"{key}={img.get(key)!r}")
+  if config.image.tokenizer == "patch" and image_tokenizer.vocab_size > config.image.codebook_size:
+    problems.append(f"config.image.codebook_size={config.image.codebook_size} is smaller than the saved "
+                    f"tokenizer's {image_tokenizer.vocab_size} codes")
+  if problems:
+    raise ConfigError("the config does not match the tokenizers saved in the workdir (use a new --workdir, "
+                      "or restore the config it was trained with):\n  " + "\n  ".join(problems))

@@ -1,0 +1,180 @@
+"""From a source to batches of packed token sequences: sources, fitted tokenizers, and the grain pipeline.
+
+::
+
+    source (shapes | folder) -> grain MapDataset: [process shard] -> shuffle -> repeat -> encode -> batch
+    encode: text -> text tokenizer (truncate / PAD to text.max_len); image -> image tokenizer; pack [text | image]
+
+The train pipeline is a grain ``MapDataset`` turned into an iterator whose position is a few integers, so the
+checkpoint stores it and a resumed run continues with exactly the batch it would have seen next. Tokenizers that
+are fitted to data (word vocabulary, patch codebook) are fitted once, at the first run, on the training split,
+saved in ``WORKDIR/tokenizers/`` and loaded from there by every later run and reader; they are never refitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from unimm_jax import configuration
+from unimm_jax.data import folder, shapes, tokenizers
+from unimm_jax.data.vocab import VocabLayout
+
+TOKENIZER_DIR = "tokenizers"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------------------
+def make_source(config, split: str):
+  """The random-access source for ``split`` ('train' | 'val'); each item {'image': uint8 [H,W,C], 'text': str}."""
+  if config.data.source == "shapes":
+    if (config.image.size, config.image.channels) != (shapes.IMAGE_SIZE, 3):
+      raise configuration.ConfigError(
+          f"config.data.source='shapes' makes {shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE} RGB images, but "
+          f"config.image.size={config.image.size}, config.image.channels={config.image.channels}")
+    size = config.data.train_size if split == "train" else config.data.val_size
+    return shapes.ShapesSource(split, size, seed=config.seed)
+  if config.data.source == "folder":
+    return folder.FolderSource(config.data.path, split, config.image.size, config.image.channels)
+  raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of shapes, folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Tokenizers:
+  """The run's text and image tokenizers and the vocabulary layout they imply."""
+
+  text: tokenizers.TextTokenizer
+  image: tokenizers.ImageTokenizer
+  text_len: int
+
+  @property
+  def layout(self) -> VocabLayout:
+    return VocabLayout(self.text.vocab_size, self.image.vocab_size, self.text_len, self.image.grid_shape)
+
+  def encode(self, text: str, image: np.ndarray) -> np.ndarray:
+    """One pair -> int32 [S] packed global ids."""
+    text_ids = self.text.encode(text, self.text_len)
+    image_ids = self.image.encode(image[None])[0]
+    return self.layout.pack(text_ids, image_ids)
+
+  def decode(self, tokens: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """int [N, S] global ids (no MASK) -> (captions, uint8 [N, H, W, C] images)."""
+    text_ids, image_ids = self.layout.unpack(np.asarray(tokens))
+    texts = [self.text.decode(row) for row in text_ids]
+    return texts, self.image.decode(image_ids)
+
+
+def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizers.ImageTokenizer]:
+  n = min(len(source), config.data.fit_examples)
+  items = [source[i] for i in range(n)]
+  texts = [item["text"] for item in items]
+  if config.text.tokenizer == "word":
+    text_tok = tokenizers.WordTokenizer.fit(texts, max_vocab=config.text.max_vocab or None)
+  else:
+    text_tok = tokenizers.ByteTokenizer()
+  if config.image.tokenizer == "pixel":
+    image_tok = tokenizers.PixelTokenizer(config.image.size, config.image.channels, config.image.levels)
+  else:
+    images = np.stack([item["image"] for item in items])
+    image_tok = tokenizers.PatchTokenizer.fit(images, config.image.size, config.image.channels,
+                                              config.image.levels, config.image.patch, config.image.codebook_size)
+  logging.info("fitted tokenizers on %d training examples: text %s (%d ids), image %s (%d ids)", n,
+               text_tok.kind, text_tok.vocab_size, image_tok.kind, image_tok.vocab_size)
+  return text_tok, image_tok
+
+
+def fit_or_load_tokenizers(config, workdir, train_source=None) -> Tokenizers:
+  """Loads the tokenizers saved in ``WORKDIR/tokenizers``, or fits them on the training split and saves them.
+
+  Every process fits the same tokenizers (the fit is deterministic); only process 0 writes them.
+  """
+  directory = epath.Path(workdir) / TOKENIZER_DIR
+  if (directory / "text_tokenizer.json").exists() and (directory / "image_tokenizer.json").exists():
+    text_tok = tokenizers.load_text_tokenizer(directory)
+    image_tok = tokenizers.load_image_tokenizer(directory)
+    logging.info("loaded tokenizers from %s (not refitted)", directory)
+  else:
+    source = train_source if train_source is not None else make_source(config, "train")
+    text_tok, image_tok = _fit_tokenizers(config, source)
+    if jax.process_index() == 0:
+      directory.mkdir(parents=True, exist_ok=True)
+      text_tok.save(directory)
+      image_tok.save(directory)
+      logging.info("saved tokenizers to %s", directory)
+  configuration.check_tokenizers(config, text_tok, image_tok)
+  return Tokenizers(text_tok, image_tok, config.text.max_len)
+
+
+def load_tokenizers(workdir, text_len: int) -> Tokenizers:
+  """The tokenizers a training run saved (for readers: sampler, export); FileNotFoundError if there are none."""
+  directory = epath.Path(workdir) / TOKENIZER_DIR
+  return Tokenizers(tokenizers.load_text_tokenizer(directory), tokenizers.load_image_tokenizer(directory), text_len)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grain pipeline
+# ---------------------------------------------------------------------------------------------------------------
+class Encode(grain.transforms.Map):
+  """{'image', 'text'} -> {'tokens': int32 [S], 'text_unk': int32 (words mapped to UNK)}."""
+
+  def __init__(self, toks: Tokenizers):
+    self._toks = toks
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    tokens = self._toks.encode(element["text"], element["image"])
+    unk_id = self._toks.text.unk_id
+    unk = 0 if unk_id is None else int(np.sum(tokens[: self._toks.text_len] == unk_id))
+    return {"tokens": tokens, "text_unk": np.int32(unk)}
+
+
+def train_dataset(source, toks: Tokenizers, *, batch_size: int, seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled every epoch), batched MapDataset of this process's shard.
+
+  Args:
+    batch_size: the per-process batch.
+    shard_index, shard_count: this process's slice of the source (``jax.process_index/count()``).
+  Batches: {'tokens': int32 [batch_size, S], 'text_unk': int32 [batch_size]}.
+  """
+  ds = grain.MapDataset.source(source)
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]
+  if len(ds) < batch_size:
+    raise ValueError(f"the training split has {len(ds)} examples for this process, fewer than its batch of "
+                     f"{batch_size}")
+  return ds.shuffle(seed=seed).repeat(None).map(Encode(toks)).batch(batch_size, drop_remainder=True)
+
+
+def train_iterator(dataset: grain.MapDataset, num_threads: int):
+  """A checkpointable iterator (``get_state`` / ``set_state``) with background prefetch."""
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1))
+  return iter(dataset.to_iter_dataset(options))
+
+
+def eval_batches(source, toks: Tokenizers, batch_size: int) -> list[dict[str, np.ndarray]]:
+  """Every example of ``source`` once, in order, in fixed-size batches; the last is padded.
+
+  Batches: {'tokens': int32 [batch_size, S], 'weight': float32 [batch_size] (0 on padding)}.
+  """
+  encode = Encode(toks)
+  rows = [encode.map(source[i])["tokens"] for i in range(len(source))]
+  if not rows:
+    raise ValueError("the validation split is empty")
+  out = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    weight = np.zeros(batch_size, np.float32)
+    weight[: len(chunk)] = 1.0
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    out.append({"tokens": np.stack(chunk), "weight": weight})
+  return out

@@ -1,0 +1,132 @@
+"""Transformer building blocks in Flax linen, each parameter with logical axis names.
+
+Logical names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``layers``) are mapped onto mesh axes by the
+rules in the config (sharding issue); here they only label the parameters, and ``nn.with_logical_constraint``
+labels activations (``batch``, ``length``, ``embed``, ``heads``, ``kv``) at block boundaries. Without rules in
+scope both are no-ops, so the same module runs on one CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+_dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (no mean subtraction, no bias), computed in float32."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., D] -> [..., D]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jnp.ndarray:
+  """float32 [head_dim // 4]: the rotary frequencies of one half of the rotary pairs."""
+  quarter = head_dim // 4
+  return 1.0 / (theta ** (jnp.arange(quarter, dtype=jnp.float32) / quarter))
+
+
+def apply_rope_2d(x, positions, theta: float):
+  """2-D rotary position embedding.
+
+  The head dimension holds head_dim/2 rotary pairs; the first half of the pairs turn with ``positions[:, 0]``
+  (image row, or the text index) and the second half with ``positions[:, 1]`` (image column, or the text index
+  again). A text token at index i therefore gets a 1-D rotary embedding; an image token at (r, c) gets one that
+  makes attention depend on the row and column offsets separately (the 2-D grid is not flattened).
+
+  Args:
+    x: [B, S, N, H] queries or keys, H divisible by 4.
+    positions: int32 [S, 2].
+    theta: rotary base.
+  Returns:
+    [B, S, N, H], same dtype as x.
+  """
+  head_dim = x.shape[-1]
+  freqs = rope_frequencies(head_dim, theta)                                    # [H/4]
+  angles = jnp.concatenate([positions[:, :1] * freqs, positions[:, 1:] * freqs], axis=-1)  # [S, H/2]
+  sin = jnp.sin(angles)[None, :, None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)                                          # pairs (x1[j], x2[j])
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Bidirectional multi-head self-attention through ``jax.nn.dot_product_attention``."""
+
+  num_heads: int
+  head_dim: int
+  rope_theta: float | None   # None: no rotary embedding (learned absolute positions are used instead)
+  implementation: str | None = None   # None (XLA) or 'cudnn'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):  # x: [B, S, D], positions: int32 [S, 2] -> [B, S, D]
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "heads", "kv")), name=name)(x)
+
+    q, k, v = proj("query"), proj("key"), proj("value")                     # [B, S, N, H]
+    if self.rope_theta is not None:
+      q = apply_rope_2d(q, positions, self.rope_theta)
+      k = apply_rope_2d(k, positions, self.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
+    return nn.DenseGeneral(
+        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(_dense_init, ("heads", "kv", "embed")), name="out")(out)
+
+
+class GatedMLP(nn.Module):
+  """SwiGLU: ``wo(silu(wi_0 x) * wi_1 x)``."""
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, S, D] -> [B, S, D]
+    def dense(features, axes, name):
+      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.with_logical_partitioning(_dense_init, axes), name=name)
+
+    gate = dense(self.hidden, ("embed", "mlp"), "wi_0")(x)
+    up = dense(self.hidden, ("embed", "mlp"), "wi_1")(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(x.shape[-1], ("mlp", "embed"), "wo")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float | None
+  attention: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):  # [B, S, D] -> [B, S, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(name="attn_norm", **kw)(x)
+    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.attention, name="attn", **kw)(h, positions)
+    h = RMSNorm(name="mlp_norm", **kw)(x)
+    x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))

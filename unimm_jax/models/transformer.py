@@ -1,0 +1,102 @@
+"""The network: one bidirectional transformer over ``[text | image]`` token sequences.
+
+It maps token ids (MASK included) to logits and knows nothing about diffusion: no time input, no masking
+rates. What it knows of the data is the :class:`~unimm_jax.data.vocab.VocabLayout`: which positions are text
+and which image (for the modality embedding, the positions and the output restriction).
+
+Positions are rotary by default: 1-D for text, 2-D (row, column) for the image grid, so attention between image
+tokens depends on their grid offsets, and the same weights could serve another grid size. ``learned`` absolute
+positions are the simpler alternative (config ``model.positions``).
+
+The output at each position is restricted to its own modality's ids: the logits of the other modality and of
+MASK are set to a large negative value, so their probabilities are exactly 0 in float32 while every value stays
+finite (``-inf`` would make ``p * log p`` NaN in entropy and KL terms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.models import layers
+
+NEG_INF = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Network hyper-parameters (the ``model`` config group plus the vocabulary layout)."""
+
+  layout: VocabLayout
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 384
+  positions: str = "rope"      # rope | learned
+  rope_theta: float = 10_000.0
+  dtype: str = "float32"       # compute dtype
+  param_dtype: str = "float32"
+  attention: str = "xla"       # xla | cudnn
+
+  @classmethod
+  def from_config(cls, model_config, layout: VocabLayout) -> "TransformerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"layout"}
+    return cls(layout=layout, **{k: v for k, v in model_config.items() if k in fields})
+
+
+def token_positions(layout: VocabLayout) -> np.ndarray:
+  """int32 [S, 2]: (i, i) for text index i; (row, col) for image grid cells (row-major)."""
+  text = np.repeat(np.arange(layout.text_len)[:, None], 2, axis=1)
+  h, w = layout.image_grid
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  image = np.stack([rows.ravel(), cols.ravel()], axis=1)
+  return np.concatenate([text, image]).astype(np.int32)
+
+
+class Transformer(nn.Module):
+  """tokens int32 [B, S] -> logits float32 [B, S, V], V = layout.size."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    cfg = self.config
+    layout = cfg.layout
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if tokens.shape[-1] != layout.seq_len:
+      raise ValueError(f"expected sequences of {layout.seq_len} tokens, got shape {tokens.shape}")
+
+    embed_init = nn.initializers.normal(stddev=1.0)
+    table = self.param("token_embedding", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
+                       (layout.size, cfg.d_model), param_dtype)
+    # Gather from the float32 table and cast afterwards: a bf16 gather makes a bf16 scatter-add in the
+    # gradient, slow on GPU because about half of the positions hold the same (MASK) id.
+    x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
+    modality = self.param("modality_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
+                          (2, cfg.d_model), param_dtype)
+    x = x + jnp.asarray(modality)[jnp.asarray(layout.modality_ids())].astype(dtype)[None]
+    if cfg.positions == "learned":
+      pos = self.param("position_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
+                       (layout.seq_len, cfg.d_model), param_dtype)
+      x = x + pos.astype(dtype)[None]
+    # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
+    x = x * (1.0 / np.sqrt(3.0))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    positions = jnp.asarray(token_positions(layout))
+    rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+    attention = None if cfg.attention == "xla" else cfg.attention
+    for i in range(cfg.num_layers):
+      x = layers.Block(cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, dtype=dtype,
+                       param_dtype=param_dtype, name=f"block_{i}")(x, positions)
+    x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    logits = nn.Dense(layout.size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
+                      name="head")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    return jnp.where(jnp.asarray(layout.allowed_ids())[None], logits, NEG_INF)

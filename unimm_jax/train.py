@@ -1,0 +1,320 @@
+"""Training: the train state, the update step, validation, and the loop (big_vision style banner sections).
+
+``train_and_evaluate(config, workdir)`` is the whole main job: fit or load tokenizers, build the model, restore
+the newest checkpoint or initialise, train with a progress line and TensorBoard events, validate the ELBO per
+modality, checkpoint, and write ``WORKDIR/report.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import linen as nn
+
+from unimm_jax import checkpointing, configuration
+from unimm_jax.data import pipeline
+from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.diffusion import loss as loss_lib
+from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.models.transformer import Transformer, TransformerConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 []: number of updates applied
+  params: Any           # float32 (param_dtype) pytree
+  opt_state: Any
+  ema_params: Any       # exponential moving average of params
+  rng: jax.Array        # uint32 [2]: base key; step s uses fold_in(rng, s), so a resumed run draws the same noise
+
+
+@flax.struct.dataclass
+class Method:
+  """The static (hashable) pieces a step needs besides the state and the batch."""
+
+  model: Transformer = flax.struct.field(pytree_node=False)
+  layout: VocabLayout = flax.struct.field(pytree_node=False)
+  diffusion: Any = flax.struct.field(pytree_node=False)   # frozen ConfigDict of config.diffusion
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
+
+  @property
+  def schedule(self):
+    return get_schedule(self.diffusion.schedule, self.diffusion.poly_power)
+
+
+def make_model(config, layout: VocabLayout) -> Transformer:
+  return Transformer(TransformerConfig.from_config(config.model, layout))
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to ``optim.learning_rate``, cosine decay to ``learning_rate * end_lr_ratio`` at the end."""
+  o = config.optim
+  return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, config.train.steps,
+                                            end_value=o.learning_rate * o.end_lr_ratio)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Gradient clipping, then AdamW; no weight decay on vectors (norm scales)."""
+  o = config.optim
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def make_method(config, layout: VocabLayout) -> Method:
+  return Method(model=make_model(config, layout), layout=layout, diffusion=config.diffusion.copy_and_resolve_references(),
+                tx=make_optimizer(config), ema_decay=config.train.ema_decay)
+
+
+def init_state(method: Method, seed: int) -> TrainState:
+  """A fresh state, created in one jitted call (op-by-op initialisation is slow)."""
+  def init():
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+    tokens = jnp.zeros((1, method.layout.seq_len), jnp.int32)
+    params = nn.meta.unbox(method.model.init(init_key, tokens)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
+                      ema_params=params, rng=state_key)
+  return jax.jit(init)()
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Update step
+# ---------------------------------------------------------------------------------------------------------------
+def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+  """One AdamW update on the diffusion loss of a batch.
+
+  Args:
+    batch: {'tokens': int32 [B, S] clean global ids, ...}.
+  Returns:
+    (new state, metrics of scalars).
+  """
+  d = method.diffusion
+  tokens = batch["tokens"]
+  key = jax.random.fold_in(state.rng, state.step)
+  k_corruption, k_mask = jax.random.split(key)
+  weights = [d.tasks[name] for name in loss_lib.TASKS]
+  corruption = loss_lib.sample_corruption(k_corruption, tokens.shape[0], method.schedule, weights,
+                                          t_min=d.t_min, shared_time=d.shared_time)
+  noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
+
+  def loss_fn(params):
+    logits = method.model.apply({"params": params}, noisy)
+    return loss_lib.diffusion_loss(logits, tokens, masked, corruption, method.layout, method.schedule,
+                                   d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # EMA with a warm-up of the decay, so early averages are not dominated by the random initialisation.
+  decay = jnp.minimum(method.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  metrics = {
+      "loss": loss, **parts,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "update_norm": optax.global_norm(updates),
+      "masked_fraction": masked.mean(),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+def eval_step(method: Method, params, tokens, key) -> jax.Array:
+  """Negative ELBO in bits per token of each example and modality, both modalities noised: float32 [B, 2].
+
+  Times are low-discrepancy per modality, so a batch averages over the whole t range; a fixed key makes the
+  validation figure of two evaluations comparable.
+  """
+  k_corruption, k_mask = jax.random.split(key)
+  batch = tokens.shape[0]
+  corruption = loss_lib.sample_corruption(k_corruption, batch, method.schedule, [1.0, 0, 0, 0, 0],
+                                          t_min=method.diffusion.t_min, shared_time=method.diffusion.shared_time)
+  noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
+  logits = method.model.apply({"params": params}, noisy)
+  return loss_lib.elbo_bits(logits, tokens, masked, corruption.t, method.layout, method.schedule)
+
+
+def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
+  """Mean val bits per token per modality over every example once: {'text': float, 'image': float}."""
+  total, count = np.zeros(2), 0.0
+  base = jax.random.PRNGKey(seed + 1)
+  for i, batch in enumerate(batches):
+    bits = np.asarray(eval_fn(params, batch["tokens"], jax.random.fold_in(base, i)))
+    total += (bits * batch["weight"][:, None]).sum(axis=0)
+    count += batch["weight"].sum()
+  return {"text": float(total[0] / count), "image": float(total[1] / count)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging helpers
+# ---------------------------------------------------------------------------------------------------------------
+class _Writer:
+  """TensorBoard events from process 0 (tensorboardX); a no-op elsewhere."""
+
+  def __init__(self, workdir):
+    self._tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(name, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}; the last good checkpoint is "
+                             "kept. Lower optim.learning_rate or check the data.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The main job
+# ---------------------------------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  """Trains (resuming from the newest checkpoint in ``workdir`` if any), validates, writes the report.
+
+  Returns the report (also written to ``WORKDIR/report.json``), plus ``'history'``: the per-step training
+  losses of this invocation (for tests of exact resume).
+  """
+  # ---- Config and workdir ------------------------------------------------------------------------------------
+  configuration.validate(config)
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  # ---- Input pipeline ------------------------------------------------------------------------------------------
+  train_source = pipeline.make_source(config, "train")
+  val_source = pipeline.make_source(config, "val")
+  toks = pipeline.fit_or_load_tokenizers(config, workdir, train_source)
+  layout = toks.layout
+  if layout.seq_len > config.model.max_len:
+    raise configuration.ConfigError(f"config.model.max_len={config.model.max_len} is smaller than the sequence "
+                                    f"length {layout.seq_len} ({layout.text_len} text + {layout.image_len} image)")
+  if config.train.batch_size % jax.process_count():
+    raise configuration.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+                                    f"{jax.process_count()} processes")
+  dataset = pipeline.train_dataset(train_source, toks, batch_size=config.train.batch_size // jax.process_count(),
+                                   seed=config.seed, shard_index=jax.process_index(),
+                                   shard_count=jax.process_count())
+  data_iter = pipeline.train_iterator(dataset, config.data.num_threads)
+  val_batches = pipeline.eval_batches(val_source, toks, config.eval.batch_size)
+  logging.info("data: %s, %d train / %d val examples; sequence %d = %d text + %dx%d image tokens; vocabulary %d",
+               config.data.source, len(train_source), len(val_source), layout.seq_len, layout.text_len,
+               *layout.image_grid, layout.size)
+
+  # ---- Model, optimizer, state -------------------------------------------------------------------------------
+  method = make_method(config, layout)
+  state = init_state(method, config.seed)
+  logging.info("model: %s parameters", f"{param_count(state.params):,}")
+
+  # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
+                                    max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(checkpointing.abstract_like(state), data_iter)
+    logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
+  else:
+    logging.info("no checkpoint in %s: starting from step 0", ckpt.directory)
+  start = int(state.step)
+
+  # ---- Compiled steps ----------------------------------------------------------------------------------------
+  step_fn = jax.jit(functools.partial(train_step, method), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, method))
+  writer = _Writer(workdir)
+
+  def run_eval(step):
+    params = state.ema_params if config.eval.use_ema else state.params
+    bits = evaluate(eval_fn, params, val_batches, config.seed)
+    logging.info("step %d | val bits/token: text %.4f, image %.4f", step, bits["text"], bits["image"])
+    writer.scalars(step, {"val/bits_text": bits["text"], "val/bits_image": bits["image"]})
+    return bits
+
+  # ---- Train loop --------------------------------------------------------------------------------------------
+  total = config.train.steps
+  tokens_per_step = config.train.batch_size * layout.seq_len
+  history, pending, bits = [], [], None
+  loop_start = time.perf_counter()
+  train_time, window_start, window_steps, unk = 0.0, time.perf_counter(), 0, 0
+  for step in range(start, total):
+    batch = next(data_iter)
+    unk += int(batch["text_unk"].sum())
+    state, metrics = step_fn(state, {"tokens": batch["tokens"]})
+    pending.append(metrics)
+    window_steps += 1
+    done = step + 1
+    if done % config.train.log_every == 0 or done == total:
+      fetched = jax.device_get(pending)                        # the one host sync of a log interval
+      now = time.perf_counter()
+      elapsed, window_start = now - window_start, now
+      train_time += elapsed
+      means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      history.extend(float(m["loss"]) for m in fetched)
+      _check_finite(done, means)
+      steps_per_s = window_steps / elapsed
+      logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
+                   "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
+                   f"{steps_per_s * tokens_per_step:,.0f}", unk, _duration((total - done) / steps_per_s))
+      lr = float(learning_rate_schedule(config)(done))
+      writer.scalars(done, {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr,
+                            "perf/steps_per_s": steps_per_s, "perf/tokens_per_s": steps_per_s * tokens_per_step})
+      pending, window_steps, unk = [], 0, 0
+    if done % config.eval.every_steps == 0 and done != total:
+      bits = run_eval(done)
+      window_start = time.perf_counter()  # validation time is not training time
+    ckpt.save(done, state, data_iter, force=done == total)
+
+  # ---- Final validation and report ---------------------------------------------------------------------------
+  if start < total or bits is None:
+    bits = run_eval(int(state.step))
+  ckpt.close()
+  writer.close()
+  wall = time.perf_counter() - loop_start
+  trained = total - start
+  report = {
+      "step": int(state.step),
+      "val_bits_per_token": bits,
+      "t2i_accuracy": None,          # generation scores arrive with the sampler (generation issue)
+      "i2t_accuracy": None,
+      "joint_consistency": None,
+      "train_wall_s": round(wall, 2),          # this invocation: compile, train, validate, checkpoint
+      "train_tokens_per_s": round(trained * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
+      "param_count": param_count(state.params),
+      "sequence": {"text": layout.text_len, "image": list(layout.image_grid), "vocab": layout.size},
+  }
+  if is_main:
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    logging.info("wrote %s", workdir / "report.json")
+  return {**report, "history": history}
