@@ -1,0 +1,165 @@
+"""Invariants of the masking schedules, the corruption and the diffusion loss."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.diffusion import loss as loss_lib
+from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.models.transformer import NEG_INF
+
+SCHEDULES = [("linear", {}), ("cosine", {}), ("polynomial", {"poly_power": 3.0})]
+
+
+@pytest.mark.parametrize("name,kw", SCHEDULES)
+def test_schedule_endpoints_derivative_and_weight(name, kw):
+  s = get_schedule(name, **kw)
+  np.testing.assert_allclose(s.alpha(jnp.float32(0.0)), 1.0, atol=1e-6)
+  np.testing.assert_allclose(s.alpha(jnp.float32(1.0)), 0.0, atol=1e-6)
+  t = jnp.linspace(0.05, 0.95, 19)
+  np.testing.assert_allclose(s.dalpha(t), jax.vmap(jax.grad(s.alpha))(t), rtol=1e-4)
+  np.testing.assert_allclose(s.weight(t), -s.dalpha(t) / (1.0 - s.alpha(t)), rtol=1e-4)
+  assert bool(jnp.all(jnp.diff(s.alpha(t)) < 0)), "alpha must decrease"
+
+
+def test_low_discrepancy_times_cover_the_interval():
+  t = np.sort(np.asarray(loss_lib.low_discrepancy_times(jax.random.PRNGKey(3), 64, 1e-3)))
+  gaps = np.diff(t)
+  np.testing.assert_allclose(gaps[gaps > 1e-3], 1 / 64, atol=1e-5)  # evenly spaced but for the t_min clip
+  assert t.min() >= 1e-3 and t.max() <= 1.0
+
+
+LAYOUT = VocabLayout(text_vocab=11, image_vocab=7, text_len=16, image_grid=(8, 8))
+
+
+@pytest.mark.parametrize("name,kw", SCHEDULES)
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_masking_rate_matches_one_minus_alpha(name, kw, t):
+  schedule = get_schedule(name, **kw)
+  batch = 2048
+  tokens = jnp.zeros((batch, LAYOUT.seq_len), jnp.int32)
+  prob = schedule.mask_prob(jnp.float32(t))
+  c = loss_lib.Corruption(t=jnp.full((batch, 2), t), mask_prob=jnp.full((batch, 2), prob),
+                          noised=jnp.ones((batch, 2), bool), task=jnp.zeros(batch, jnp.int32))
+  noisy, masked = loss_lib.corrupt(jax.random.PRNGKey(0), tokens, c, LAYOUT)
+  assert bool(jnp.all((noisy == LAYOUT.mask_id) == masked))
+  for seg in (slice(0, LAYOUT.text_len), slice(LAYOUT.text_len, None)):
+    n = masked[:, seg].size
+    rate = float(masked[:, seg].mean())
+    sigma = math.sqrt(float(prob) * (1 - float(prob)) / n)
+    assert abs(rate - float(prob)) < 4 * sigma + 1e-6, (rate, float(prob))
+
+
+def test_tasks_clean_and_null_modalities():
+  batch = 4096
+  schedule = get_schedule("linear")
+  c = loss_lib.sample_corruption(jax.random.PRNGKey(1), batch, schedule, [0.2, 0.2, 0.2, 0.2, 0.2])
+  tokens = jnp.zeros((batch, LAYOUT.seq_len), jnp.int32)
+  _, masked = loss_lib.corrupt(jax.random.PRNGKey(2), tokens, c, LAYOUT)
+  text_m = np.asarray(masked[:, : LAYOUT.text_len])
+  image_m = np.asarray(masked[:, LAYOUT.text_len:])
+  task = np.asarray(c.task)
+  names = loss_lib.TASKS
+  assert not text_m[task == names.index("text_to_image")].any()      # text given
+  assert not image_m[task == names.index("image_to_text")].any()     # image given
+  assert text_m[task == names.index("image_only")].all()             # null text condition
+  assert image_m[task == names.index("text_only")].all()             # null image condition
+  noised = np.asarray(c.noised)
+  assert (noised[:, 0] == np.isin(task, [0, 2, 4])).all() and (noised[:, 1] == np.isin(task, [0, 1, 3])).all()
+  freq = np.bincount(task, minlength=5) / batch
+  np.testing.assert_allclose(freq, 0.2, atol=0.03)
+  t = np.asarray(c.t)
+  assert not np.allclose(t[:, 0], t[:, 1]), "independent times by default"
+  shared = loss_lib.sample_corruption(jax.random.PRNGKey(1), 64, schedule, [1, 0, 0, 0, 0], shared_time=True)
+  np.testing.assert_array_equal(shared.t[:, 0], shared.t[:, 1])
+
+
+# ---- the loss on a hand-made batch ---------------------------------------------------------------------------
+TINY = VocabLayout(text_vocab=3, image_vocab=2, text_len=2, image_grid=(1, 1))  # S = 3, V = 6, MASK = 5
+
+
+def _logits_from_probs(rows):
+  """rows: per position a dict id -> probability over the allowed ids."""
+  out = np.full((len(rows), TINY.size), NEG_INF, np.float32)
+  for s, row in enumerate(rows):
+    for i, p in row.items():
+      out[s, i] = math.log(p)
+  return out
+
+
+def test_loss_on_hand_made_batch_equals_hand_computation():
+  # Example 0 (joint, t_text=0.5, t_image=0.25): both text positions masked, the image token masked.
+  # Example 1 (text_to_image, text clean, t_image=0.8): only the image token masked.
+  tokens = jnp.array([[0, 1, 3], [2, 2, 4]], jnp.int32)   # image ids are 3, 4 (offset 3)
+  masked = jnp.array([[True, True, True], [False, False, True]])
+  logits = jnp.stack([
+      _logits_from_probs([{0: 0.5, 1: 0.25, 2: 0.25}, {0: 0.5, 1: 0.25, 2: 0.25}, {3: 0.125, 4: 0.875}]),
+      _logits_from_probs([{0: 1 / 3, 1: 1 / 3, 2: 1 / 3}, {2: 0.5, 0: 0.25, 1: 0.25}, {3: 0.5, 4: 0.5}]),
+  ])
+  c = loss_lib.Corruption(t=jnp.array([[0.5, 0.25], [0.0, 0.8]]), mask_prob=jnp.zeros((2, 2)),
+                          noised=jnp.array([[True, True], [False, True]]), task=jnp.array([0, 1]))
+  lin = get_schedule("linear")
+  # By hand, linear schedule w(t) = 1/t, nats per token:
+  #   text:  only example 0 noised: w(0.5) * (log 2 + log 4) / 2 = 2 * 3 log 2 / 2 = 3 log 2
+  #   image: ex 0: w(0.25) * log 8 / 1 = 4 * 3 log 2 = 12 log 2;  ex 1: w(0.8) * log 2 = 1.25 log 2
+  #          mean over the two = 6.625 log 2
+  ln2 = math.log(2)
+  total, parts = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "elbo", (1.0, 0.5))
+  np.testing.assert_allclose(parts["loss_text"], 3 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(parts["loss_image"], 6.625 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(total, 3 * ln2 + 0.5 * 6.625 * ln2, rtol=1e-6)
+  # flat: text: (log 2 + log 4) / 2 = 1.5 log 2; image: (log 8 + log 2) / 2 = 2 log 2
+  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "flat")
+  np.testing.assert_allclose(flat["loss_text"], 1.5 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(flat["loss_image"], 2 * ln2, rtol=1e-6)
+  # The validation ELBO in bits: ex 0 text 3, image 12 (the clean text of ex 1 is scored as if noised at t=0.0
+  # only when the caller says so; elbo_bits treats every modality as noised).
+  bits = loss_lib.elbo_bits(logits[:1], tokens[:1], masked[:1], c.t[:1], TINY, lin)
+  np.testing.assert_allclose(bits, [[3.0, 12.0]], rtol=1e-6)
+
+
+def _batch(batch, seed=0, schedule="linear"):
+  key = jax.random.PRNGKey(seed)
+  k1, k2, k3 = jax.random.split(key, 3)
+  text = jax.random.randint(k1, (batch, LAYOUT.text_len), 0, LAYOUT.text_vocab)
+  image = jax.random.randint(k2, (batch, LAYOUT.image_len), 0, LAYOUT.image_vocab) + LAYOUT.image_offset
+  tokens = jnp.concatenate([text, image], axis=1)
+  s = get_schedule(schedule)
+  c = loss_lib.sample_corruption(k3, batch, s, [1, 0, 0, 0, 0])
+  _, masked = loss_lib.corrupt(jax.random.fold_in(key, 9), tokens, c, LAYOUT)
+  return tokens, masked, c, s
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "flat"])
+def test_perfect_model_has_zero_loss(weighting):
+  tokens, masked, c, s = _batch(64)
+  allowed = jnp.asarray(LAYOUT.allowed_ids())[None]
+  logits = jnp.where(allowed, 0.0, NEG_INF)
+  logits = logits + 1e4 * jax.nn.one_hot(tokens, LAYOUT.size)   # all mass on the true token
+  total, parts = loss_lib.diffusion_loss(logits, tokens, masked, c, LAYOUT, s, weighting)
+  assert float(total) == 0.0 and float(parts["loss_text"]) == 0.0 and float(parts["loss_image"]) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_uniform_model_gets_the_analytic_loss(schedule):
+  tokens, masked, c, s = _batch(4096, seed=1, schedule=schedule)
+  logits = jnp.where(jnp.asarray(LAYOUT.allowed_ids())[None], 0.0, NEG_INF)
+  logits = jnp.broadcast_to(logits, tokens.shape + (LAYOUT.size,))
+  log_v = np.log([LAYOUT.text_vocab, LAYOUT.image_vocab])
+  # flat: every masked token costs exactly log V of its modality.
+  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, LAYOUT, s, "flat")
+  np.testing.assert_allclose([flat["loss_text"], flat["loss_image"]], log_v, rtol=1e-5)
+  # elbo, per example exactly w(t) * (#masked) * log V / N ...
+  bits = np.asarray(loss_lib.elbo_bits(logits, tokens, masked, c.t, LAYOUT, s))
+  count = np.stack([masked[:, :LAYOUT.text_len].sum(1), masked[:, LAYOUT.text_len:].sum(1)], 1)
+  n = np.array([LAYOUT.text_len, LAYOUT.image_len])
+  expect = np.asarray(s.weight(c.t)) * count * log_v / n / math.log(2)
+  np.testing.assert_allclose(bits, expect, rtol=1e-5)
+  # ... whose expectation over t is log V (E[w(t)(1 - alpha(t))] = alpha(t_min) - alpha(1) ~ 1).
+  sem = bits.std(0) / math.sqrt(len(bits))
+  target = log_v / math.log(2) * float(s.alpha(jnp.float32(1e-3)))
+  assert np.all(np.abs(bits.mean(0) - target) < 4 * sem + 1e-3), (bits.mean(0), target, sem)

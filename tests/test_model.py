@@ -1,0 +1,85 @@
+"""The network: output restricted to each position's modality, rotary positions, dtypes, the vocab layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.models import layers
+from unimm_jax.models.transformer import Transformer, TransformerConfig, token_positions
+
+LAYOUT = VocabLayout(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
+
+
+def _random_model(dtype="float32", positions="rope"):
+  model = Transformer(TransformerConfig(LAYOUT, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=48,
+                                        dtype=dtype, positions=positions))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (4, LAYOUT.seq_len), 0, LAYOUT.size)  # MASK included
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+  # The head starts at zero (a uniform model); give it random weights so the restriction is really tested.
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
+  return model, params, tokens
+
+
+def test_model_never_gives_probability_to_other_modality_or_mask():
+  for positions in ("rope", "learned"):
+    model, params, tokens = _random_model(positions=positions)
+    probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1))
+    text, image = probs[:, : LAYOUT.text_len], probs[:, LAYOUT.text_len:]
+    assert np.all(text[..., LAYOUT.text_vocab:] == 0.0)            # image ids and MASK
+    assert np.all(image[..., : LAYOUT.image_offset] == 0.0)        # text ids
+    assert np.all(image[..., LAYOUT.mask_id] == 0.0)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert text[..., : LAYOUT.text_vocab].min() > 0 and image[..., LAYOUT.image_offset:LAYOUT.mask_id].min() > 0
+
+
+def test_bidirectional_every_position_sees_every_other():
+  model, params, tokens = _random_model()
+  f = lambda tok: model.apply({"params": params}, tok)
+  changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % LAYOUT.size)   # change the last image token
+  diff = np.abs(np.asarray(f(changed) - f(tokens))).max(axis=-1)     # [B, S]
+  assert np.all(diff[:, 0] > 0), "the first text position must see the last image token (no causal mask)"
+
+
+def test_rope_2d_scores_depend_only_on_offsets():
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 16))
+  def score(pq, pk):
+    rq = layers.apply_rope_2d(q, jnp.array([pq]), 10_000.0)
+    rk = layers.apply_rope_2d(k, jnp.array([pk]), 10_000.0)
+    return float(jnp.sum(rq * rk))
+  base = score((1, 2), (3, 1))
+  np.testing.assert_allclose(score((4, 7), (6, 6)), base, rtol=1e-4)       # same (row, col) offset
+  assert abs(score((1, 2), (3, 2)) - base) > 1e-3                          # another column offset
+  assert abs(score((1, 2), (4, 1)) - base) > 1e-3                          # another row offset
+
+
+def test_token_positions_layout():
+  pos = token_positions(LAYOUT)
+  np.testing.assert_array_equal(pos[:5], [[i, i] for i in range(5)])
+  np.testing.assert_array_equal(pos[5:9], [[0, 0], [0, 1], [0, 2], [0, 3]])
+  np.testing.assert_array_equal(pos[-1], [2, 3])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_agrees():
+  model32, params, tokens = _random_model("float32")
+  model16 = Transformer(model32.config.__class__(**{**model32.config.__dict__, "dtype": "bfloat16"}))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  out32 = model32.apply({"params": params}, tokens)
+  out16 = model16.apply({"params": params}, tokens)
+  assert out16.dtype == jnp.float32   # logits are always float32
+  p32, p16 = jax.nn.softmax(out32), jax.nn.softmax(out16)
+  assert float(jnp.abs(p32 - p16).max()) < 0.05
+
+
+def test_vocab_layout_pack_unpack():
+  text = np.array([[1, 2, 0, 0, 0]])
+  image = np.arange(12)[None] % 9
+  seq = LAYOUT.pack(text, image)
+  assert seq.shape == (1, LAYOUT.seq_len) and seq[0, 5] == LAYOUT.image_offset
+  t, i = LAYOUT.unpack(seq)
+  np.testing.assert_array_equal(t, text)
+  np.testing.assert_array_equal(i, image)
+  seq[0, 0] = LAYOUT.mask_id
+  assert LAYOUT.unpack(seq)[0][0, 0] == -1
