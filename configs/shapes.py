@@ -5,7 +5,7 @@ Run::
     python -m unimm_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
 24x24 images become 6x6 = 36 tokens of a 4x4-patch codebook (about 150 codes, 4 levels per channel); captions
-become at most 20 word tokens; one sequence is 56 tokens. The model is 4 layers of width 128 (about 0.9M
+become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width 128 (about 0.9M
 parameters). See BENCHMARKS.md for the measured wall time and val bits/token.
 """
 
@@ -16,7 +16,7 @@ def get_config():
   config = base_config()
   config.data.source = "shapes"
   config.text.tokenizer = "word"
-  config.text.max_len = 20
+  config.text.max_len = 24
   config.image.tokenizer = "patch"
   config.image.patch = 4
   config.image.levels = 4

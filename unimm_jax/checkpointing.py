@@ -9,6 +9,8 @@ come back with the current run's sharding whatever the mesh that wrote them.
 
 from __future__ import annotations
 
+import logging as std_logging
+
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -16,10 +18,24 @@ from absl import logging
 from etils import epath
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+  """Drops Orbax's per-save INFO chatter (dozens of lines a save); its warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+
+
 class Checkpointer:
   """Save / restore / latest step for one workdir."""
 
   def __init__(self, workdir, *, every_steps: int, max_to_keep: int, async_save: bool = True):
+    quiet_library_logs()
     self.directory = epath.Path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps,
@@ -30,7 +46,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -39,12 +56,27 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
-    """Saves if ``step`` is on the save interval (or ``force``); returns whether a save started."""
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, data_iterator=None, meta: dict | None = None, *, force: bool = False) -> bool:
+    """Saves if ``step`` is on the save interval (or ``force``); returns whether a save started.
+
+    ``meta`` is a small JSON dict (run bookkeeping such as cumulative wall time), restored by :meth:`restore_meta`.
+    """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if meta is not None:
+      items["meta"] = ocp.args.JsonSave(meta)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    """The ``meta`` dict saved with ``step`` (default: latest); {} if it has none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not (self.directory / str(step) / "meta").exists():
+      return {}
+    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores ``step`` (default: latest) onto ``abstract_state``'s shapes, dtypes and shardings.

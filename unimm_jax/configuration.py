@@ -56,11 +56,11 @@ def base_config() -> ConfigDict:
   c.data.train_size = 100_000    # shapes: examples in the train split (procedural, so size is free)
   c.data.val_size = 512          # shapes: examples in the val split
   c.data.fit_examples = 5_000    # training examples used to fit the tokenizers at the first run
-  c.data.num_threads = 2         # grain read threads; 0 reads in the main thread
+  c.data.num_threads = 1         # grain prefetch threads; 0 reads in the main thread
 
   c.text = ConfigDict()
   c.text.tokenizer = "word"      # word | byte
-  c.text.max_len = 20            # text positions per sequence; captions are truncated / PAD-padded
+  c.text.max_len = 24            # text positions per sequence; captions are truncated / PAD-padded
   c.text.max_vocab = 0           # word: keep the most frequent N words (0 = all)
 
   c.image = ConfigDict()
@@ -158,6 +158,18 @@ def image_token_grid(config: ConfigDict) -> tuple[int, int]:
   return side, side
 
 
+def flat_field_names() -> set[str]:
+  """Dotted names of every field of the base config ('model.num_layers', ...)."""
+  return set(_flatten(base_config()))
+
+
+def unknown_field_message(name: str) -> str:
+  """'config.NAME is not a known field; did you mean ...?' with the closest field of the base config."""
+  close = difflib.get_close_matches(name, _flatten(base_config()), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  return f"config.{name} is not a known field{hint}"
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks ``config`` against the base config; returns it, or raises one ConfigError naming every bad field."""
   base = _flatten(base_config())
@@ -165,9 +177,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   problems = []
   for name, value in flat.items():
     if name not in base:
-      close = difflib.get_close_matches(name, base, n=1, cutoff=0.6)
-      hint = f"; did you mean {close[0]}?" if close else ""
-      problems.append(f"config.{name} is not a known field{hint}")
+      problems.append(unknown_field_message(name))
     elif not _type_ok(value, base[name]):
       problems.append(f"config.{name}={value!r} has type {type(value).__name__}, "
                       f"expected {type(base[name]).__name__}")

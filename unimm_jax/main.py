@@ -19,6 +19,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, toke
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a one-line error (not a traceback) for a bad ``--config.*`` override."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises several types)
+    known = configuration.flat_field_names()
+    for arg in argv[1:]:
+      if arg.startswith("--config.") and "=" in arg:
+        name = arg[len("--config."):].split("=", 1)[0]
+        if name not in known:
+          print(f"error: {configuration.unknown_field_message(name)}", file=sys.stderr)
+          sys.exit(2)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -35,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -128,9 +128,9 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   metrics = {
       "loss": loss, **parts,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
       "masked_fraction": masked.mean(),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
@@ -243,17 +243,26 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
                                     max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
+  meta = {"train_wall_s": 0.0, "train_s": 0.0}   # cumulative over invocations, saved with each checkpoint
   if ckpt.latest_step() is not None:
     state = ckpt.restore(checkpointing.abstract_like(state), data_iter)
+    meta.update(ckpt.restore_meta())
     logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
   else:
     logging.info("no checkpoint in %s: starting from step 0", ckpt.directory)
   start = int(state.step)
+  report_path = workdir / "report.json"
+  if start >= config.train.steps and report_path.exists():
+    logging.info("already trained to step %d (config.train.steps=%d); report: %s", start, config.train.steps,
+                 report_path)
+    ckpt.close()
+    return {**json.loads(report_path.read_text()), "history": []}
 
   # ---- Compiled steps ----------------------------------------------------------------------------------------
   step_fn = jax.jit(functools.partial(train_step, method), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, method))
   writer = _Writer(workdir)
+  loop_start = time.perf_counter()
 
   def run_eval(step):
     params = state.ema_params if config.eval.use_ema else state.params
@@ -262,12 +271,14 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     writer.scalars(step, {"val/bits_text": bits["text"], "val/bits_image": bits["image"]})
     return bits
 
+  if start == 0:
+    meta["val_bits_initial"] = run_eval(0)   # the untrained model's figure: what training must improve on
+
   # ---- Train loop --------------------------------------------------------------------------------------------
   total = config.train.steps
   tokens_per_step = config.train.batch_size * layout.seq_len
   history, pending, bits = [], [], None
-  loop_start = time.perf_counter()
-  train_time, window_start, window_steps, unk = 0.0, time.perf_counter(), 0, 0
+  train_time, window_start, window_steps, unk = 0.0, loop_start, 0, 0
   for step in range(start, total):
     batch = next(data_iter)
     unk += int(batch["text_unk"].sum())
@@ -294,24 +305,30 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if done % config.eval.every_steps == 0 and done != total:
       bits = run_eval(done)
       window_start = time.perf_counter()  # validation time is not training time
-    ckpt.save(done, state, data_iter, force=done == total)
+    if ckpt.should_save(done) or done == total:
+      wall = time.perf_counter() - loop_start
+      ckpt.save(done, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
+                                         "train_s": meta["train_s"] + train_time}, force=True)
 
   # ---- Final validation and report ---------------------------------------------------------------------------
   if start < total or bits is None:
     bits = run_eval(int(state.step))
   ckpt.close()
   writer.close()
-  wall = time.perf_counter() - loop_start
-  trained = total - start
+  wall = meta["train_wall_s"] + time.perf_counter() - loop_start
+  train_time += meta["train_s"]
   report = {
       "step": int(state.step),
       "val_bits_per_token": bits,
       "t2i_accuracy": None,          # generation scores arrive with the sampler (generation issue)
       "i2t_accuracy": None,
       "joint_consistency": None,
-      "train_wall_s": round(wall, 2),          # this invocation: compile, train, validate, checkpoint
-      "train_tokens_per_s": round(trained * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
+      "train_wall_s": round(wall, 2),  # all invocations: compile, train, validate, checkpoint
+      "train_tokens_per_s": round(total * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
+      "val_bits_per_token_initial": meta.get("val_bits_initial"),
       "param_count": param_count(state.params),
+      "data_skipped": {split: dict(getattr(src, "skipped", {}))
+                       for split, src in (("train", train_source), ("val", val_source))},
       "sequence": {"text": layout.text_len, "image": list(layout.image_grid), "vocab": layout.size},
   }
   if is_main:

@@ -1,0 +1,112 @@
+"""Configs: every file in configs/ validates and traces one step; bad fields stop with a message naming them."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
+from ml_collections.config_flags import config_flags as cf
+
+from unimm_jax import configuration
+from unimm_jax.data.vocab import VocabLayout
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _load(path):
+  return cf._LoadConfigModule(path.stem, str(path)).get_config()  # pylint: disable=protected-access
+
+
+def test_there_are_configs():
+  assert CONFIGS, "configs/ holds no config files"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_validates_and_traces_one_train_step(path):
+  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  config = configuration.validate(_load(path))
+  h, w = configuration.image_token_grid(config)
+  # Vocabulary sizes come from fitted tokenizers; any plausible sizes trace the same program shape.
+  layout = VocabLayout(text_vocab=64, image_vocab=256, text_len=config.text.max_len, image_grid=(h, w))
+  method = train.make_method(config, layout)
+  state = jax.eval_shape(lambda: train.init_state(method, 0))
+  batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32)}
+  new_state, metrics = jax.eval_shape(lambda s, b: train.train_step(method, s, b), state, batch)
+  assert new_state.step.shape == () and metrics["loss"].shape == ()
+  assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
+
+
+def _problems(config):
+  with pytest.raises(configuration.ConfigError) as info:
+    configuration.validate(config)
+  return str(info.value)
+
+
+def test_unknown_key_names_the_field_and_the_closest_one():
+  config = configuration.base_config()
+  with config.unlocked():
+    config.model.num_layer = 4
+  msg = _problems(config)
+  assert "config.model.num_layer is not a known field" in msg and "did you mean model.num_layers" in msg
+
+
+def test_wrong_type_names_the_field():
+  config = configuration.base_config()
+  with config.ignore_type():
+    config.model.d_model = "wide"
+  msg = _problems(config)
+  assert "config.model.d_model='wide'" in msg and "expected int" in msg
+
+
+def test_inconsistent_sizes_name_the_fields():
+  config = configuration.base_config()
+  config.model.max_len = 40   # 24 text + 36 image tokens = 60
+  assert "config.model.max_len=40 is smaller than config.text.max_len (24) + image tokens (6x6=36) = 60" in \
+      _problems(config)
+  config = configuration.base_config()
+  config.image.patch = 5
+  assert "config.image.size=24 is not a multiple of config.image.patch=5" in _problems(config)
+  config = configuration.base_config()
+  config.diffusion.schedule = "cosnie"
+  assert "config.diffusion.schedule='cosnie' is not one of" in _problems(config)
+  config = configuration.base_config()
+  config.train.batch_size = 0
+  assert "config.train.batch_size=0 must be > 0" in _problems(config)
+
+
+def test_saved_tokenizer_that_disagrees_with_the_config_is_an_error():
+  from unimm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = configuration.base_config()
+  images = np.zeros((4, 24, 24, 3), np.uint8)
+  image_tok = tokenizers.PatchTokenizer.fit(images, 24, 3, 4, 4, 1024)
+  text_tok = tokenizers.WordTokenizer.fit(["a red circle"])
+  configuration.check_tokenizers(config, text_tok, image_tok)   # agrees: no error
+  config.image.patch = 2
+  config.model.max_len = 200
+  with pytest.raises(configuration.ConfigError, match=r"config.image.patch=2 but the workdir's saved image "
+                                                      r"tokenizer has patch=4"):
+    configuration.check_tokenizers(config, text_tok, image_tok)
+
+
+def _main(*args, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "unimm_jax.main", f"--config={ROOT / 'configs/shapes.py'}",
+                         f"--workdir={tmp_path / 'w'}", *args], capture_output=True, text=True, env=env,
+                        timeout=120, cwd=ROOT)
+
+
+def test_main_stops_on_a_bad_field_before_compiling(tmp_path):
+  out = _main("--config.model.max_len=8", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert "config.model.max_len=8 is smaller than" in out.stderr
+  assert not (tmp_path / "w").exists(), "nothing may be written for an invalid config"
+  out = _main("--config.model.num_layer=2", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert "config.model.num_layer is not a known field; did you mean model.num_layers?" in out.stderr
+  assert "Traceback" not in out.stderr

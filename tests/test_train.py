@@ -1,0 +1,128 @@
+"""The main job end to end on tiny configs: learning, exact resume, fitted tokenizers kept, folder data."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unimm_jax import configuration, train
+from unimm_jax.data import pipeline, shapes
+
+
+def tiny_config(**overrides):
+  c = configuration.base_config()
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 64
+  c.train.batch_size = 16
+  c.train.steps = 6
+  c.train.log_every = 1
+  c.optim.warmup_steps = 2
+  c.optim.learning_rate = 3e-3
+  c.ckpt.every_steps = 3
+  c.ckpt.max_to_keep = 5
+  c.eval.every_steps = 1000
+  c.eval.batch_size = 64
+  c.data.val_size = 128
+  c.data.fit_examples = 500
+  c.data.train_size = 2000
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return configuration.validate(c)
+
+
+def test_tiny_run_lowers_the_validation_elbo_of_both_modalities(tmp_path):
+  report = train.train_and_evaluate(tiny_config(**{"train.steps": 60, "train.log_every": 20}), tmp_path)
+  before, after = report["val_bits_per_token_initial"], report["val_bits_per_token"]
+  assert after["text"] < before["text"] - 0.5, (before, after)
+  assert after["image"] < before["image"] - 1.0, (before, after)
+  on_disk = json.loads((tmp_path / "report.json").read_text())
+  for key in ("step", "val_bits_per_token", "t2i_accuracy", "i2t_accuracy", "joint_consistency", "train_wall_s",
+              "train_tokens_per_s"):
+    assert key in on_disk
+  assert on_disk["step"] == 60 and on_disk["train_tokens_per_s"] > 0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_restore_then_next_steps_equal_the_uninterrupted_run(tmp_path):
+  config = tiny_config()
+  full = train.train_and_evaluate(config, tmp_path / "a")
+  assert len(full["history"]) == 6
+  # An interrupted run: the same workdir as it was after the checkpoint at step 3.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+  (tmp_path / "b" / "report.json").unlink()
+  resumed = train.train_and_evaluate(config, tmp_path / "b")
+  assert resumed["history"] == full["history"][3:]          # bit for bit: model, optimizer, RNG and data
+  assert resumed["val_bits_per_token"] == full["val_bits_per_token"]
+  # Running the finished command again trains nothing and keeps the report.
+  again = train.train_and_evaluate(config, tmp_path / "a")
+  assert again["history"] == [] and again["step"] == 6
+
+
+def test_fitted_tokenizers_are_saved_and_loaded_not_refitted(tmp_path, monkeypatch):
+  config = tiny_config(**{"train.steps": 3})
+  train.train_and_evaluate(config, tmp_path)
+  saved = sorted(p.name for p in (tmp_path / "tokenizers").iterdir())
+  assert "text_tokenizer.json" in saved and "image_tokenizer.json" in saved
+  before = (tmp_path / "tokenizers" / "image_tokenizer.json").read_text()
+
+  def no_refit(*args, **kwargs):
+    raise AssertionError("tokenizers were refitted instead of loaded from the workdir")
+
+  monkeypatch.setattr(pipeline, "_fit_tokenizers", no_refit)
+  config.unlock()
+  config.train.steps = 6
+  config.lock()
+  report = train.train_and_evaluate(config, tmp_path)   # resumes from step 3 with the saved tokenizers
+  assert report["step"] == 6
+  assert (tmp_path / "tokenizers" / "image_tokenizer.json").read_text() == before
+  toks = pipeline.load_tokenizers(tmp_path, config.text.max_len)
+  assert toks.layout.seq_len == 24 + 36
+
+
+def _write_folder(root, n_good, *, broken: bool):
+  root.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for i in range(n_good):
+    _, image, caption = shapes.sample_example("train", 7, i)
+    # Users' images come in other sizes and modes: make some bigger, some RGBA, some grey.
+    img = Image.fromarray(image).resize((48, 60), Image.NEAREST)
+    img = img.convert(["RGB", "RGBA", "L"][i % 3])
+    img.save(root / f"img{i}.png")
+    lines.append({"image": f"img{i}.png", "text": caption})
+  if broken:
+    lines.append({"image": "does_not_exist.png", "text": "a red circle"})
+    (root / "broken.png").write_bytes(b"\x89PNG not really an image")
+    lines.append({"image": "broken.png", "text": "a blue square"})
+    lines.append({"image": "img0.png", "text": "   "})
+  return "\n".join(json.dumps(x) for x in lines) + "\n"
+
+
+def test_folder_source_skips_bad_examples_trains_and_reports_them(tmp_path):
+  data = tmp_path / "data"
+  (data / "train.jsonl").parent.mkdir(parents=True)
+  (data / "train.jsonl").write_text(_write_folder(data, 40, broken=True))
+  (data / "val.jsonl").write_text(_write_folder(data, 8, broken=False))
+  config = tiny_config(**{"data.source": "folder", "data.path": str(data), "train.steps": 3})
+  report = train.train_and_evaluate(config, tmp_path / "run")
+  assert report["step"] == 3 and np.isfinite(report["val_bits_per_token"]["image"])
+  skipped = report["data_skipped"]["train"]
+  assert (skipped["missing_image"], skipped["unreadable_image"], skipped["empty_caption"]) == (1, 1, 1)
+  assert sum(report["data_skipped"]["val"].values()) == 0
+
+
+def test_folder_source_with_nothing_usable_is_a_clear_error(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "train.jsonl").write_text(json.dumps({"image": "missing.png", "text": "x"}) + "\n")
+  (data / "val.jsonl").write_text(json.dumps({"image": "missing.png", "text": "x"}) + "\n")
+  config = tiny_config(**{"data.source": "folder", "data.path": str(data)})
+  with pytest.raises(ValueError, match="train.jsonl"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
