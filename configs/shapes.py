@@ -25,7 +25,19 @@ def get_config():
   config.model.num_heads = 4
   config.model.head_dim = 32
   config.model.mlp_dim = 384
-  config.train.steps = 3_000
+  config.train.steps = 2_500
   config.train.batch_size = 64
+  config.train.log_every = 100
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 100
+  # Mostly the two conditionals that generation uses; a little of the null conditions (for guidance) and of
+  # joint noising (for joint generation).
+  config.diffusion.tasks.text_to_image = 0.45
+  config.diffusion.tasks.image_to_text = 0.45
+  config.diffusion.tasks.joint = 0.05
+  config.diffusion.tasks.image_only = 0.025
+  config.diffusion.tasks.text_only = 0.025
   config.diffusion.loss_weighting = "flat"
+  config.ckpt.every_steps = 500
+  config.eval.every_steps = 500
   return config

@@ -56,9 +56,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
-
   def save(self, step: int, state, data_iterator=None, meta: dict | None = None, *, force: bool = False) -> bool:
     """Saves if ``step`` is on the save interval (or ``force``); returns whether a save started.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -186,6 +187,12 @@ class _Writer:
       self._tb.close()
 
 
+def absolute_path(path) -> epath.Path:
+  """Local paths made absolute (Orbax requires it); ``gs://`` and other URLs unchanged."""
+  text = str(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -209,7 +216,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """
   # ---- Config and workdir ------------------------------------------------------------------------------------
   configuration.validate(config)
-  workdir = epath.Path(workdir)
+  workdir = absolute_path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -305,7 +312,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if done % config.eval.every_steps == 0 and done != total:
       bits = run_eval(done)
       window_start = time.perf_counter()  # validation time is not training time
-    if ckpt.should_save(done) or done == total:
+    if done % config.ckpt.every_steps == 0 or done == total:
       wall = time.perf_counter() - loop_start
       ckpt.save(done, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
                                          "train_s": meta["train_s"] + train_time}, force=True)

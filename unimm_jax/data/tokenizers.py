@@ -515,8 +515,13 @@ class PatchTokenizer(ImageTokenizer):
   """
 
   kind = 'patch'
-  # Rows x codes per distance block: bounds the scratch to 16-32 MiB.
-  _BLOCK_ELEMENTS = 1 << 22
+  # Rows x codes x dims per distance matmul. Small enough that BLAS runs it on
+  # one thread (OpenBLAS threads above ~2**18-2**19): a multithreaded call
+  # from a busy data pipeline stalls waiting on its own threads (64 unseen
+  # images, loaded 2-CPU machine: median 2.9 ms, worst 9 ms at this budget;
+  # median 4.6-24 ms, worst 60-500 ms with larger ones), and grain's threads
+  # already give parallelism.
+  _MATMUL_BUDGET = 1 << 18
   # Extra memo entries (unseen patch -> nearest code): ~200 B each, ~50 MiB.
   _MEMO_LIMIT = 1 << 18
 
@@ -608,7 +613,7 @@ class PatchTokenizer(ImageTokenizer):
     # int32 [M]
     """
     out = np.empty(len(rows), np.int32)
-    chunk = max(1, self._BLOCK_ELEMENTS // len(self.codebook))
+    chunk = max(1, self._MATMUL_BUDGET // self._codes_t.size)
     for start in range(0, len(rows), chunk):
       x = rows[start:start + chunk].astype(self._codes_t.dtype)
       d = x @ self._codes_t  # [chunk, K]
