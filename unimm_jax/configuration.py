@@ -32,6 +32,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.positions": ("rope", "learned"),
     "model.attention": ("xla", "cudnn"),
+    "sample.method": ("confidence", "ancestral"),
 }
 # Fields that must be > 0 (ints and floats); ">= 0" ones below.
 POSITIVE = (
@@ -39,9 +40,10 @@ POSITIVE = (
     "text.max_len", "image.size", "image.channels", "image.patch", "image.codebook_size", "train.steps",
     "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
-    "diffusion.poly_power", "model.rope_theta",
+    "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
+    "sample.joint_steps",
 )
-NON_NEGATIVE = ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight",
+NON_NEGATIVE = ("sample.temperature", "sample.guidance_scale", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight",
                 "diffusion.image_loss_weight", "data.num_threads", "text.max_vocab", "seed")
 
 
@@ -126,7 +128,37 @@ def base_config() -> ConfigDict:
   c.eval.every_steps = 500
   c.eval.batch_size = 128
   c.eval.use_ema = True          # evaluate the EMA weights
+  c.eval.num_generate = 512      # val examples scored by generation (shapes only) at the end of the main job
+
+  c.sample = ConfigDict()        # sampler settings of the report and the sample CLI
+  c.sample.method = "confidence" # confidence (MaskGIT) | ancestral (MDLM)
+  c.sample.t2i_steps = 16
+  c.sample.i2t_steps = 24
+  c.sample.joint_steps = 32
+  c.sample.temperature = 1.0
+  c.sample.guidance_scale = 0.0
   return c
+
+
+def from_dict(saved: dict) -> ConfigDict:
+  """A saved config (``WORKDIR/config.json``) on top of today's base config, validated.
+
+  Fields added to the base config after the run was saved take their defaults, so old workdirs stay loadable;
+  a saved field that the base config does not know is an error that names it.
+  """
+  config = base_config()
+
+  def merge(target: ConfigDict, values: dict, prefix: str):
+    for key, value in values.items():
+      if key not in target:
+        raise ConfigError(unknown_field_message(prefix + key))
+      if isinstance(target[key], ConfigDict):
+        merge(target[key], value, f"{prefix}{key}.")
+      else:
+        target[key] = tuple(value) if isinstance(target[key], tuple) else value
+
+  merge(config, saved, "")
+  return validate(config)
 
 
 def _flatten(cfg: ConfigDict, prefix: str = "") -> dict[str, Any]:

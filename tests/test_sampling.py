@@ -1,0 +1,147 @@
+"""Sampler invariants, guidance, and the Pipeline's batching and errors (on an untrained random model)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from unimm_jax import configuration
+from unimm_jax.data import pipeline as data_pipeline
+from unimm_jax.data import shapes, tokenizers
+from unimm_jax.diffusion import sampling
+from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.models.transformer import Transformer, TransformerConfig
+from unimm_jax.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  """A Pipeline over a random (untrained) tiny model with a random head, so its outputs are diverse."""
+  config = configuration.base_config()
+  config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 1, 2
+  config.model.head_dim, config.model.mlp_dim = 16, 32
+  examples = [shapes.sample_example("train", 0, i) for i in range(200)]
+  text_tok = tokenizers.WordTokenizer.fit([e[2] for e in examples])
+  image_tok = tokenizers.PatchTokenizer.fit(np.stack([e[1] for e in examples]), 24, 3, 4, 4, 1024)
+  toks = data_pipeline.Tokenizers(text_tok, image_tok, config.text.max_len)
+  model = Transformer(TransformerConfig.from_config(config.model, toks.layout))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, toks.layout.seq_len), jnp.int32)))
+  params = params["params"]
+  params["head"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
+  return Pipeline(config, params, toks, batch_size=8)
+
+
+def _start(pipe, n, seed=0):
+  """Random sequences with a random subset of positions masked: int32 [n, S]."""
+  lay = pipe.layout
+  rng = np.random.default_rng(seed)
+  text = rng.integers(0, lay.text_vocab, (n, lay.text_len))
+  image = rng.integers(0, lay.image_vocab, (n, lay.image_len))
+  tokens = lay.pack(text, image)
+  masked = rng.random(tokens.shape) < rng.uniform(0.2, 1.0, (n, 1))
+  return np.where(masked, lay.mask_id, tokens)
+
+
+@pytest.mark.parametrize("method,reveal", [("confidence", "cosine"), ("confidence", "linear"), ("ancestral", "cosine")])
+def test_given_tokens_fixed_all_masks_resolved_counts_follow_schedule(pipe, method, reveal):
+  tokens = _start(pipe, 8)
+  cfg = sampling.SamplerConfig(method=method, steps=7, reveal_schedule=reveal)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(8))
+  fn = lambda t: pipe.model.apply({"params": pipe.params}, t)
+  out, counts = jax.jit(lambda t, k: sampling.sample_with_trace(
+      fn, t, k, layout=pipe.layout, config=cfg, schedule=get_schedule("linear")))(jnp.asarray(tokens), keys)
+  out, counts = np.asarray(out), np.asarray(counts)
+  given = tokens != pipe.layout.mask_id
+  np.testing.assert_array_equal(out[given], tokens[given])          # given tokens never change
+  assert not (out == pipe.layout.mask_id).any()                     # every mask resolved
+  assert counts[-1].sum() == 0
+  # Revealed tokens are in their own modality's range.
+  t_ids, i_ids = pipe.layout.unpack(out)
+  assert (t_ids >= 0).all() and (t_ids < pipe.layout.text_vocab).all()
+  assert (i_ids >= 0).all() and (i_ids < pipe.layout.image_vocab).all()
+  if method == "confidence":   # exactly the scheduled number stays masked after each step
+    expected = np.asarray(sampling.remaining_masked(jnp.asarray((~given).sum(1)), 7, reveal))
+    np.testing.assert_array_equal(counts, expected)
+    assert (np.diff(expected, axis=0) <= 0).all()
+
+
+def test_remaining_masked_schedules():
+  got = np.asarray(sampling.remaining_masked(jnp.array([10, 0, 3]), 4, "linear"))
+  np.testing.assert_array_equal(got, [[7, 0, 2], [5, 0, 1], [2, 0, 0], [0, 0, 0]])
+  got = np.asarray(sampling.remaining_masked(jnp.array([100]), 2, "cosine"))
+  np.testing.assert_array_equal(got[:, 0], [70, 0])   # floor(100 cos(pi/4)) = 70
+
+
+def test_guidance_formula_and_zero_scale(pipe):
+  lay = pipe.layout
+  tokens = jnp.asarray(_start(pipe, 4, seed=3))
+  fn = lambda t: pipe.model.apply({"params": pipe.params}, t)
+  text_pos = jnp.asarray(lay.modality_ids() == 0)
+  cond = jax.nn.log_softmax(fn(tokens))
+  unc_text = jax.nn.log_softmax(fn(jnp.where(text_pos[None], tokens, lay.mask_id)))   # image masked
+  unc_image = jax.nn.log_softmax(fn(jnp.where(text_pos[None], lay.mask_id, tokens)))  # text masked
+  w = 1.5
+  want = jnp.where(text_pos[None, :, None], (1 + w) * cond - w * unc_text, (1 + w) * cond - w * unc_image)
+  got = sampling.guided_log_probs(fn, tokens, lay, w, (True, True))
+  allowed = jnp.asarray(lay.allowed_ids())[None]
+  np.testing.assert_allclose(jnp.where(allowed, got, 0), jnp.where(allowed, jax.nn.log_softmax(want), 0),
+                             atol=2e-4)
+  zero = sampling.guided_log_probs(fn, tokens, lay, 0.0, (True, True))
+  np.testing.assert_allclose(zero, cond, atol=1e-6)
+  # w = 0 through the sampler equals the conditional sampler.
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
+  run = lambda cfg, guide: sampling.sample(fn, tokens, keys, layout=lay, config=cfg, guide=guide)
+  np.testing.assert_array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=0.0), (True, True)),
+                                run(sampling.SamplerConfig(steps=4), (False, False)))
+  assert not np.array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=3.0), (True, True)),
+                            run(sampling.SamplerConfig(steps=4), (False, False)))
+
+
+def test_same_seed_same_output_whatever_the_batch_size(pipe):
+  prompts = [shapes.sample_example("val", 0, i)[2] for i in range(11)]
+  a = pipe.text_to_image(prompts, steps=4, seed=7)
+  b = pipe.text_to_image(prompts[:3], steps=4, seed=7)      # one padded batch instead of two
+  np.testing.assert_array_equal(a[:3], b)
+  assert a.shape == (11, 24, 24, 3) and a.dtype == np.uint8
+  assert not np.array_equal(a, pipe.text_to_image(prompts, steps=4, seed=8))
+  caps = pipe.image_to_text(a[:5], steps=4, seed=1)
+  assert caps == pipe.image_to_text(a[:5], steps=4, seed=1) and len(caps) == 5
+  texts, images = pipe.generate(3, steps=4)
+  assert len(texts) == 3 and images.shape == (3, 24, 24, 3)
+
+
+def test_inpaint_keeps_unmasked_tokens_and_infill_keeps_words(pipe):
+  images = np.stack([shapes.sample_example("val", 0, i)[1] for i in range(3)])
+  mask = np.zeros((3, 24, 24), bool)
+  mask[:, :, 12:] = True                                       # redraw the right half
+  out = pipe.inpaint(images, mask, steps=4)
+  before = pipe.tokenizers.image.encode(images).reshape(3, 6, 6)
+  after = pipe.tokenizers.image.encode(out).reshape(3, 6, 6)
+  np.testing.assert_array_equal(before[:, :, :3], after[:, :, :3])   # the left half is given
+  filled = pipe.infill(["a small <mask> circle at the top left"], steps=4)
+  words = tokenizers.split_words(filled[0])
+  want = tokenizers.split_words("a small X circle at the top left")
+  assert len(words) == len(want) and words[:2] == want[:2] and words[3:] == want[3:], filled
+
+
+def test_score_is_finite_per_example_and_modality(pipe):
+  ex = [shapes.sample_example("val", 0, i) for i in range(3)]
+  bits = pipe.score([e[2] for e in ex], np.stack([e[1] for e in ex]))
+  assert bits["text"].shape == (3,) and bits["image"].shape == (3,)
+  assert np.isfinite(bits["text"]).all() and (bits["image"] > 0).all()
+
+
+def test_clear_errors_for_bad_inputs(pipe):
+  with pytest.raises(ValueError, match="prompt list is empty"):
+    pipe.text_to_image([])
+  with pytest.raises(TypeError, match="list of strings"):
+    pipe.text_to_image("a red circle")
+  with pytest.raises(ValueError, match=r"images must be uint8 \[N, 24, 24, 3\].*got shape \(2, 32, 32, 3\)"):
+    pipe.image_to_text(np.zeros((2, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match="mask must be bool"):
+    pipe.inpaint(np.zeros((1, 24, 24, 3), np.uint8), np.zeros((1, 12, 12), bool))
+  with pytest.raises(ValueError, match="steps=0"):
+    pipe.text_to_image(["a red circle"], steps=0)
+  long = " and ".join(["a small red circle at the top left"] * 5)
+  assert pipe.text_to_image([long], steps=2).shape == (1, 24, 24, 3)   # truncated, with a warning

@@ -1,0 +1,188 @@
+"""Generation scores and the human-readable report: ``python -m unimm_jax.evaluate --workdir=DIR``.
+
+On ``shapes`` data the dataset's checker reads generated images and captions back into sets of shapes, so every
+direction is scored exactly, over the first ``eval.num_generate`` examples of the val split (shape sets never
+seen in training):
+
+* text->image accuracy: share of images drawn for val captions whose shape set equals the caption's; per
+  attribute, share whose multiset of that attribute (colour, kind, size, position, count) matches;
+* image->text accuracy: share of captions written for val images that parse and equal the image's set;
+* joint consistency: share of jointly generated pairs whose caption parses, is non-empty and equals its image.
+
+Other data sources have no checker: those figures are null. ``report.json`` gets the figures (beside the ELBO
+and timing of training); ``report.html`` shows them with the samples, side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections import Counter
+
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from PIL import Image
+
+from unimm_jax.data import shapes
+
+ATTRIBUTES = ("colour", "kind", "size", "cell")
+
+
+def _attribute_match(got: frozenset, want: frozenset) -> dict[str, bool]:
+  out = {a: Counter(getattr(s, a) for s in got) == Counter(getattr(s, a) for s in want) for a in ATTRIBUTES}
+  out["count"] = len(got) == len(want)
+  return out
+
+
+def _sampler_kwargs(config, steps_key: str) -> dict:
+  s = config.sample
+  return dict(steps=s[steps_key], temperature=s.temperature, method=s.method)
+
+
+def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict]:
+  """(figures, samples for the html report) on the first ``num`` val examples of ``shapes``."""
+  examples = [shapes.sample_example("val", config.seed, i) for i in range(num)]
+  sets = [e[0] for e in examples]
+  images = np.stack([e[1] for e in examples])
+  captions = [e[2] for e in examples]
+  figures, timing = {}, {}
+
+  start = time.perf_counter()
+  drawn = pipe.text_to_image(captions, guidance_scale=config.sample.guidance_scale, seed=seed,
+                             **_sampler_kwargs(config, "t2i_steps"))
+  timing["t2i_s"] = time.perf_counter() - start
+  read = [shapes.read_image(img) for img in drawn]
+  figures["t2i_accuracy"] = float(np.mean([r == s for r, s in zip(read, sets)]))
+  per = [_attribute_match(r, s) for r, s in zip(read, sets)]
+  figures["t2i_attribute_accuracy"] = {a: float(np.mean([p[a] for p in per])) for a in per[0]}
+
+  start = time.perf_counter()
+  written = pipe.image_to_text(images, guidance_scale=config.sample.guidance_scale, seed=seed,
+                               **_sampler_kwargs(config, "i2t_steps"))
+  timing["i2t_s"] = time.perf_counter() - start
+  parsed = [shapes.read_caption(c) for c in written]
+  figures["i2t_accuracy"] = float(np.mean([p == s for p, s in zip(parsed, sets)]))
+  per = [_attribute_match(p, s) for p, s in zip(parsed, sets) if p is not None]
+  figures["i2t_parse_rate"] = float(np.mean([p is not None for p in parsed]))
+  figures["i2t_attribute_accuracy"] = (
+      {a: float(np.sum([q[a] for q in per]) / num) for a in per[0]} if per else None)
+
+  start = time.perf_counter()
+  joint_texts, joint_images = pipe.generate(num, seed=seed, **_sampler_kwargs(config, "joint_steps"))
+  timing["joint_s"] = time.perf_counter() - start
+  consistent = []
+  for text, img in zip(joint_texts, joint_images):
+    p = shapes.read_caption(text)
+    consistent.append(bool(p) and p == shapes.read_image(img))
+  figures["joint_consistency"] = float(np.mean(consistent))
+
+  # One inpainting example per row: the right half of a val image redrawn for its caption.
+  k = min(8, num)
+  mask = np.zeros((k,) + images.shape[1:3], bool)
+  mask[:, :, images.shape[2] // 2:] = True
+  inpainted = pipe.inpaint(images[:k], mask, prompts=captions[:k], seed=seed, **_sampler_kwargs(config, "t2i_steps"))
+  figures["sample_seconds"] = {k_: round(v, 2) for k_, v in timing.items()}
+  samples = {
+      "t2i": list(zip(captions[:12], drawn[:12], [r == s for r, s in zip(read[:12], sets[:12])])),
+      "i2t": list(zip(images[:12], written[:12], [p == s for p, s in zip(parsed[:12], sets[:12])])),
+      "joint": list(zip(joint_texts[:12], joint_images[:12], consistent[:12])),
+      "inpaint": list(zip(images[:k], mask, inpainted, captions[:k])),
+  }
+  return figures, samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------------------------
+def _png(image: np.ndarray, scale: int = 4) -> str:
+  img = Image.fromarray(np.asarray(image, np.uint8).squeeze())
+  img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _mark(ok: bool) -> str:
+  return '<span class="ok">&#10003;</span>' if ok else '<span class="bad">&#10007;</span>'
+
+
+def render_html(report: dict, samples: dict | None) -> str:
+  def pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+  bits = report.get("val_bits_per_token") or {}
+  rows = [
+      ("step", report.get("step")),
+      ("val bits/token, text", f"{bits.get('text', float('nan')):.4f}"),
+      ("val bits/token, image", f"{bits.get('image', float('nan')):.4f}"),
+      ("text&rarr;image accuracy", pct(report.get("t2i_accuracy"))),
+      ("image&rarr;text accuracy", pct(report.get("i2t_accuracy"))),
+      ("joint consistency", pct(report.get("joint_consistency"))),
+      ("training wall time", f"{report.get('train_wall_s')} s"),
+      ("training tokens/s", report.get("train_tokens_per_s")),
+  ]
+  parts = ["<!doctype html><meta charset='utf-8'><title>unimm_jax report</title><style>",
+           "body{font-family:sans-serif;margin:2em} td,th{padding:4px 10px;vertical-align:middle}",
+           "table{border-collapse:collapse} tr:nth-child(even){background:#f4f4f4} .ok{color:green}",
+           ".bad{color:#b00} img{image-rendering:pixelated;border:1px solid #ccc}</style>",
+           "<h1>unimm_jax report</h1><table>"]
+  parts += [f"<tr><th align=left>{k}</th><td>{html.escape(str(v)) if '&' not in str(v) else v}</td></tr>"
+            for k, v in rows]
+  parts.append("</table>")
+  if samples:
+    parts.append("<h2>Text &rarr; image (val captions)</h2><table>")
+    parts += [f"<tr><td>{html.escape(c)}</td><td>{_png(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["t2i"]]
+    parts.append("</table><h2>Image &rarr; text (val images)</h2><table>")
+    parts += [f"<tr><td>{_png(i)}</td><td>{html.escape(c)}</td><td>{_mark(ok)}</td></tr>" for i, c, ok in samples["i2t"]]
+    parts.append("</table><h2>Joint generation</h2><table>")
+    parts += [f"<tr><td>{html.escape(c)}</td><td>{_png(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["joint"]]
+    parts.append("</table><h2>Inpainting (right half redrawn for the caption)</h2><table>"
+                 "<tr><th>original</th><th>kept</th><th>inpainted</th><th>caption</th></tr>")
+    for img, mask, out, cap in samples["inpaint"]:
+      kept = np.where(mask[..., None], 64, img).astype(np.uint8)
+      parts.append(f"<tr><td>{_png(img)}</td><td>{_png(kept)}</td><td>{_png(out)}</td><td>{html.escape(cap)}</td></tr>")
+    parts.append("</table>")
+  return "\n".join(parts)
+
+
+def evaluate_workdir(workdir, config=None) -> dict:
+  """Scores the newest checkpoint in ``workdir`` and writes report.json (merged) and report.html."""
+  from unimm_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = train.absolute_path(workdir)
+  pipe = pipeline_lib.Pipeline.load(workdir)
+  config = config or pipe.config
+  report_path = workdir / "report.json"
+  report = json.loads(report_path.read_text()) if report_path.exists() else {}
+  samples = None
+  if config.data.source == "shapes":
+    start = time.perf_counter()
+    figures, samples = generation_scores(pipe, config, config.eval.num_generate)
+    figures["generation_eval_s"] = round(time.perf_counter() - start, 2)
+    report.update(figures)
+    logging.info("text->image accuracy %.3f, image->text accuracy %.3f, joint consistency %.3f (%d val examples)",
+                 figures["t2i_accuracy"], figures["i2t_accuracy"], figures["joint_consistency"],
+                 config.eval.num_generate)
+  else:
+    report.update({"t2i_accuracy": None, "i2t_accuracy": None, "joint_consistency": None})
+  report_path.write_text(json.dumps(report, indent=2, default=float))
+  (workdir / "report.html").write_text(render_html(report, samples))
+  logging.info("wrote %s and %s", report_path, workdir / "report.html")
+  return report
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  evaluate_workdir(_WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

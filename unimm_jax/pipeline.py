@@ -1,0 +1,266 @@
+"""The user-facing Pipeline: one trained model, every direction.
+
+::
+
+    from unimm_jax import Pipeline
+    pipe = Pipeline.load("runs/shapes")          # a training workdir: newest checkpoint, EMA weights
+    images = pipe.text_to_image(["a small red circle at the top left"], steps=16, seed=0)  # uint8 [N, H, W, C]
+    captions = pipe.image_to_text(images, steps=24)                                          # list[str]
+    texts, images = pipe.generate(4, steps=32)                                               # joint
+    images = pipe.inpaint(images, mask, prompts=None)          # mask: bool [N, H, W], True = redraw
+    texts = pipe.infill(["a <mask> red circle at the top left"])   # each "<mask>" is one token to fill
+    bits = pipe.score(prompts, images)                         # {'text': [N], 'image': [N]} bits per token
+
+Every call builds the starting sequences (MASK where something is to be generated, the given tokens elsewhere)
+and runs the one jitted sampling loop of :mod:`unimm_jax.diffusion.sampling` over batches padded to a fixed
+compiled size, so a call of any size compiles nothing new. Each example's randomness comes from
+``fold_in(PRNGKey(seed), i)`` with i its index in the call: the same seed gives the same output, whatever the
+batch size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from unimm_jax import checkpointing, configuration
+from unimm_jax.data import pipeline as data_pipeline
+from unimm_jax.diffusion import loss as loss_lib
+from unimm_jax.diffusion import sampling
+from unimm_jax.diffusion.schedules import get_schedule
+
+HOLE = "<mask>"   # infill: one masked text token
+
+
+class Pipeline:
+  """A trained model with its tokenizers; see the module docstring."""
+
+  def __init__(self, config, params, toks: data_pipeline.Tokenizers, *, batch_size: int = 64):
+    from unimm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this package's modules)
+    self.config = config
+    self.params = params
+    self.tokenizers = toks
+    self.layout = toks.layout
+    self.model = train.make_model(config, self.layout)
+    self.schedule = get_schedule(config.diffusion.schedule, config.diffusion.poly_power)
+    self.batch_size = batch_size
+    self._samplers = {}
+    self._score_fn = jax.jit(self._score_batch)
+
+  # ---- loading -------------------------------------------------------------------------------------------------
+  @classmethod
+  def load(cls, path, *, weights: str = "ema", step: int | None = None, batch_size: int = 64) -> "Pipeline":
+    """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``)."""
+    from unimm_jax import train  # pylint: disable=g-import-not-at-top
+    path = train.absolute_path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+      raise FileNotFoundError(f"{path} is not a training workdir: it has no config.json")
+    config = configuration.from_dict(json.loads(config_file.read_text()))
+    toks = data_pipeline.load_tokenizers(path, config.text.max_len)
+    method = train.make_method(config, toks.layout)
+    abstract = jax.eval_shape(lambda: train.init_state(method, 0))
+    ckpt = checkpointing.Checkpointer(path, every_steps=1, max_to_keep=config.ckpt.max_to_keep, async_save=False)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    state = ckpt.restore(abstract, step=step)
+    ckpt.close()
+    if weights not in ("ema", "raw"):
+      raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
+    params = state.ema_params if weights == "ema" else state.params
+    logging.info("loaded %s weights of step %d from %s", weights, int(state.step), path)
+    return cls(config, params, toks, batch_size=batch_size)
+
+  # ---- the one sampling loop, batched ---------------------------------------------------------------------------
+  def _sampler(self, cfg: sampling.SamplerConfig, guide: tuple[bool, bool]):
+    key = (cfg, guide)
+    if key not in self._samplers:
+      def run(params, tokens, keys):
+        logits_fn = lambda t: self.model.apply({"params": params}, t)
+        return sampling.sample(logits_fn, tokens, keys, layout=self.layout, config=cfg, schedule=self.schedule,
+                               guide=guide)
+      self._samplers[key] = jax.jit(run)
+    return self._samplers[key]
+
+  def _sampler_config(self, steps, temperature, guidance_scale, method, **kw) -> sampling.SamplerConfig:
+    return sampling.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
+                                  guidance_scale=float(guidance_scale), **kw)
+
+  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int) -> np.ndarray:
+    """int32 [N, S] with MASKs -> int32 [N, S] without, in padded batches of ``batch_size``."""
+    n = tokens.shape[0]
+    base = jax.random.PRNGKey(seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
+    fn = self._sampler(cfg, guide)
+    out = []
+    for start in range(0, n, self.batch_size):
+      chunk = tokens[start:start + self.batch_size]
+      chunk_keys = keys[start:start + self.batch_size]
+      pad = self.batch_size - chunk.shape[0]
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], pad, axis=0)])
+      out.append(np.asarray(fn(self.params, jnp.asarray(chunk), chunk_keys))[: self.batch_size - pad])
+    return np.concatenate(out)
+
+  # ---- inputs --------------------------------------------------------------------------------------------------
+  def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
+    if isinstance(prompts, str):
+      raise TypeError("prompts must be a list of strings, not one string")
+    if len(prompts) == 0:
+      raise ValueError("the prompt list is empty")
+    tok, n = self.tokenizers.text, self.layout.text_len
+    ids = []
+    for p in prompts:
+      longer = tok.encode(p, n + 1)
+      if longer[-1] != tok.pad_id:
+        logging.warning("prompt truncated to %d text tokens: %r", n, p)
+      ids.append(longer[:n])
+    return np.stack(ids)
+
+  def _image_ids(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    want = self.tokenizers.image.image_shape
+    if images.ndim == 3 and want[2] == 1:
+      images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != tuple(want):
+      raise ValueError(f"images must be uint8 [N, {want[0]}, {want[1]}, {want[2]}] for this model, "
+                       f"got shape {images.shape}")
+    if images.shape[0] == 0:
+      raise ValueError("the image batch is empty")
+    return self.tokenizers.image.encode(images.astype(np.uint8))
+
+  def _masked(self, n: int, length: int) -> np.ndarray:
+    return np.full((n, length), self.layout.mask_id, np.int32)
+
+  def _pack(self, text_ids, image_ids) -> np.ndarray:
+    """Local ids (or -1 for MASK) -> global ids with MASK."""
+    lay = self.layout
+    text = np.where(text_ids < 0, lay.mask_id, text_ids + lay.text_offset)
+    image = np.where(image_ids < 0, lay.mask_id, image_ids + lay.image_offset)
+    return np.concatenate([text, image], axis=1).astype(np.int32)
+
+  def _decode(self, tokens: np.ndarray):
+    return self.tokenizers.decode(tokens)
+
+  # ---- tasks ---------------------------------------------------------------------------------------------------
+  def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
+                    temperature: float = 1.0, seed: int = 0, method: str = "confidence") -> np.ndarray:
+    """Images drawn for the prompts: uint8 [N, H, W, C]."""
+    text = self._text_ids(prompts)
+    tokens = self._pack(text, -np.ones((len(text), self.layout.image_len), np.int32))
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    return self._decode(self._run(tokens, cfg, (False, True), seed))[1]
+
+  def image_to_text(self, images, steps: int = 24, guidance_scale: float = 0.0, temperature: float = 1.0,
+                    seed: int = 0, method: str = "confidence") -> list[str]:
+    """Captions written for the images (uint8 [N, H, W, C])."""
+    image = self._image_ids(images)
+    tokens = self._pack(-np.ones((len(image), self.layout.text_len), np.int32), image)
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    return self._decode(self._run(tokens, cfg, (True, False), seed))[0]
+
+  def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
+               method: str = "confidence") -> tuple[list[str], np.ndarray]:
+    """n caption-image pairs drawn together, unconditionally."""
+    if n < 1:
+      raise ValueError(f"n={n} must be >= 1")
+    tokens = self._masked(n, self.layout.seq_len)
+    cfg = self._sampler_config(steps, temperature, 0.0, method)
+    return self._decode(self._run(tokens, cfg, (False, False), seed))
+
+  def inpaint(self, images, mask, prompts: Sequence[str] | None = None, steps: int = 16,
+              guidance_scale: float = 0.0, temperature: float = 1.0, seed: int = 0,
+              method: str = "confidence") -> np.ndarray:
+    """Redraws the masked part of each image (mask: bool [N, H, W], True = redraw), optionally for a prompt.
+
+    A token is redrawn when any pixel it covers is in the mask; the caption is all MASK when ``prompts`` is None
+    (and is then generated along, but not returned).
+    """
+    image = self._image_ids(images)
+    mask = np.asarray(mask, bool)
+    h, w = self.layout.image_grid
+    size = self.tokenizers.image.image_shape
+    if mask.shape != (len(image), size[0], size[1]):
+      raise ValueError(f"mask must be bool [N, {size[0]}, {size[1]}] with N = {len(image)}, got {mask.shape}")
+    cell = mask.reshape(len(image), h, size[0] // h, w, size[1] // w).any(axis=(2, 4)).reshape(len(image), -1)
+    image = np.where(cell, -1, image)
+    if prompts is None:
+      text = -np.ones((len(image), self.layout.text_len), np.int32)
+    else:
+      text = self._text_ids(prompts)
+      if len(text) != len(image):
+        raise ValueError(f"{len(text)} prompts for {len(image)} images")
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    return self._decode(self._run(self._pack(text, image), cfg, (False, prompts is not None), seed))[1]
+
+  def infill(self, texts_with_holes: Sequence[str], images=None, steps: int = 16, temperature: float = 1.0,
+             seed: int = 0, method: str = "confidence") -> list[str]:
+    """Fills each ``<mask>`` in the texts (one token per ``<mask>``); text after the last piece stays PAD.
+
+    With ``images`` (uint8 [N, H, W, C]) the fill is conditioned on them; without, the image is generated along.
+    """
+    if isinstance(texts_with_holes, str) or len(texts_with_holes) == 0:
+      raise ValueError("texts_with_holes must be a non-empty list of strings")
+    tok, n = self.tokenizers.text, self.layout.text_len
+    rows = []
+    for text in texts_with_holes:
+      ids: list[int] = []
+      for i, piece in enumerate(text.split(HOLE)):
+        if i:
+          ids.append(-1)
+        if piece.strip():
+          encoded = tok.encode(piece, n)
+          ids.extend(int(x) for x in encoded[encoded != tok.pad_id])
+      if len(ids) > n:
+        raise ValueError(f"text with holes is {len(ids)} tokens, more than the model's {n}: {text!r}")
+      rows.append(ids + [tok.pad_id] * (n - len(ids)))
+    text = np.asarray(rows, np.int32)
+    if images is None:
+      image = -np.ones((len(text), self.layout.image_len), np.int32)
+    else:
+      image = self._image_ids(images)
+      if len(image) != len(text):
+        raise ValueError(f"{len(text)} texts for {len(image)} images")
+    cfg = self._sampler_config(steps, temperature, 0.0, method)
+    return self._decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
+
+  # ---- likelihood ----------------------------------------------------------------------------------------------
+  def _score_batch(self, params, tokens, key, num_samples: int = 16):
+    """Mean over ``num_samples`` low-discrepancy times of the per-example ELBO bits: float32 [B, 2]."""
+    b = tokens.shape[0]
+    rep = jnp.repeat(tokens, num_samples, axis=0)                          # [B * n, S]
+    k_u, k_mask = jax.random.split(key)
+    u = jax.random.uniform(k_u, (2,))
+    j = jnp.arange(num_samples, dtype=jnp.float32) / num_samples
+    t = jnp.clip(jnp.mod(u[None, :] + j[:, None], 1.0), self.config.diffusion.t_min, 1.0)   # [n, 2]
+    t = jnp.tile(t, (b, 1))                                                                  # [B * n, 2]
+    c = loss_lib.Corruption(t=t, mask_prob=self.schedule.mask_prob(t), noised=jnp.ones_like(t, bool),
+                            task=jnp.zeros(t.shape[0], jnp.int32))
+    noisy, masked = loss_lib.corrupt(k_mask, rep, c, self.layout)
+    logits = self.model.apply({"params": params}, noisy)
+    bits = loss_lib.elbo_bits(logits, rep, masked, t, self.layout, self.schedule)
+    return bits.reshape(b, num_samples, 2).mean(axis=1)
+
+  def score(self, prompts: Sequence[str], images, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-example negative ELBO (an upper bound on -log p), bits per token: {'text': [N], 'image': [N]}."""
+    text, image = self._text_ids(prompts), self._image_ids(images)
+    if len(text) != len(image):
+      raise ValueError(f"{len(text)} prompts for {len(image)} images")
+    tokens = self._pack(text, image)
+    out = []
+    for start in range(0, len(tokens), self.batch_size):
+      chunk = tokens[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+      out.append(np.asarray(self._score_fn(self.params, jnp.asarray(padded), jax.random.PRNGKey(seed)))[: len(chunk)])
+    bits = np.concatenate(out)
+    return {"text": bits[:, 0], "image": bits[:, 1]}

@@ -1,0 +1,105 @@
+"""Sample from a trained model: ``python -m unimm_jax.sample --workdir=DIR --task=t2i --prompt="..." --out=OUT``.
+
+Tasks:
+  t2i      --prompt=TEXT (repeatable) [--num=N images per prompt]
+  i2t      --image=FILE (repeatable)
+  joint    --num=N
+  inpaint  --image=FILE --mask=FILE [--prompt=TEXT]   (mask: an image, white = redraw)
+  infill   --prompt="a <mask> red circle at the top left"  (each <mask> is one token) [--image=FILE]
+
+Writes PNGs into OUT and ``OUT/samples.json`` listing what was generated (prompts, captions, files).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from PIL import Image
+
+from unimm_jax.data import folder
+
+TASKS = ("t2i", "i2t", "joint", "inpaint", "infill")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
+_TASK = flags.DEFINE_enum("task", "t2i", TASKS, "What to generate.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption(s) for t2i / inpaint, text with <mask> for infill.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s) for i2t / inpaint / infill.")
+_MASK = flags.DEFINE_string("mask", None, "inpaint: mask image, white (>= 128) = redraw.")
+_NUM = flags.DEFINE_integer("num", 4, "t2i: images per prompt; joint: pairs.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config.sample.*_steps).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (default: config).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: config).")
+_METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral"], "Sampler (default: config).")
+_SEED = flags.DEFINE_integer("seed", 0, "Same seed, same output.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights of a training workdir.")
+
+
+def _load_images(paths, size, channels) -> np.ndarray:
+  if not paths:
+    raise app.UsageError(f"--task={_TASK.value} needs --image=FILE")
+  return np.stack([folder.load_image(p, size, channels) for p in paths])
+
+
+def _save(out: epath.Path, name: str, image: np.ndarray) -> str:
+  Image.fromarray(np.asarray(image, np.uint8).squeeze()).save(out / name)
+  return name
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+  pipe = Pipeline.load(_WORKDIR.value, weights=_WEIGHTS.value)
+  s = pipe.config.sample
+  task = _TASK.value
+  steps_key = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
+               "joint": "joint_steps"}[task]
+  kw = dict(steps=_STEPS.value or s[steps_key], seed=_SEED.value,
+            temperature=s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
+            method=_METHOD.value or s.method)
+  guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+  size, _, channels = pipe.tokenizers.image.image_shape
+  out = epath.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  records = []
+  if task == "t2i":
+    if not _PROMPT.value:
+      raise app.UsageError("--task=t2i needs --prompt=TEXT")
+    prompts = [p for p in _PROMPT.value for _ in range(_NUM.value)]
+    for i, (p, img) in enumerate(zip(prompts, pipe.text_to_image(prompts, guidance_scale=guidance, **kw))):
+      records.append({"prompt": p, "image": _save(out, f"t2i_{i:03d}.png", img)})
+  elif task == "i2t":
+    images = _load_images(_IMAGE.value, size, channels)
+    for path, cap in zip(_IMAGE.value, pipe.image_to_text(images, guidance_scale=guidance, **kw)):
+      records.append({"image": path, "caption": cap})
+  elif task == "joint":
+    texts, images = pipe.generate(_NUM.value, **kw)
+    for i, (t, img) in enumerate(zip(texts, images)):
+      records.append({"caption": t, "image": _save(out, f"joint_{i:03d}.png", img)})
+  elif task == "inpaint":
+    images = _load_images(_IMAGE.value[:1], size, channels)
+    if not _MASK.value:
+      raise app.UsageError("--task=inpaint needs --mask=FILE")
+    mask = folder.load_image(_MASK.value, size, 1)[..., 0] >= 128
+    prompts = _PROMPT.value[:1] or None
+    result = pipe.inpaint(images, mask[None], prompts=prompts, guidance_scale=guidance, **kw)[0]
+    records.append({"image": _IMAGE.value[0], "mask": _MASK.value, "prompt": prompts and prompts[0],
+                    "inpainted": _save(out, "inpaint_000.png", result)})
+  else:
+    if not _PROMPT.value:
+      raise app.UsageError('--task=infill needs --prompt="text with <mask> holes"')
+    images = _load_images(_IMAGE.value, size, channels) if _IMAGE.value else None
+    for p, t in zip(_PROMPT.value, pipe.infill(_PROMPT.value, images=images, **kw)):
+      records.append({"text_with_holes": p, "filled": t})
+  (out / "samples.json").write_text(json.dumps({"task": task, **kw, "samples": records}, indent=2))
+  for r in records:
+    print(json.dumps(r))
+  logging.info("wrote %d samples to %s", len(records), out)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
