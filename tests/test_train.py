@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm_jax import configuration, train
+from unimm_jax import configuration, evaluate, train
 from unimm_jax.data import pipeline, shapes
 
 
@@ -36,8 +36,9 @@ def tiny_config(**overrides):
   return configuration.validate(c)
 
 
-def test_tiny_run_lowers_the_validation_elbo_of_both_modalities(tmp_path):
-  report = train.train_and_evaluate(tiny_config(**{"train.steps": 60, "train.log_every": 20}), tmp_path)
+def test_tiny_run_lowers_the_validation_elbo_of_both_modalities_and_reports(tmp_path):
+  config = tiny_config(**{"train.steps": 60, "train.log_every": 20, "eval.num_generate": 8})
+  report = train.train_and_evaluate(config, tmp_path)
   before, after = report["val_bits_per_token_initial"], report["val_bits_per_token"]
   assert after["text"] < before["text"] - 0.5, (before, after)
   assert after["image"] < before["image"] - 1.0, (before, after)
@@ -47,6 +48,14 @@ def test_tiny_run_lowers_the_validation_elbo_of_both_modalities(tmp_path):
     assert key in on_disk
   assert on_disk["step"] == 60 and on_disk["train_tokens_per_s"] > 0
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+  # The generation report on top (scores of an undertrained model: only their range is known).
+  full = evaluate.evaluate_workdir(tmp_path, config)
+  for key in ("t2i_accuracy", "i2t_accuracy", "joint_consistency"):
+    assert 0.0 <= full[key] <= 1.0
+  assert set(full["t2i_attribute_accuracy"]) == {"colour", "kind", "size", "cell", "count"}
+  assert full["val_bits_per_token"] == report["val_bits_per_token"]     # merged, not replaced
+  page = (tmp_path / "report.html").read_text()
+  assert page.count("<img") >= 3 * 8 and "text&rarr;image accuracy" in page
 
 
 def test_restore_then_next_steps_equal_the_uninterrupted_run(tmp_path):
@@ -67,7 +76,8 @@ def test_restore_then_next_steps_equal_the_uninterrupted_run(tmp_path):
 
 def test_fitted_tokenizers_are_saved_and_loaded_not_refitted(tmp_path, monkeypatch):
   config = tiny_config(**{"train.steps": 3})
-  train.train_and_evaluate(config, tmp_path)
+  monkeypatch.chdir(tmp_path.parent)
+  train.train_and_evaluate(config, tmp_path.name)   # a relative workdir, as in the README's command
   saved = sorted(p.name for p in (tmp_path / "tokenizers").iterdir())
   assert "text_tokenizer.json" in saved and "image_tokenizer.json" in saved
   before = (tmp_path / "tokenizers" / "image_tokenizer.json").read_text()

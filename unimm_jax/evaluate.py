@@ -162,7 +162,7 @@ def evaluate_workdir(workdir, config=None) -> dict:
     start = time.perf_counter()
     figures, samples = generation_scores(pipe, config, config.eval.num_generate)
     figures["generation_eval_s"] = round(time.perf_counter() - start, 2)
-    report.update(figures)
+    report.update(figures, generation_step=int(report.get("step", -1)))
     logging.info("text->image accuracy %.3f, image->text accuracy %.3f, joint consistency %.3f (%d val examples)",
                  figures["t2i_accuracy"], figures["i2t_accuracy"], figures["joint_consistency"],
                  config.eval.num_generate)
@@ -174,15 +174,18 @@ def evaluate_workdir(workdir, config=None) -> dict:
   return report
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
+def _cli():
+  # Flags are defined here, not at import, because the main job imports this module beside its own flags.
+  workdir = flags.DEFINE_string("workdir", None, "A training workdir.")
+  flags.mark_flags_as_required(["workdir"])
 
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    evaluate_workdir(workdir.value)
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.INFO)
-  evaluate_workdir(_WORKDIR.value)
+  app.run(main)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  _cli()

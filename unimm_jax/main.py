@@ -46,8 +46,12 @@ def main(argv):
     # One clear message, before anything is compiled; no traceback for a user error.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  from unimm_jax import train  # pylint: disable=g-import-not-at-top  (keeps --help and config errors fast)
-  train.train_and_evaluate(config, _WORKDIR.value)
+  # pylint: disable=g-import-not-at-top  (imported here so --help and config errors are fast)
+  import jax
+  from unimm_jax import evaluate, train
+  report = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0 and report.get("generation_step") != report["step"]:
+    evaluate.evaluate_workdir(_WORKDIR.value, config)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,13 @@ batch size.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 
 from unimm_jax import checkpointing, configuration
 from unimm_jax.data import pipeline as data_pipeline
@@ -94,22 +91,28 @@ class Pipeline:
     return sampling.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
                                   guidance_scale=float(guidance_scale), **kw)
 
-  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int) -> np.ndarray:
-    """int32 [N, S] with MASKs -> int32 [N, S] without, in padded batches of ``batch_size``."""
-    n = tokens.shape[0]
-    base = jax.random.PRNGKey(seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
-    fn = self._sampler(cfg, guide)
+  def _batched(self, fn, tokens: np.ndarray, keys) -> np.ndarray:
+    """Applies ``fn(params, tokens [b, S], keys [b, 2])`` over padded batches of ``batch_size``, so a call of any
+    size reuses the one compiled program; padding rows repeat the last example and are dropped."""
     out = []
-    for start in range(0, n, self.batch_size):
-      chunk = tokens[start:start + self.batch_size]
-      chunk_keys = keys[start:start + self.batch_size]
-      pad = self.batch_size - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], pad, axis=0)])
-      out.append(np.asarray(fn(self.params, jnp.asarray(chunk), chunk_keys))[: self.batch_size - pad])
+    for start in range(0, tokens.shape[0], self.batch_size):
+      chunk, chunk_keys = tokens[start:start + self.batch_size], keys[start:start + self.batch_size]
+      n = chunk.shape[0]
+      if n < self.batch_size:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+        chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], self.batch_size - n, axis=0)])
+      out.append(np.asarray(fn(self.params, jnp.asarray(chunk), chunk_keys))[:n])
     return np.concatenate(out)
+
+  @staticmethod
+  def _example_keys(seed: int, n: int):
+    """uint32 [n, 2]: example i's key is fold_in(PRNGKey(seed), i), whatever batch it lands in."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
+
+  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int) -> np.ndarray:
+    """int32 [N, S] with MASKs -> int32 [N, S] without."""
+    return self._batched(self._sampler(cfg, guide), tokens, self._example_keys(seed, tokens.shape[0]))
 
   # ---- inputs --------------------------------------------------------------------------------------------------
   def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
@@ -234,21 +237,26 @@ class Pipeline:
     return self._decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
-  def _score_batch(self, params, tokens, key, num_samples: int = 16):
-    """Mean over ``num_samples`` low-discrepancy times of the per-example ELBO bits: float32 [B, 2]."""
-    b = tokens.shape[0]
-    rep = jnp.repeat(tokens, num_samples, axis=0)                          # [B * n, S]
-    k_u, k_mask = jax.random.split(key)
-    u = jax.random.uniform(k_u, (2,))
-    j = jnp.arange(num_samples, dtype=jnp.float32) / num_samples
-    t = jnp.clip(jnp.mod(u[None, :] + j[:, None], 1.0), self.config.diffusion.t_min, 1.0)   # [n, 2]
-    t = jnp.tile(t, (b, 1))                                                                  # [B * n, 2]
-    c = loss_lib.Corruption(t=t, mask_prob=self.schedule.mask_prob(t), noised=jnp.ones_like(t, bool),
-                            task=jnp.zeros(t.shape[0], jnp.int32))
-    noisy, masked = loss_lib.corrupt(k_mask, rep, c, self.layout)
-    logits = self.model.apply({"params": params}, noisy)
-    bits = loss_lib.elbo_bits(logits, rep, masked, t, self.layout, self.schedule)
-    return bits.reshape(b, num_samples, 2).mean(axis=1)
+  def _score_batch(self, params, tokens, keys, num_samples: int = 16):
+    """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, 2].
+
+    Each example's times and masks come from its own key, so its score does not depend on its batch.
+    """
+    def one(tok, key):
+      k_u, k_mask = jax.random.split(key)
+      u = jax.random.uniform(k_u, (2,))
+      j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
+      t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), self.config.diffusion.t_min, 1.0)             # [n, 2]
+      c = loss_lib.Corruption(t=t, mask_prob=self.schedule.mask_prob(t), noised=jnp.ones_like(t, bool),
+                              task=jnp.zeros(num_samples, jnp.int32))
+      rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
+      noisy, masked = loss_lib.corrupt(k_mask, rep, c, self.layout)
+      return rep, noisy, masked, t
+    rep, noisy, masked, t = jax.vmap(one)(tokens, keys)                                   # [B, n, ...]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    logits = self.model.apply({"params": params}, flat(noisy))
+    bits = loss_lib.elbo_bits(logits, flat(rep), flat(masked), flat(t), self.layout, self.schedule)
+    return bits.reshape(tokens.shape[0], num_samples, 2).mean(axis=1)
 
   def score(self, prompts: Sequence[str], images, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-example negative ELBO (an upper bound on -log p), bits per token: {'text': [N], 'image': [N]}."""
@@ -256,11 +264,5 @@ class Pipeline:
     if len(text) != len(image):
       raise ValueError(f"{len(text)} prompts for {len(image)} images")
     tokens = self._pack(text, image)
-    out = []
-    for start in range(0, len(tokens), self.batch_size):
-      chunk = tokens[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-      out.append(np.asarray(self._score_fn(self.params, jnp.asarray(padded), jax.random.PRNGKey(seed)))[: len(chunk)])
-    bits = np.concatenate(out)
+    bits = self._batched(self._score_fn, tokens, self._example_keys(seed, len(tokens)))
     return {"text": bits[:, 0], "image": bits[:, 1]}
