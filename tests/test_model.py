@@ -23,7 +23,7 @@ def _random_model(dtype="float32", positions="rope"):
 
 
 def test_model_never_gives_probability_to_other_modality_or_mask():
-  for positions in ("rope", "learned"):
+  for positions in ("rope", "learned", "rope+learned"):
     model, params, tokens = _random_model(positions=positions)
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1))
     text, image = probs[:, : LAYOUT.text_len], probs[:, LAYOUT.text_len:]

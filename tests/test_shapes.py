@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from unimm_jax import configuration
 from unimm_jax.data import shapes as S
 
 ALL_SINGLES = [frozenset([S.Shape(c, k, z, cell)])
@@ -20,7 +21,8 @@ def train_examples():
 
 @pytest.fixture(scope="module")
 def val_examples():
-  return [S.sample_example("val", 0, i) for i in range(500)]
+  # Every example of the val split that training validates on (config.data.val_size).
+  return [S.sample_example("val", 0, i) for i in range(configuration.base_config().data.val_size)]
 
 
 def test_constants():

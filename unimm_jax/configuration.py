@@ -30,7 +30,7 @@ CHOICES = {
     "diffusion.loss_weighting": ("elbo", "flat"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.positions": ("rope", "learned"),
+    "model.positions": ("rope", "learned", "rope+learned"),
     "model.attention": ("xla", "cudnn"),
     "sample.method": ("confidence", "ancestral"),
 }
@@ -80,7 +80,7 @@ def base_config() -> ConfigDict:
   c.model.head_dim = 32
   c.model.mlp_dim = 384          # hidden width of the gated MLP
   c.model.max_len = 64           # must hold text.max_len + image tokens
-  c.model.positions = "rope"     # rope (1-D text, 2-D image) | learned
+  c.model.positions = "rope+learned"  # rope (1-D text, 2-D image) | learned (absolute) | rope+learned
   c.model.rope_theta = 10_000.0
   c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
   c.model.param_dtype = "float32"

@@ -4,9 +4,11 @@ It maps token ids (MASK included) to logits and knows nothing about diffusion: n
 rates. What it knows of the data is the :class:`~unimm_jax.data.vocab.VocabLayout`: which positions are text
 and which image (for the modality embedding, the positions and the output restriction).
 
-Positions are rotary by default: 1-D for text, 2-D (row, column) for the image grid, so attention between image
-tokens depends on their grid offsets, and the same weights could serve another grid size. ``learned`` absolute
-positions are the simpler alternative (config ``model.positions``).
+Positions (config ``model.positions``): ``rope`` is rotary, 1-D for text and 2-D (row, column) for the image grid,
+so attention between image tokens depends on their grid offsets; ``learned`` adds absolute embeddings (per text
+index; per image row plus per image column); ``rope+learned`` does both. Rotary alone gives attention only
+*relative* offsets, and between a text token and an image token those mean little, so an image token cannot tell
+where on the grid it sits, which text->image needs ("... at the top left"); the absolute embeddings give it that.
 
 The output at each position is restricted to its own modality's ids: the logits of the other modality and of
 MASK are set to a large negative value, so their probabilities are exactly 0 in float32 while every value stays
@@ -37,7 +39,7 @@ class TransformerConfig:
   num_heads: int = 4
   head_dim: int = 32
   mlp_dim: int = 384
-  positions: str = "rope"      # rope | learned
+  positions: str = "rope"      # rope | learned | rope+learned
   rope_theta: float = 10_000.0
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
@@ -63,6 +65,21 @@ class Transformer(nn.Module):
 
   config: TransformerConfig
 
+  def _absolute_positions(self, init, param_dtype):
+    """float [S, D]: a learned vector per text index; per image cell, a learned row plus a learned column vector.
+
+    The factorised image table shares what is learned about a row (or column) across its cells, so "top left"
+    binds to the right cells after fewer examples than a free vector per cell would need.
+    """
+    layout, d = self.config.layout, self.config.d_model
+    axes = nn.with_logical_partitioning(init, (None, "embed"))
+    text = self.param("text_position", axes, (layout.text_len, d), param_dtype)
+    h, w = layout.image_grid
+    rows = self.param("image_row", axes, (h, d), param_dtype)
+    cols = self.param("image_col", axes, (w, d), param_dtype)
+    image = (rows[:, None, :] + cols[None, :, :]).reshape(h * w, d)
+    return jnp.concatenate([text, image], axis=0)
+
   @nn.compact
   def __call__(self, tokens):
     cfg = self.config
@@ -80,16 +97,14 @@ class Transformer(nn.Module):
     modality = self.param("modality_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
                           (2, cfg.d_model), param_dtype)
     x = x + jnp.asarray(modality)[jnp.asarray(layout.modality_ids())].astype(dtype)[None]
-    if cfg.positions == "learned":
-      pos = self.param("position_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
-                       (layout.seq_len, cfg.d_model), param_dtype)
-      x = x + pos.astype(dtype)[None]
+    if cfg.positions in ("learned", "rope+learned"):
+      x = x + self._absolute_positions(embed_init, param_dtype).astype(dtype)[None]
     # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
     x = x * (1.0 / np.sqrt(3.0))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     positions = jnp.asarray(token_positions(layout))
-    rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+    rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
     for i in range(cfg.num_layers):
       x = layers.Block(cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, dtype=dtype,
