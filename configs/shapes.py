@@ -25,7 +25,7 @@ def get_config():
   config.model.num_heads = 4
   config.model.head_dim = 32
   config.model.mlp_dim = 384
-  config.train.steps = 2_500
+  config.train.steps = 3_600
   config.train.batch_size = 64
   config.train.log_every = 100
   config.optim.learning_rate = 3e-3

@@ -12,9 +12,9 @@ from unimm_jax.models.transformer import Transformer, TransformerConfig, token_p
 LAYOUT = VocabLayout(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
 
 
-def _random_model(dtype="float32", positions="rope"):
+def _random_model(dtype="float32", positions="rope", rope_fraction=1.0):
   model = Transformer(TransformerConfig(LAYOUT, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=48,
-                                        dtype=dtype, positions=positions))
+                                        dtype=dtype, positions=positions, rope_fraction=rope_fraction))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, LAYOUT.seq_len), 0, LAYOUT.size)  # MASK included
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
   # The head starts at zero (a uniform model); give it random weights so the restriction is really tested.
@@ -23,8 +23,8 @@ def _random_model(dtype="float32", positions="rope"):
 
 
 def test_model_never_gives_probability_to_other_modality_or_mask():
-  for positions in ("rope", "learned", "rope+learned"):
-    model, params, tokens = _random_model(positions=positions)
+  for positions, fraction in (("rope", 1.0), ("learned", 1.0), ("rope+learned", 1.0), ("rope+learned", 0.5)):
+    model, params, tokens = _random_model(positions=positions, rope_fraction=fraction)
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1))
     text, image = probs[:, : LAYOUT.text_len], probs[:, LAYOUT.text_len:]
     assert np.all(text[..., LAYOUT.text_vocab:] == 0.0)            # image ids and MASK
@@ -53,6 +53,20 @@ def test_rope_2d_scores_depend_only_on_offsets():
   np.testing.assert_allclose(score((4, 7), (6, 6)), base, rtol=1e-4)       # same (row, col) offset
   assert abs(score((1, 2), (3, 2)) - base) > 1e-3                          # another column offset
   assert abs(score((1, 2), (4, 1)) - base) > 1e-3                          # another row offset
+
+
+def test_partial_rope_leaves_the_other_dimensions_unrotated():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, LAYOUT.seq_len, 1, 16))
+  attn = layers.Attention(num_heads=1, head_dim=16, rope_theta=10_000.0, rope_fraction=0.5)
+  params = attn.init(jax.random.PRNGKey(1), x[..., 0], jnp.asarray(token_positions(LAYOUT)))
+  # Half of the dims rotate: the output depends on position offsets only (a common shift changes nothing), and
+  # still on them (other offsets change it).
+  pos_a = jnp.asarray(token_positions(LAYOUT))
+  out_a = attn.apply(params, x[..., 0], pos_a)
+  out_b = attn.apply(params, x[..., 0], pos_a + 3)                       # a common shift: offsets unchanged
+  np.testing.assert_allclose(out_a, out_b, atol=1e-4)
+  out_c = attn.apply(params, x[..., 0], pos_a * 2)                       # other offsets: output changes
+  assert float(jnp.abs(out_a - out_c).max()) > 1e-3
 
 
 def test_token_positions_layout():

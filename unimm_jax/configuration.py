@@ -82,6 +82,7 @@ def base_config() -> ConfigDict:
   c.model.max_len = 64           # must hold text.max_len + image tokens
   c.model.positions = "rope+learned"  # rope (1-D text, 2-D image) | learned (absolute) | rope+learned
   c.model.rope_theta = 10_000.0
+  c.model.rope_fraction = 1.0    # share of each head's dimensions that rotate (rope); the rest match by content
   c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
   c.model.param_dtype = "float32"
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
@@ -245,6 +246,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     if need > c.model.max_len:
       problems.append(f"config.model.max_len={c.model.max_len} is smaller than config.text.max_len "
                       f"({c.text.max_len}) + image tokens ({h}x{w}={h * w}) = {need}")
+  if not 0.0 <= c.model.rope_fraction <= 1.0:
+    problems.append(f"config.model.rope_fraction={c.model.rope_fraction} must be in [0, 1]")
   if not 0.0 <= c.train.ema_decay < 1.0:
     problems.append(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1)")
   if not 0.0 < c.diffusion.t_min < 0.5:

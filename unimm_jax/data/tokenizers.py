@@ -117,9 +117,9 @@ class TextTokenizer(abc.ABC):
   def _decode_nonpad(self, ids: np.ndarray) -> str:
     """Text of ids that are all in range and none PAD."""
 
-  @abc.abstractmethod
   def config_dict(self) -> dict[str, Any]:
     """Settings that define this tokenizer, as a plain JSON-able dict."""
+    return {'kind': self.kind, 'vocab_size': self.vocab_size, 'pad_id': self.pad_id, 'unk_id': self.unk_id}
 
   def _payload(self) -> dict[str, Any]:
     """Extra state saved beside config_dict() (e.g. the vocabulary)."""
@@ -267,13 +267,7 @@ class WordTokenizer(TextTokenizer):
     return join_words([self._vocab[i] for i in ids])
 
   def config_dict(self) -> dict[str, Any]:
-    return {
-        'kind': self.kind,
-        'vocab_size': self.vocab_size,
-        'max_vocab': self._max_vocab,
-        'pad_id': self.pad_id,
-        'unk_id': self.unk_id,
-    }
+    return {**super().config_dict(), 'max_vocab': self._max_vocab}
 
   def _payload(self) -> dict[str, Any]:
     return {'vocab': self._vocab}
@@ -309,13 +303,6 @@ class ByteTokenizer(TextTokenizer):
         'utf-8', errors='replace'
     )
 
-  def config_dict(self) -> dict[str, Any]:
-    return {
-        'kind': self.kind,
-        'vocab_size': self.vocab_size,
-        'pad_id': self.pad_id,
-        'unk_id': self.unk_id,
-    }
 
 
 def load_text_tokenizer(directory: PathLike) -> TextTokenizer:

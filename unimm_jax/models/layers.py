@@ -70,6 +70,7 @@ class Attention(nn.Module):
   num_heads: int
   head_dim: int
   rope_theta: float | None   # None: no rotary embedding (learned absolute positions are used instead)
+  rope_fraction: float = 1.0  # share of each head's dimensions that rotate (a multiple of 4 of them)
   implementation: str | None = None   # None (XLA) or 'cudnn'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -83,8 +84,11 @@ class Attention(nn.Module):
 
     q, k, v = proj("query"), proj("key"), proj("value")                     # [B, S, N, H]
     if self.rope_theta is not None:
-      q = apply_rope_2d(q, positions, self.rope_theta)
-      k = apply_rope_2d(k, positions, self.rope_theta)
+      # Partial rotary: the unrotated dimensions score query-key pairs by content alone, whatever their positions,
+      # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
+      r = int(self.head_dim * self.rope_fraction) // 4 * 4
+      rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
+      q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
     return nn.DenseGeneral(
@@ -119,6 +123,7 @@ class Block(nn.Module):
   mlp_dim: int
   rope_theta: float | None
   attention: str | None = None
+  rope_fraction: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -126,7 +131,8 @@ class Block(nn.Module):
   def __call__(self, x, positions):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
-    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.attention, name="attn", **kw)(h, positions)
+    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
+                      name="attn", **kw)(h, positions)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

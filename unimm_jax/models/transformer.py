@@ -41,6 +41,7 @@ class TransformerConfig:
   mlp_dim: int = 384
   positions: str = "rope"      # rope | learned | rope+learned
   rope_theta: float = 10_000.0
+  rope_fraction: float = 1.0   # share of head dimensions that rotate; the rest match by content only
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
   attention: str = "xla"       # xla | cudnn
@@ -107,8 +108,8 @@ class Transformer(nn.Module):
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
     for i in range(cfg.num_layers):
-      x = layers.Block(cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, dtype=dtype,
-                       param_dtype=param_dtype, name=f"block_{i}")(x, positions)
+      x = layers.Block(cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction,
+                       dtype=dtype, param_dtype=param_dtype, name=f"block_{i}")(x, positions)
     x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     logits = nn.Dense(layout.size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
