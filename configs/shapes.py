@@ -5,8 +5,12 @@ Run::
     python -m unimm_jax.main --config=configs/shapes.py --workdir=runs/shapes
 
 24x24 images become 6x6 = 36 tokens of a 4x4-patch codebook (about 150 codes, 4 levels per channel); captions
-become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width 128 (about 0.9M
-parameters). See BENCHMARKS.md for the measured wall time and val bits/token.
+become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width
+128 (about 0.9M parameters).
+
+Measured (BENCHMARKS.md; 2-core AMD EPYC, 2026-11-23): the whole command takes 12 min 42 s and ends at val
+0.613 bits/token for text and 0.282 for image (untrained: 4.68 and 7.09); text->image accuracy 0.52,
+image->text 0.02 on 512 val examples.
 """
 
 from unimm_jax.configuration import base_config
