@@ -382,9 +382,15 @@ class ImageTokenizer(abc.ABC):
   def _decode(self, tokens: np.ndarray) -> np.ndarray:
     """In-range int [N, h*w] -> uint8 [N, H, W, C]."""
 
-  @abc.abstractmethod
   def config_dict(self) -> dict[str, Any]:
-    """Settings that define this tokenizer, as a plain JSON-able dict."""
+    """Settings that define this tokenizer, as a plain JSON-able dict (subclasses add their own)."""
+    return {
+        'kind': self.kind,
+        'size': self.image_shape[0],
+        'channels': self.image_shape[2],
+        'vocab_size': self.vocab_size,
+        'grid_shape': list(self.grid_shape),
+    }
 
   def _save_arrays(self, directory: epath.Path) -> dict[str, Any]:
     """Writes array files beside the JSON; returns entries for the JSON."""
@@ -479,14 +485,7 @@ class PixelTokenizer(ImageTokenizer):
     return dequantize(digits, self.levels).reshape(-1, *self.image_shape)
 
   def config_dict(self):
-    return {
-        'kind': self.kind,
-        'size': self.size,
-        'channels': self.channels,
-        'levels': self.levels,
-        'vocab_size': self.vocab_size,
-        'grid_shape': list(self.grid_shape),
-    }
+    return {**super().config_dict(), 'levels': self.levels}
 
 
 class PatchTokenizer(ImageTokenizer):
@@ -634,16 +633,8 @@ class PatchTokenizer(ImageTokenizer):
     return dequantize(q, self.levels)
 
   def config_dict(self):
-    return {
-        'kind': self.kind,
-        'size': self.size,
-        'channels': self.channels,
-        'levels': self.levels,
-        'patch': self.patch,
-        'codebook_size': self.codebook_size,
-        'vocab_size': self.vocab_size,
-        'grid_shape': list(self.grid_shape),
-    }
+    return {**super().config_dict(), 'levels': self.levels, 'patch': self.patch,
+            'codebook_size': self.codebook_size}
 
   def _save_arrays(self, directory):
     buf = io.BytesIO()
