@@ -285,7 +285,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   total = config.train.steps
   tokens_per_step = config.train.batch_size * layout.seq_len
   history, pending, bits = [], [], None
-  train_time, window_start, window_steps, unk = 0.0, loop_start, 0, 0
+  train_time, window_start, window_steps, unk = 0.0, time.perf_counter(), 0, 0   # steps only, not the eval above
   for step in range(start, total):
     batch = next(data_iter)
     unk += int(batch["text_unk"].sum())
