@@ -8,9 +8,9 @@ Run::
 become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width
 128 (about 0.9M parameters).
 
-Measured (BENCHMARKS.md; 2-core AMD EPYC, 2026-11-23): the whole command takes 12 min 42 s and ends at val
-0.613 bits/token for text and 0.282 for image (untrained: 4.68 and 7.09); text->image accuracy 0.52,
-image->text 0.02 on 512 val examples.
+Measured (BENCHMARKS.md; 2-core AMD EPYC, 2026-11-23): the whole command takes 13 min 14 s and ends at val
+0.557 bits/token for text and 0.301 for image (untrained: 4.68 and 7.09); text->image accuracy 0.56,
+image->text 0.35 on 512 val examples.
 """
 
 from unimm_jax.configuration import base_config

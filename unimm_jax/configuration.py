@@ -82,7 +82,7 @@ def base_config() -> ConfigDict:
   c.model.max_len = 64           # must hold text.max_len + image tokens
   c.model.positions = "rope+learned"  # rope (1-D text, 2-D image) | learned (absolute) | rope+learned
   c.model.rope_theta = 10_000.0
-  c.model.rope_fraction = 1.0    # share of each head's dimensions that rotate (rope); the rest match by content
+  c.model.rope_fraction = 0.5    # share of each head's dimensions that rotate; the rest match by content (BENCHMARKS)
   c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
   c.model.param_dtype = "float32"
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
