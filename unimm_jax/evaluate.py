@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image
 
+from unimm_jax import pipeline as pipeline_lib
 from unimm_jax.data import shapes
 
 ATTRIBUTES = ("colour", "kind", "size", "cell")
@@ -36,11 +37,6 @@ def _attribute_match(got: frozenset, want: frozenset) -> dict[str, bool]:
   out = {a: Counter(getattr(s, a) for s in got) == Counter(getattr(s, a) for s in want) for a in ATTRIBUTES}
   out["count"] = len(got) == len(want)
   return out
-
-
-def _sampler_kwargs(config, steps_key: str) -> dict:
-  s = config.sample
-  return dict(steps=s[steps_key], temperature=s.temperature, method=s.method)
 
 
 def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict]:
@@ -53,7 +49,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
 
   start = time.perf_counter()
   drawn = pipe.text_to_image(captions, guidance_scale=config.sample.guidance_scale, seed=seed,
-                             **_sampler_kwargs(config, "t2i_steps"))
+                             **pipeline_lib.sampler_kwargs(config, "t2i"))
   timing["t2i_s"] = time.perf_counter() - start
   read = [shapes.read_image(img) for img in drawn]
   figures["t2i_accuracy"] = float(np.mean([r == s for r, s in zip(read, sets)]))
@@ -62,7 +58,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
 
   start = time.perf_counter()
   written = pipe.image_to_text(images, guidance_scale=config.sample.guidance_scale, seed=seed,
-                               **_sampler_kwargs(config, "i2t_steps"))
+                               **pipeline_lib.sampler_kwargs(config, "i2t"))
   timing["i2t_s"] = time.perf_counter() - start
   parsed = [shapes.read_caption(c) for c in written]
   figures["i2t_accuracy"] = float(np.mean([p == s for p, s in zip(parsed, sets)]))
@@ -72,7 +68,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
       {a: float(np.sum([q[a] for q in per]) / num) for a in per[0]} if per else None)
 
   start = time.perf_counter()
-  joint_texts, joint_images = pipe.generate(num, seed=seed, **_sampler_kwargs(config, "joint_steps"))
+  joint_texts, joint_images = pipe.generate(num, seed=seed, **pipeline_lib.sampler_kwargs(config, "joint"))
   timing["joint_s"] = time.perf_counter() - start
   consistent = []
   for text, img in zip(joint_texts, joint_images):
@@ -84,7 +80,8 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
   k = min(8, num)
   mask = np.zeros((k,) + images.shape[1:3], bool)
   mask[:, :, images.shape[2] // 2:] = True
-  inpainted = pipe.inpaint(images[:k], mask, prompts=captions[:k], seed=seed, **_sampler_kwargs(config, "t2i_steps"))
+  inpainted = pipe.inpaint(images[:k], mask, prompts=captions[:k], seed=seed,
+                           **pipeline_lib.sampler_kwargs(config, "inpaint"))
   figures["sample_seconds"] = {k_: round(v, 2) for k_, v in timing.items()}
   samples = {
       "t2i": list(zip(captions[:12], drawn[:12], [r == s for r, s in zip(read[:12], sets[:12])])),
@@ -150,7 +147,6 @@ def render_html(report: dict, samples: dict | None) -> str:
 
 def evaluate_workdir(workdir, config=None) -> dict:
   """Scores the newest checkpoint in ``workdir`` and writes report.json (merged) and report.html."""
-  from unimm_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from unimm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = train.absolute_path(workdir)
   pipe = pipeline_lib.Pipeline.load(workdir)

@@ -35,6 +35,14 @@ from unimm_jax.diffusion import sampling
 from unimm_jax.diffusion.schedules import get_schedule
 
 HOLE = "<mask>"   # infill: one masked text token
+_STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
+              "joint": "joint_steps"}
+
+
+def sampler_kwargs(config, task: str) -> dict:
+  """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill) as call arguments."""
+  s = config.sample
+  return dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method)
 
 
 class Pipeline:
@@ -141,8 +149,15 @@ class Pipeline:
       raise ValueError("the image batch is empty")
     return self.tokenizers.image.encode(images.astype(np.uint8))
 
-  def _masked(self, n: int, length: int) -> np.ndarray:
-    return np.full((n, length), self.layout.mask_id, np.int32)
+  @staticmethod
+  def _unknown(n: int, length: int) -> np.ndarray:
+    """int32 [n, length] of -1: local ids still to be generated (MASK once packed)."""
+    return np.full((n, length), -1, np.int32)
+
+  @staticmethod
+  def _check_pairs(n_text: int, n_image: int, what: str = "prompts") -> None:
+    if n_text != n_image:
+      raise ValueError(f"{n_text} {what} for {n_image} images")
 
   def _pack(self, text_ids, image_ids) -> np.ndarray:
     """Local ids (or -1 for MASK) -> global ids with MASK."""
@@ -151,34 +166,31 @@ class Pipeline:
     image = np.where(image_ids < 0, lay.mask_id, image_ids + lay.image_offset)
     return np.concatenate([text, image], axis=1).astype(np.int32)
 
-  def _decode(self, tokens: np.ndarray):
-    return self.tokenizers.decode(tokens)
-
   # ---- tasks ---------------------------------------------------------------------------------------------------
   def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
                     temperature: float = 1.0, seed: int = 0, method: str = "confidence") -> np.ndarray:
     """Images drawn for the prompts: uint8 [N, H, W, C]."""
     text = self._text_ids(prompts)
-    tokens = self._pack(text, -np.ones((len(text), self.layout.image_len), np.int32))
+    tokens = self._pack(text, self._unknown(len(text), self.layout.image_len))
     cfg = self._sampler_config(steps, temperature, guidance_scale, method)
-    return self._decode(self._run(tokens, cfg, (False, True), seed))[1]
+    return self.tokenizers.decode(self._run(tokens, cfg, (False, True), seed))[1]
 
   def image_to_text(self, images, steps: int = 24, guidance_scale: float = 0.0, temperature: float = 1.0,
                     seed: int = 0, method: str = "confidence") -> list[str]:
     """Captions written for the images (uint8 [N, H, W, C])."""
     image = self._image_ids(images)
-    tokens = self._pack(-np.ones((len(image), self.layout.text_len), np.int32), image)
+    tokens = self._pack(self._unknown(len(image), self.layout.text_len), image)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method)
-    return self._decode(self._run(tokens, cfg, (True, False), seed))[0]
+    return self.tokenizers.decode(self._run(tokens, cfg, (True, False), seed))[0]
 
   def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
                method: str = "confidence") -> tuple[list[str], np.ndarray]:
     """n caption-image pairs drawn together, unconditionally."""
     if n < 1:
       raise ValueError(f"n={n} must be >= 1")
-    tokens = self._masked(n, self.layout.seq_len)
+    tokens = self._pack(self._unknown(n, self.layout.text_len), self._unknown(n, self.layout.image_len))
     cfg = self._sampler_config(steps, temperature, 0.0, method)
-    return self._decode(self._run(tokens, cfg, (False, False), seed))
+    return self.tokenizers.decode(self._run(tokens, cfg, (False, False), seed))
 
   def inpaint(self, images, mask, prompts: Sequence[str] | None = None, steps: int = 16,
               guidance_scale: float = 0.0, temperature: float = 1.0, seed: int = 0,
@@ -197,13 +209,12 @@ class Pipeline:
     cell = mask.reshape(len(image), h, size[0] // h, w, size[1] // w).any(axis=(2, 4)).reshape(len(image), -1)
     image = np.where(cell, -1, image)
     if prompts is None:
-      text = -np.ones((len(image), self.layout.text_len), np.int32)
+      text = self._unknown(len(image), self.layout.text_len)
     else:
       text = self._text_ids(prompts)
-      if len(text) != len(image):
-        raise ValueError(f"{len(text)} prompts for {len(image)} images")
+      self._check_pairs(len(text), len(image))
     cfg = self._sampler_config(steps, temperature, guidance_scale, method)
-    return self._decode(self._run(self._pack(text, image), cfg, (False, prompts is not None), seed))[1]
+    return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, prompts is not None), seed))[1]
 
   def infill(self, texts_with_holes: Sequence[str], images=None, steps: int = 16, temperature: float = 1.0,
              seed: int = 0, method: str = "confidence") -> list[str]:
@@ -228,13 +239,12 @@ class Pipeline:
       rows.append(ids + [tok.pad_id] * (n - len(ids)))
     text = np.asarray(rows, np.int32)
     if images is None:
-      image = -np.ones((len(text), self.layout.image_len), np.int32)
+      image = self._unknown(len(text), self.layout.image_len)
     else:
       image = self._image_ids(images)
-      if len(image) != len(text):
-        raise ValueError(f"{len(text)} texts for {len(image)} images")
+      self._check_pairs(len(text), len(image), "texts")
     cfg = self._sampler_config(steps, temperature, 0.0, method)
-    return self._decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
+    return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
   def _score_batch(self, params, tokens, keys, num_samples: int = 16):
@@ -261,8 +271,7 @@ class Pipeline:
   def score(self, prompts: Sequence[str], images, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-example negative ELBO (an upper bound on -log p), bits per token: {'text': [N], 'image': [N]}."""
     text, image = self._text_ids(prompts), self._image_ids(images)
-    if len(text) != len(image):
-      raise ValueError(f"{len(text)} prompts for {len(image)} images")
+    self._check_pairs(len(text), len(image))
     tokens = self._pack(text, image)
     bits = self._batched(self._score_fn, tokens, self._example_keys(seed, len(tokens)))
     return {"text": bits[:, 0], "image": bits[:, 1]}

@@ -51,15 +51,14 @@ def _save(out: epath.Path, name: str, image: np.ndarray) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+  from unimm_jax.pipeline import Pipeline, sampler_kwargs  # pylint: disable=g-import-not-at-top
   pipe = Pipeline.load(_WORKDIR.value, weights=_WEIGHTS.value)
   s = pipe.config.sample
   task = _TASK.value
-  steps_key = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
-               "joint": "joint_steps"}[task]
-  kw = dict(steps=_STEPS.value or s[steps_key], seed=_SEED.value,
-            temperature=s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
-            method=_METHOD.value or s.method)
+  kw = sampler_kwargs(pipe.config, task)
+  kw.update(seed=_SEED.value, steps=_STEPS.value or kw["steps"], method=_METHOD.value or kw["method"])
+  if _TEMPERATURE.value is not None:
+    kw["temperature"] = _TEMPERATURE.value
   guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
   size, _, channels = pipe.tokenizers.image.image_shape
   out = epath.Path(_OUT.value)
