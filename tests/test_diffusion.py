@@ -116,10 +116,33 @@ def test_loss_on_hand_made_batch_equals_hand_computation():
   _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "flat")
   np.testing.assert_allclose(flat["loss_text"], 1.5 * ln2, rtol=1e-6)
   np.testing.assert_allclose(flat["loss_image"], 2 * ln2, rtol=1e-6)
+  # tokens: one mean over all masked image tokens of the batch, (log 8 + log 2) / 2, the same as flat here
+  # (one masked token per example); the next test tells them apart.
+  _, tok = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "tokens")
+  np.testing.assert_allclose(tok["loss_text"], 1.5 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(tok["loss_image"], 2 * ln2, rtol=1e-6)
   # The validation ELBO in bits: ex 0 text 3, image 12 (the clean text of ex 1 is scored as if noised at t=0.0
   # only when the caller says so; elbo_bits treats every modality as noised).
   bits = loss_lib.elbo_bits(logits[:1], tokens[:1], masked[:1], c.t[:1], TINY, lin)
   np.testing.assert_allclose(bits, [[3.0, 12.0]], rtol=1e-6)
+
+
+def test_tokens_weighting_weighs_examples_by_their_masked_count():
+  # Text of ex 0: two masked tokens with nll log 2 and log 4; text of ex 1: one masked token with nll log 8.
+  tokens = jnp.array([[0, 1, 3], [2, 2, 4]], jnp.int32)
+  masked = jnp.array([[True, True, False], [True, False, False]])
+  logits = jnp.stack([
+      _logits_from_probs([{0: 0.5, 1: 0.25, 2: 0.25}, {0: 0.5, 1: 0.25, 2: 0.25}, {3: 0.5, 4: 0.5}]),
+      _logits_from_probs([{2: 0.125, 0: 0.875}, {2: 0.5, 0: 0.5}, {3: 0.5, 4: 0.5}]),
+  ])
+  c = loss_lib.Corruption(t=jnp.array([[0.5, 0.0], [0.5, 0.0]]), mask_prob=jnp.zeros((2, 2)),
+                          noised=jnp.array([[True, False], [True, False]]), task=jnp.array([2, 2]))
+  lin, ln2 = get_schedule("linear"), math.log(2)
+  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "flat")
+  _, tok = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "tokens")
+  np.testing.assert_allclose(flat["loss_text"], (1.5 + 3) / 2 * ln2, rtol=1e-6)   # mean of per-example means
+  np.testing.assert_allclose(tok["loss_text"], (1 + 2 + 3) / 3 * ln2, rtol=1e-6)   # mean over the 3 tokens
+  assert float(tok["loss_image"]) == 0.0   # no image is noised
 
 
 def _batch(batch, seed=0, schedule="linear"):
@@ -134,7 +157,7 @@ def _batch(batch, seed=0, schedule="linear"):
   return tokens, masked, c, s
 
 
-@pytest.mark.parametrize("weighting", ["elbo", "flat"])
+@pytest.mark.parametrize("weighting", ["elbo", "flat", "tokens"])
 def test_perfect_model_has_zero_loss(weighting):
   tokens, masked, c, s = _batch(64)
   allowed = jnp.asarray(LAYOUT.allowed_ids())[None]

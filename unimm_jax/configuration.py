@@ -27,12 +27,13 @@ CHOICES = {
     "text.tokenizer": ("word", "byte"),
     "image.tokenizer": ("pixel", "patch"),
     "diffusion.schedule": ("linear", "cosine", "polynomial"),
-    "diffusion.loss_weighting": ("elbo", "flat"),
+    "diffusion.loss_weighting": ("elbo", "flat", "tokens"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.positions": ("rope", "learned", "rope+learned"),
     "model.attention": ("xla", "cudnn"),
     "sample.method": ("confidence", "ancestral"),
+    "sample.reveal_schedule": ("cosine", "linear"),
 }
 # Fields that must be > 0 (ints and floats); ">= 0" ones below.
 POSITIVE = (
@@ -43,8 +44,9 @@ POSITIVE = (
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
     "sample.joint_steps",
 )
-NON_NEGATIVE = ("sample.temperature", "sample.guidance_scale", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight",
-                "diffusion.image_loss_weight", "data.num_threads", "text.max_vocab", "seed")
+NON_NEGATIVE = ("sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
+                "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
+                "data.num_threads", "text.max_vocab", "seed")
 
 
 def base_config() -> ConfigDict:
@@ -91,7 +93,7 @@ def base_config() -> ConfigDict:
   c.diffusion.schedule = "linear"        # linear | cosine | polynomial
   c.diffusion.poly_power = 2.0           # polynomial: alpha = 1 - t^k
   c.diffusion.shared_time = False        # one t for both modalities (UniDisc) instead of one each
-  c.diffusion.loss_weighting = "elbo"    # elbo | flat
+  c.diffusion.loss_weighting = "elbo"    # elbo | flat | tokens
   c.diffusion.t_min = 1e-3
   c.diffusion.text_loss_weight = 1.0
   c.diffusion.image_loss_weight = 1.0
@@ -136,7 +138,9 @@ def base_config() -> ConfigDict:
   c.sample.t2i_steps = 16
   c.sample.i2t_steps = 24
   c.sample.joint_steps = 32
-  c.sample.temperature = 1.0
+  c.sample.temperature = 1.0     # 0 = argmax
+  c.sample.confidence_noise = 1.0  # confidence: Gumbel noise on the confidences at the first step, annealed to 0
+  c.sample.reveal_schedule = "cosine"  # confidence: cosine | linear
   c.sample.guidance_scale = 0.0
   return c
 

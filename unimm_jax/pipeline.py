@@ -42,7 +42,8 @@ _STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "i
 def sampler_kwargs(config, task: str) -> dict:
   """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill) as call arguments."""
   s = config.sample
-  return dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method)
+  return dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
+              confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
 
 
 class Pipeline:
@@ -168,33 +169,37 @@ class Pipeline:
 
   # ---- tasks ---------------------------------------------------------------------------------------------------
   def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
-                    temperature: float = 1.0, seed: int = 0, method: str = "confidence") -> np.ndarray:
-    """Images drawn for the prompts: uint8 [N, H, W, C]."""
+                    temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> np.ndarray:
+    """Images drawn for the prompts: uint8 [N, H, W, C].
+
+    ``options`` (every generation method): ``confidence_noise`` and ``reveal_schedule`` of the confidence
+    sampler (:class:`~unimm_jax.diffusion.sampling.SamplerConfig`).
+    """
     text = self._text_ids(prompts)
     tokens = self._pack(text, self._unknown(len(text), self.layout.image_len))
-    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
     return self.tokenizers.decode(self._run(tokens, cfg, (False, True), seed))[1]
 
   def image_to_text(self, images, steps: int = 24, guidance_scale: float = 0.0, temperature: float = 1.0,
-                    seed: int = 0, method: str = "confidence") -> list[str]:
+                    seed: int = 0, method: str = "confidence", **options) -> list[str]:
     """Captions written for the images (uint8 [N, H, W, C])."""
     image = self._image_ids(images)
     tokens = self._pack(self._unknown(len(image), self.layout.text_len), image)
-    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
     return self.tokenizers.decode(self._run(tokens, cfg, (True, False), seed))[0]
 
   def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
-               method: str = "confidence") -> tuple[list[str], np.ndarray]:
+               method: str = "confidence", **options) -> tuple[list[str], np.ndarray]:
     """n caption-image pairs drawn together, unconditionally."""
     if n < 1:
       raise ValueError(f"n={n} must be >= 1")
     tokens = self._pack(self._unknown(n, self.layout.text_len), self._unknown(n, self.layout.image_len))
-    cfg = self._sampler_config(steps, temperature, 0.0, method)
+    cfg = self._sampler_config(steps, temperature, 0.0, method, **options)
     return self.tokenizers.decode(self._run(tokens, cfg, (False, False), seed))
 
   def inpaint(self, images, mask, prompts: Sequence[str] | None = None, steps: int = 16,
               guidance_scale: float = 0.0, temperature: float = 1.0, seed: int = 0,
-              method: str = "confidence") -> np.ndarray:
+              method: str = "confidence", **options) -> np.ndarray:
     """Redraws the masked part of each image (mask: bool [N, H, W], True = redraw), optionally for a prompt.
 
     A token is redrawn when any pixel it covers is in the mask; the caption is all MASK when ``prompts`` is None
@@ -213,11 +218,11 @@ class Pipeline:
     else:
       text = self._text_ids(prompts)
       self._check_pairs(len(text), len(image))
-    cfg = self._sampler_config(steps, temperature, guidance_scale, method)
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
     return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, prompts is not None), seed))[1]
 
   def infill(self, texts_with_holes: Sequence[str], images=None, steps: int = 16, temperature: float = 1.0,
-             seed: int = 0, method: str = "confidence") -> list[str]:
+             seed: int = 0, method: str = "confidence", **options) -> list[str]:
     """Fills each ``<mask>`` in the texts (one token per ``<mask>``); text after the last piece stays PAD.
 
     With ``images`` (uint8 [N, H, W, C]) the fill is conditioned on them; without, the image is generated along.
@@ -243,7 +248,7 @@ class Pipeline:
     else:
       image = self._image_ids(images)
       self._check_pairs(len(text), len(image), "texts")
-    cfg = self._sampler_config(steps, temperature, 0.0, method)
+    cfg = self._sampler_config(steps, temperature, 0.0, method, **options)
     return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ Training (DESIGN.md section 4):
 
    Each modality's loss is the mean of L_m over the examples where m is noised (and, for ``flat``, has at least
    one masked token); the total is text_loss_weight * L_text + image_loss_weight * L_image.
+
+   - ``tokens``: each modality's loss is the mean of -log p(x0_i | x_t) over *all* masked positions of m in the
+     batch (MaskGIT's loss). An example then weighs by its number of masked tokens, so heavily masked inputs,
+     where generation starts and which are the hardest, get more of the gradient than under ``elbo``/``flat``
+     (both of which weigh every example alike in expectation).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.diffusion.schedules import Schedule
 
+WEIGHTINGS = ("elbo", "flat", "tokens")
 TASKS = ("joint", "text_to_image", "image_to_text", "image_only", "text_only")
 # Per task, per modality (text, image): 0 noised, 1 clean, 2 null (all MASK).
 NOISED, CLEAN, NULL = 0, 1, 2
@@ -115,7 +121,8 @@ def per_example_losses(nll, masked, t, noised, layout: VocabLayout, schedule: Sc
     masked: bool [B, S].
     t: float32 [B, 2].
     noised: bool [B, 2].
-    weighting: 'elbo' or 'flat' (module docstring).
+    weighting: 'elbo', 'flat' or 'tokens' (module docstring); 'tokens' gives the per-example sums of masked
+      nll here, which ``diffusion_loss`` divides by the batch's masked count.
   Returns:
     (losses float32 [B, 2], valid bool [B, 2]).
   """
@@ -131,8 +138,11 @@ def per_example_losses(nll, masked, t, noised, layout: VocabLayout, schedule: Sc
     elif weighting == "flat":
       loss = m_nll / jnp.maximum(count, 1)
       ok = noised[:, m] & (count > 0)
+    elif weighting == "tokens":
+      loss = m_nll
+      ok = noised[:, m] & (count > 0)
     else:
-      raise ValueError(f"unknown loss weighting {weighting!r}; expected 'elbo' or 'flat'")
+      raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
     losses.append(jnp.where(ok, loss, 0.0))
     valid.append(ok)
   return jnp.stack(losses, axis=1), jnp.stack(valid, axis=1)
@@ -151,7 +161,12 @@ def diffusion_loss(logits, tokens, masked, corruption: Corruption, layout: Vocab
   """
   nll = token_nll(logits, tokens)
   losses, valid = per_example_losses(nll, masked, corruption.t, corruption.noised, layout, schedule, weighting)
-  per_modality = losses.sum(axis=0) / jnp.maximum(valid.sum(axis=0), 1)            # [2]
+  if weighting == "tokens":
+    split = layout.text_len
+    counts = jnp.stack([masked[:, :split].sum(axis=1), masked[:, split:].sum(axis=1)], axis=1)  # [B, 2]
+    per_modality = losses.sum(axis=0) / jnp.maximum((counts * valid).sum(axis=0), 1)
+  else:
+    per_modality = losses.sum(axis=0) / jnp.maximum(valid.sum(axis=0), 1)            # [2]
   total = modality_weights[0] * per_modality[0] + modality_weights[1] * per_modality[1]
   return total, {"loss_text": per_modality[0], "loss_image": per_modality[1]}
 

@@ -1,0 +1,85 @@
+"""Generation from a (briefly) trained workdir: likelihood scores and the ``unimm_jax.sample`` command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unimm_jax import train
+from unimm_jax.data import shapes
+from unimm_jax.pipeline import Pipeline
+from test_train import tiny_config  # pytest puts tests/ on sys.path (rootdir-less "prepend" import mode)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny model trained for 150 steps: enough to tie colours and words together, not to draw well."""
+  path = tmp_path_factory.mktemp("trained")
+  config = tiny_config(**{"train.steps": 150, "train.log_every": 50, "ckpt.every_steps": 150,
+                          "optim.warmup_steps": 10})
+  train.train_and_evaluate(config, path)
+  return path
+
+
+def test_score_of_real_pairs_is_lower_than_of_mismatched_pairs(workdir):
+  pipe = Pipeline.load(workdir)
+  examples = [shapes.sample_example("val", 0, i) for i in range(48)]
+  captions = [e[2] for e in examples]
+  images = np.stack([e[1] for e in examples])
+  real = pipe.score(captions, images, seed=0)
+  swapped = pipe.score(captions[1:] + captions[:1], images, seed=0)   # each image with another's caption
+  # The same seed gives the same times and masks, so the two differ only by the pairing.
+  for m in ("text", "image"):
+    assert real[m].mean() < swapped[m].mean(), (m, real[m].mean(), swapped[m].mean())
+  assert np.mean(real["text"] < swapped["text"]) > 0.5
+  np.testing.assert_array_equal(real["text"], pipe.score(captions, images, seed=0)["text"])   # deterministic
+
+
+def _sample(workdir, out, *args):
+  cmd = [sys.executable, "-m", "unimm_jax.sample", f"--workdir={workdir}", f"--out={out}", "--steps=4", *args]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads((out / "samples.json").read_text()), proc
+
+
+def test_sample_cli_writes_pngs_and_a_json_for_every_task(workdir, tmp_path):
+  prompt = "a small red circle at the top left"
+  got, _ = _sample(workdir, tmp_path / "t2i", "--task=t2i", f"--prompt={prompt}", "--num=3", "--seed=5")
+  assert got["task"] == "t2i" and got["steps"] == 4 and len(got["samples"]) == 3
+  pngs = [np.asarray(Image.open(tmp_path / "t2i" / s["image"])) for s in got["samples"]]
+  assert all(p.shape == (24, 24, 3) and p.dtype == np.uint8 for p in pngs)
+  assert {s["prompt"] for s in got["samples"]} == {prompt}
+  # The same seed through the Python API gives the same images.
+  settings = {k: v for k, v in got.items() if k not in ("task", "samples")}   # seed and every sampler setting
+  api = Pipeline.load(workdir).text_to_image([prompt] * 3, **settings)
+  np.testing.assert_array_equal(np.stack(pngs), api)
+
+  image_file = tmp_path / "val0.png"
+  Image.fromarray(shapes.sample_example("val", 0, 0)[1]).save(image_file)
+  got, _ = _sample(workdir, tmp_path / "i2t", "--task=i2t", f"--image={image_file}")
+  assert got["samples"][0]["image"] == str(image_file) and isinstance(got["samples"][0]["caption"], str)
+
+  got, _ = _sample(workdir, tmp_path / "joint", "--task=joint", "--num=2")
+  assert len(got["samples"]) == 2 and (tmp_path / "joint" / got["samples"][1]["image"]).exists()
+
+  mask = np.zeros((24, 24), np.uint8)
+  mask[:, 12:] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  got, _ = _sample(workdir, tmp_path / "inpaint", "--task=inpaint", f"--image={image_file}",
+                   f"--mask={tmp_path / 'mask.png'}", f"--prompt={prompt}")
+  out = np.asarray(Image.open(tmp_path / "inpaint" / got["samples"][0]["inpainted"]))
+  assert out.shape == (24, 24, 3)
+
+  got, _ = _sample(workdir, tmp_path / "infill", "--task=infill", "--prompt=a small <mask> circle at the top left")
+  filled = got["samples"][0]["filled"]
+  assert filled.startswith("a small ") and filled.endswith(" circle at the top left"), filled
+
+
+def test_sample_cli_usage_errors_are_one_line_not_tracebacks(workdir, tmp_path):
+  cmd = [sys.executable, "-m", "unimm_jax.sample", f"--workdir={workdir}", f"--out={tmp_path}", "--task=i2t"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "needs --image=FILE" in proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
