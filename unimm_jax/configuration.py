@@ -32,12 +32,13 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.positions": ("rope", "learned", "rope+learned"),
     "model.attention": ("xla", "cudnn"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "sample.method": ("confidence", "ancestral"),
     "sample.reveal_schedule": ("cosine", "linear"),
 }
 # Fields that must be > 0 (ints and floats); ">= 0" ones below.
 POSITIVE = (
-    "model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim", "model.max_len",
+    "model.d_model", "model.num_layers", "model.vocab_multiple", "model.num_heads", "model.head_dim", "model.mlp_dim", "model.max_len",
     "text.max_len", "image.size", "image.channels", "image.patch", "image.codebook_size", "train.steps",
     "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
@@ -88,6 +89,9 @@ def base_config() -> ConfigDict:
   c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
   c.model.param_dtype = "float32"
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
+  c.model.vocab_multiple = 128   # embedding/head rows padded to a multiple of this (1 = no padding)
+  c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
+  c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
 
   c.diffusion = ConfigDict()
   c.diffusion.schedule = "linear"        # linear | cosine | polynomial
@@ -121,6 +125,18 @@ def base_config() -> ConfigDict:
 
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)      # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+  # Logical axis -> mesh axes, in priority order (unimm_jax/sharding.py): a rule whose mesh axis an earlier
+  # dimension of the same array already took is skipped, so activations keep 'embed' whole.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("layers", None),
+  )
 
   c.ckpt = ConfigDict()
   c.ckpt.every_steps = 500
@@ -265,6 +281,14 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.optim.warmup_steps={c.optim.warmup_steps} must be < config.train.steps={c.train.steps}")
   if len(c.mesh.shape) != 3:
     problems.append(f"config.mesh.shape={tuple(c.mesh.shape)} must have 3 entries ('data', 'fsdp', 'tensor')")
+  mesh_axes = ("data", "fsdp", "tensor")
+  for rule in c.mesh.rules:
+    axes = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
+    names = axes if isinstance(axes, (tuple, list)) else (() if axes is None else (axes,))
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and all(a in mesh_axes for a in names)):
+      problems.append(f"config.mesh.rules entry {rule!r} must be (logical name, mesh axis | tuple of mesh axes | "
+                      f"None) with mesh axes from {mesh_axes}")
   if c.data.source == "folder" and not c.data.path:
     problems.append("config.data.path is empty; config.data.source='folder' needs a directory "
                     "holding train.jsonl and val.jsonl")

@@ -24,6 +24,7 @@ from etils import epath
 from flax import linen as nn
 
 from unimm_jax import checkpointing, configuration
+from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.diffusion import loss as loss_lib
@@ -81,15 +82,45 @@ def make_method(config, layout: VocabLayout) -> Method:
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay)
 
 
-def init_state(method: Method, seed: int) -> TrainState:
-  """A fresh state, created in one jitted call (op-by-op initialisation is slow)."""
+def _initialiser(method: Method, seed: int):
+  """() -> (boxed params with logical names, TrainState): the fresh state, as one traceable function."""
   def init():
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
     tokens = jnp.zeros((1, method.layout.seq_len), jnp.int32)
-    params = nn.meta.unbox(method.model.init(init_key, tokens)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
-                      ema_params=params, rng=state_key)
-  return jax.jit(init)()
+    boxed = method.model.init(init_key, tokens)["params"]
+    params = nn.meta.unbox(boxed)
+    return boxed, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
+                             ema_params=params, rng=state_key)
+  return init
+
+
+def state_shardings(method: Method, mesh, rules) -> tuple[TrainState, TrainState]:
+  """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings).
+
+  Parameters (and EMA) are placed by their logical axis names through ``rules``; optimizer moments like their
+  parameter; step, rng and counts replicated. Computed with ``jax.eval_shape``: nothing is allocated.
+  """
+  with sharding_lib.scope(mesh, rules):
+    boxed, abstract = jax.eval_shape(_initialiser(method, 0))
+  param_sh = sharding_lib.logical_shardings(boxed, mesh, rules)
+  rep = sharding_lib.replicated(mesh)
+  shardings = TrainState(step=rep, params=param_sh,
+                         opt_state=sharding_lib.opt_state_shardings(method.tx, abstract.params, param_sh, mesh),
+                         ema_params=param_sh, rng=rep)
+  sharding_lib.check_divisible(abstract, shardings)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+  return abstract, shardings
+
+
+def init_state(method: Method, seed: int, mesh=None, rules=()) -> TrainState:
+  """A fresh state, created directly sharded by one jitted call (never whole on one device).
+
+  Without a mesh: on the first device. Random values do not depend on the mesh (partitionable threefry).
+  """
+  mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+  _, shardings = state_shardings(method, mesh, rules)
+  init = _initialiser(method, seed)
+  return jax.jit(sharding_lib.in_scope(lambda: init()[1], mesh, rules), out_shardings=shardings)()
 
 
 def param_count(params) -> int:
@@ -151,6 +182,21 @@ def eval_step(method: Method, params, tokens, key) -> jax.Array:
   noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
   logits = method.model.apply({"params": params}, noisy)
   return loss_lib.elbo_bits(logits, tokens, masked, corruption.t, method.layout, method.schedule)
+
+
+def compile_steps(method: Method, mesh, rules, shardings: TrainState):
+  """(train step, eval step), jitted with explicit in/out shardings (pjit) and traced under the logical rules.
+
+  train: (state, {'tokens': [B, S] split over data x fsdp}) -> (state, replicated metrics), state donated.
+  eval: (params, tokens [B, S], key) -> replicated bits [B, 2] (every process can read it).
+  """
+  batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  step_fn = jax.jit(sharding_lib.in_scope(functools.partial(train_step, method), mesh, rules),
+                    in_shardings=(shardings, {"tokens": batch_sh}), out_shardings=(shardings, rep),
+                    donate_argnums=0)
+  eval_fn = jax.jit(sharding_lib.in_scope(functools.partial(eval_step, method), mesh, rules),
+                    in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
+  return step_fn, eval_fn
 
 
 def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
@@ -233,7 +279,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   if config.train.batch_size % jax.process_count():
     raise configuration.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
                                     f"{jax.process_count()} processes")
-  dataset = pipeline.train_dataset(train_source, toks, batch_size=config.train.batch_size // jax.process_count(),
+  dataset = pipeline.train_dataset(train_source, toks, batch_size=config.train.batch_size,
                                    seed=config.seed, shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
   data_iter = pipeline.train_iterator(dataset, config.data.num_threads)
@@ -242,20 +288,31 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                config.data.source, len(train_source), len(val_source), layout.seq_len, layout.text_len,
                *layout.image_grid, layout.size)
 
-  # ---- Model, optimizer, state -------------------------------------------------------------------------------
+  # ---- Mesh, model, optimizer -----------------------------------------------------------------------------
+  mesh = sharding_lib.make_mesh(config.mesh.shape)
+  rules = sharding_lib.rules_of(config)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("train.batch_size", "eval.batch_size"):
+    group, field = name.split(".")
+    if config[group][field] % batch_shards:
+      raise configuration.ConfigError(f"config.{name}={config[group][field]} is not divisible by the "
+                                      f"{batch_shards} batch shards of the mesh (data x fsdp of {dict(mesh.shape)})")
   method = make_method(config, layout)
-  state = init_state(method, config.seed)
-  logging.info("model: %s parameters", f"{param_count(state.params):,}")
+  abstract, shardings = state_shardings(method, mesh, rules)
+  logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",
+               dict(mesh.shape), mesh.size, jax.process_count(), f"{param_count(abstract.params):,}")
 
   # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
                                     max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
   meta = {"train_wall_s": 0.0, "train_s": 0.0}   # cumulative over invocations, saved with each checkpoint
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(checkpointing.abstract_like(state), data_iter)
+    # Restored straight onto this run's shardings, whatever the mesh that wrote it.
+    state = ckpt.restore(abstract, data_iter)
     meta.update(ckpt.restore_meta())
     logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
   else:
+    state = init_state(method, config.seed, mesh, rules)
     logging.info("no checkpoint in %s: starting from step 0", ckpt.directory)
   start = int(state.step)
   report_path = workdir / "report.json"
@@ -266,14 +323,15 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     return {**json.loads(report_path.read_text()), "history": []}
 
   # ---- Compiled steps ----------------------------------------------------------------------------------------
-  step_fn = jax.jit(functools.partial(train_step, method), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, method))
+  step_fn, eval_fn = compile_steps(method, mesh, rules, shardings)
+  batch_sh = sharding_lib.batch_sharding(mesh)
   writer = _Writer(workdir)
   loop_start = time.perf_counter()
 
   def run_eval(step):
     params = state.ema_params if config.eval.use_ema else state.params
-    bits = evaluate(eval_fn, params, val_batches, config.seed)
+    batches = [{**b, "tokens": sharding_lib.global_array(b["tokens"], batch_sh)} for b in val_batches]
+    bits = evaluate(eval_fn, params, batches, config.seed)
     logging.info("step %d | val bits/token: text %.4f, image %.4f", step, bits["text"], bits["image"])
     writer.scalars(step, {"val/bits_text": bits["text"], "val/bits_image": bits["image"]})
     return bits
@@ -289,7 +347,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   for step in range(start, total):
     batch = next(data_iter)
     unk += int(batch["text_unk"].sum())
-    state, metrics = step_fn(state, {"tokens": batch["tokens"]})
+    state, metrics = step_fn(state, {"tokens": sharding_lib.global_batch(batch["tokens"], batch_sh)})
     pending.append(metrics)
     window_steps += 1
     done = step + 1

@@ -2,7 +2,7 @@
 
 ::
 
-    source (shapes | folder) -> grain MapDataset: [process shard] -> shuffle -> repeat -> encode -> batch
+    source (shapes | folder) -> grain MapDataset: shuffle -> repeat -> [this process's rows] -> encode -> batch
     encode: text -> text tokenizer (truncate / PAD to text.max_len); image -> image tokenizer; pack [text | image]
 
 The train pipeline is a grain ``MapDataset`` turned into an iterator whose position is a few integers, so the
@@ -137,22 +137,55 @@ class Encode(grain.transforms.Map):
     return {"tokens": tokens, "text_unk": np.int32(unk)}
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of each global batch: element j is global element (j // b) * B + index * b + j % b.
+
+  With B the global batch and b = B / count the per-process one, process ``index`` reads only its own b rows of
+  every global batch (and encodes only those), and stacking the processes' batches in process order gives
+  exactly the global batch a single process would read: the same run on 1 or N hosts sees the same data.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._global, self._local, self._index = global_batch, global_batch // count, index
+    self._length = len(parent) // global_batch * self._local
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, j: int) -> int:
+    return (j // self._local) * self._global + self._index * self._local + j % self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._parent_index(j) for j in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"_ProcessRows(global_batch={self._global}, rows {self._index * self._local}:+{self._local})"
+
+
 def train_dataset(source, toks: Tokenizers, *, batch_size: int, seed: int, shard_index: int = 0,
                   shard_count: int = 1) -> grain.MapDataset:
-  """Infinite, shuffled (reshuffled every epoch), batched MapDataset of this process's shard.
+  """Infinite, shuffled (reshuffled every epoch), batched MapDataset of this process's rows.
 
   Args:
-    batch_size: the per-process batch.
-    shard_index, shard_count: this process's slice of the source (``jax.process_index/count()``).
-  Batches: {'tokens': int32 [batch_size, S], 'text_unk': int32 [batch_size]}.
+    batch_size: the global batch; each process gets ``batch_size // shard_count`` rows of it.
+    shard_index, shard_count: this process and the number of processes (``jax.process_index/count()``).
+  Batches: {'tokens': int32 [batch_size // shard_count, S], 'text_unk': int32 [batch_size // shard_count]}.
   """
+  if batch_size % shard_count:
+    raise ValueError(f"the global batch {batch_size} is not divisible by the {shard_count} processes")
   ds = grain.MapDataset.source(source)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
   if len(ds) < batch_size:
-    raise ValueError(f"the training split has {len(ds)} examples for this process, fewer than its batch of "
-                     f"{batch_size}")
-  return ds.shuffle(seed=seed).repeat(None).map(Encode(toks)).batch(batch_size, drop_remainder=True)
+    raise ValueError(f"the training split has {len(ds)} examples, fewer than the batch of {batch_size}")
+  ds = ds.shuffle(seed=seed).repeat(None)
+  if shard_count > 1:
+    ds = _ProcessRows(ds, batch_size, shard_index, shard_count)
+  return ds.map(Encode(toks)).batch(batch_size // shard_count, drop_remainder=True)
 
 
 def train_iterator(dataset: grain.MapDataset, num_threads: int):

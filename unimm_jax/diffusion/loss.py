@@ -39,6 +39,7 @@ import math
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.diffusion.schedules import Schedule
@@ -47,8 +48,9 @@ WEIGHTINGS = ("elbo", "flat", "tokens")
 TASKS = ("joint", "text_to_image", "image_to_text", "image_only", "text_only")
 # Per task, per modality (text, image): 0 noised, 1 clean, 2 null (all MASK).
 NOISED, CLEAN, NULL = 0, 1, 2
-_TASK_STATES = jnp.array([[NOISED, NOISED], [CLEAN, NOISED], [NOISED, CLEAN], [NULL, NOISED], [NOISED, NULL]],
-                         jnp.int32)
+# numpy, not jnp: importing this module must not start a JAX backend (jax.distributed.initialize comes first).
+_TASK_STATES = np.array([[NOISED, NOISED], [CLEAN, NOISED], [NOISED, CLEAN], [NULL, NOISED], [NOISED, NULL]],
+                        np.int32)
 
 
 @flax.struct.dataclass
@@ -87,7 +89,7 @@ def sample_corruption(key, batch: int, schedule: Schedule, task_weights, *, t_mi
   # The image stream is permuted so the two modalities' times are not tied by the batch index.
   t_image = t_text if shared_time else jax.random.permutation(k_perm, low_discrepancy_times(k_image, batch, t_min))
   t = jnp.stack([t_text, t_image], axis=1)
-  states = _TASK_STATES[task]                                                       # [B, 2]
+  states = jnp.asarray(_TASK_STATES)[task]                                          # [B, 2]
   mask_prob = jnp.where(states == NOISED, schedule.mask_prob(t), jnp.where(states == NULL, 1.0, 0.0))
   return Corruption(t=t, mask_prob=mask_prob.astype(jnp.float32), noised=states == NOISED, task=task)
 

@@ -77,12 +77,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions):  # x: [B, S, D], positions: int32 [S, 2] -> [B, S, D]
-    def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(_dense_init, ("embed", "heads", "kv")), name=name)(x)
-
-    q, k, v = proj("query"), proj("key"), proj("value")                     # [B, S, N, H]
+    d, shape = x.shape[-1], (self.num_heads, self.head_dim)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q, k, v = (Projection((d,), shape, ("embed", "heads", "kv"), name=n, **kw)(x) for n in ("query", "key", "value"))
     if self.rope_theta is not None:
       # Partial rotary: the unrotated dimensions score query-key pairs by content alone, whatever their positions,
       # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
@@ -91,9 +88,32 @@ class Attention(nn.Module):
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
-    return nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(_dense_init, ("heads", "kv", "embed")), name="out")(out)
+    return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map from the last ``len(in_shape)`` dims of x to ``out_shape``, kernel ``in + out``.
+
+  Written out (not ``nn.DenseGeneral``) because DenseGeneral initialises a flattened 2-D kernel, which breaks
+  the logical partitioning of a 3-D one under a mesh. Fan-in initialisation over all input dims.
+  """
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.in_shape + self.out_shape,
+                        self.param_dtype)
+    x = x.astype(self.dtype)
+    return jax.lax.dot_general(x, kernel.astype(self.dtype),
+                               ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
 
 
 class GatedMLP(nn.Module):

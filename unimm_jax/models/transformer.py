@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -27,6 +28,22 @@ from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.models import layers
 
 NEG_INF = -1e9
+
+# Rematerialisation: what a block keeps from its forward pass for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,                       # keep only the block's input
+    "dots": jax.checkpoint_policies.dots_saveable,                          # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... but not attention's
+}
+
+
+def _ScanBlock(block_cls):  # pylint: disable=invalid-name
+  """``block_cls`` with the (carry, output) signature ``nn.scan`` needs."""
+  class ScanBlock(block_cls):
+    def __call__(self, x, positions):
+      return super().__call__(x, positions), None
+  ScanBlock.__name__ = f"Scan{block_cls.__name__}"
+  return ScanBlock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +62,9 @@ class TransformerConfig:
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
   attention: str = "xla"       # xla | cudnn
+  vocab_multiple: int = 128    # embedding/head rows padded to a multiple (so a mesh axis can split them)
+  scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
+  remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
 
   @classmethod
   def from_config(cls, model_config, layout: VocabLayout) -> "TransformerConfig":
@@ -90,8 +110,11 @@ class Transformer(nn.Module):
       raise ValueError(f"expected sequences of {layout.seq_len} tokens, got shape {tokens.shape}")
 
     embed_init = nn.initializers.normal(stddev=1.0)
+    # Rows past layout.size are padding (never looked up, their logits cut off): a vocabulary of a multiple of
+    # vocab_multiple can be split over the 'tensor' axis whatever the fitted tokenizers' sizes.
+    vocab = -(-layout.size // cfg.vocab_multiple) * cfg.vocab_multiple
     table = self.param("token_embedding", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
-                       (layout.size, cfg.d_model), param_dtype)
+                       (vocab, cfg.d_model), param_dtype)
     # Gather from the float32 table and cast afterwards: a bf16 gather makes a bf16 scatter-add in the
     # gradient, slow on GPU because about half of the positions hold the same (MASK) id.
     x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
@@ -107,12 +130,22 @@ class Transformer(nn.Module):
     positions = jnp.asarray(token_positions(layout))
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
-    for i in range(cfg.num_layers):
-      x = layers.Block(cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction,
-                       dtype=dtype, param_dtype=param_dtype, name=f"block_{i}")(x, positions)
+    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction)
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype)
+    block = layers.Block if cfg.remat == "none" else nn.remat(
+        layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
+      stack = nn.scan(_ScanBlock(block), variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions)
     x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    logits = nn.Dense(layout.size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    logits = nn.Dense(vocab, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
                       name="head")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    logits = logits[..., :layout.size] if vocab != layout.size else logits
     return jnp.where(jnp.asarray(layout.allowed_ids())[None], logits, NEG_INF)

@@ -1,0 +1,114 @@
+"""Sharding on 8 fake CPU devices (each run in its own process: see tests/sharded_runs.py), meshes, multi-host."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from unimm_jax import sharding as sharding_lib
+
+WORKER = os.path.join(os.path.dirname(__file__), "sharded_runs.py")
+
+
+def _run(devices, *args, timeout=300):
+  proc = subprocess.run([sys.executable, WORKER, str(devices), *map(str, args)], capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def loss_runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("losses") / "out.json"
+  _run(8, "losses", out)
+  return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 4, 1)", "(1, 4, 2)", "(2, 2, 2)"])
+def test_three_steps_on_a_mesh_match_one_device(loss_runs, mesh):
+  single = loss_runs["losses"]["None"]
+  assert len(single) == 3 and np.isfinite(single).all() and len(set(single)) == 3   # three different batches
+  np.testing.assert_allclose(loss_runs["losses"][mesh], single, rtol=2e-5, atol=2e-6)
+
+
+def test_parameters_are_sharded_as_the_rules_say(loss_runs):
+  specs = loss_runs["specs"]   # mesh (2, 2, 2); rules: embed -> fsdp, mlp/heads/vocab -> tensor
+  assert specs["token_embedding"] == ["tensor", "fsdp"]            # (vocab, embed)
+  assert specs["query"] == ["fsdp", "tensor", None]                 # (embed, heads, kv)
+  assert specs["out"] == ["tensor", None, "fsdp"]                   # (heads, kv, embed)
+  assert specs["wi_0"] == ["fsdp", "tensor"] and specs["wo"] == ["tensor", "fsdp"]
+  assert specs["head"] == ["fsdp", "tensor"]                        # (embed, vocab)
+  assert specs["mu_wi_0"] == specs["wi_0"] and specs["ema_wi_0"] == specs["wi_0"]   # AdamW moments and EMA too
+  assert specs["wi_0_shard_shape"] == [16, 32]                      # (32, 64) split 2 x 2: really a quarter each
+
+
+def test_scanned_layers_shard_and_train_like_the_single_device_run(loss_runs):
+  assert loss_runs["scan_query_spec"] == [None, "fsdp", "tensor", None]   # (layers, embed, heads, kv)
+  np.testing.assert_allclose(loss_runs["losses"]["scan(2, 4, 1)"], loss_runs["losses"]["scan None"], rtol=2e-5,
+                             atol=2e-6)
+
+
+def test_checkpoint_restores_onto_another_mesh_and_one_device(tmp_path):
+  out = tmp_path / "out.json"
+  _run(8, "restore", out, tmp_path / "ckpt")
+  result = json.loads(out.read_text())
+  want = result["uninterrupted"][2]
+  for mesh, got in result["restored"].items():
+    assert got["identical"], mesh
+    np.testing.assert_allclose(got["next_loss"], want, rtol=2e-5, atol=2e-6)
+  assert result["restored"]["(1, 4, 2)"]["wi_0_spec"] == ["fsdp", "tensor"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, steps, out_dir):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, WORKER, "4", "main", str(out_dir / f"p{i}.json"), str(workdir),
+                             str(steps), str(port), "2", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-4000:]
+  finally:
+    for p in procs:
+      p.kill()
+  for i in range(2):
+    results.append(json.loads((out_dir / f"p{i}.json").read_text()))
+  return results
+
+
+def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
+  single = tmp_path / "single.json"
+  _run(8, "main", single, tmp_path / "one", 5)
+  want = json.loads(single.read_text())["history"]
+  first = _two_processes(tmp_path / "two", 3, tmp_path)
+  assert [r["process_count"] for r in first] == [2, 2] and first[0]["devices"] == 8
+  assert first[0]["local_devices"] == 4
+  np.testing.assert_allclose(first[0]["history"], want[:3], rtol=2e-5, atol=2e-6)
+  assert first[0]["history"] == first[1]["history"]
+  resumed = _two_processes(tmp_path / "two", 5, tmp_path)       # resumes from the step-3 checkpoint
+  np.testing.assert_allclose(resumed[0]["history"], want[3:], rtol=2e-5, atol=2e-6)
+  # Each process kept its own data position, and read only its half of each global batch of 16.
+  data = tmp_path / "two" / "checkpoints" / "5" / "data"
+  states = {p.name: json.loads(p.read_text()) for p in data.glob("process_*-of-2.json")}
+  assert set(states) == {"process_0-of-2.json", "process_1-of-2.json"}
+  assert all(s["next_index"] == 5 for s in states.values())   # 5 local batches of 8 rows each
+
+
+def test_mesh_shape_errors_before_anything_compiles():
+  assert sharding_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  with pytest.raises(sharding_lib.MeshError, match="does not fit 8 devices"):
+    sharding_lib.resolve_mesh_shape((3, -1, 1), 8)
+  with pytest.raises(sharding_lib.MeshError, match="has 4 devices but there are 8"):
+    sharding_lib.resolve_mesh_shape((2, 2, 1), 8)
+  with pytest.raises(sharding_lib.MeshError, match="at most one"):
+    sharding_lib.resolve_mesh_shape((-1, -1, 1), 8)
