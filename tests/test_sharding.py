@@ -112,3 +112,31 @@ def test_mesh_shape_errors_before_anything_compiles():
     sharding_lib.resolve_mesh_shape((2, 2, 1), 8)
   with pytest.raises(sharding_lib.MeshError, match="at most one"):
     sharding_lib.resolve_mesh_shape((-1, -1, 1), 8)
+
+
+def test_dry_run_of_the_large_config_prints_the_hand_computed_memory(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "unimm_jax.main", "--config=configs/large_v5e32.py",
+                         f"--workdir={tmp_path}", "--dry_run", "--dry_run_devices=32"], capture_output=True,
+                        text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  # By hand: d 2048, 24 layers, 16 heads x 128, MLP 5632, vocab 257 + 16384 + MASK = 16642 padded to 16768,
+  # 256 text positions, 16 image rows and 16 columns.
+  d, layers, vocab = 2048, 24, 16768
+  per_layer = 2 * d + 3 * d * 16 * 128 + 16 * 128 * d + 3 * d * 5632
+  params = vocab * d + 2 * d + 256 * d + 16 * d + 16 * d + layers * per_layer + d + d * vocab
+  assert f"dry run: {params:,} parameters" in out and params > 1e9
+  # Full FSDP over 32 chips splits every array 32 ways; AdamW's two counts and step + rng are replicated.
+  assert f"params      {params * 4 // 32:>16,} bytes" in out
+  assert f"opt_state   {params * 8 // 32 + 8:>16,} bytes" in out
+  assert f"total       {params * 16 // 32 + 8 + 12:>16,} bytes" in out
+  assert "mesh: data 1 x fsdp 32 x tensor 1 = 32 devices" in out
+  assert out.count(" per device (") == 10 and "(24, 64, 5632)" in out
+  assert not list(tmp_path.iterdir())            # nothing written, nothing trained
+
+
+def test_dry_run_with_a_mesh_that_does_not_fit_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "unimm_jax.main", "--config=configs/shapes.py",
+                         f"--workdir={tmp_path}", "--dry_run", "--dry_run_devices=6", "--config.mesh.shape=(4,-1,1)"],
+                        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 2 and "does not fit 6 devices" in proc.stderr and "Traceback" not in proc.stderr

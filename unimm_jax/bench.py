@@ -1,9 +1,13 @@
-"""Speed measurements: ``python -m unimm_jax.bench --workdir=DIR [--what=sample] [--out=bench.json]``.
+"""Speed measurements: ``python -m unimm_jax.bench [--workdir=DIR] [--config=FILE] [--what=sample,compile]``.
 
 ``sample``: images per second of ``Pipeline.text_to_image`` at 16 and 32 steps (batch ``--batch``), and the ratio
 of its time to ``steps x`` one forward pass of the same batch: the cost of the sampling loop beyond the network
 (drawing tokens, ranking confidences, bookkeeping). Each figure is the median of ``--repeats`` timed calls after a
 warm-up call, every call synchronised on its result.
+
+``compile`` (``--config``, ``--layers=4,8,16,32``): seconds to lower and compile the train step on one device at
+each depth, with the layers unrolled and with ``model.scan_layers`` (one compiled block, whatever the depth).
+A word tokenizer's vocabulary is taken as ``text.max_vocab`` or 64 words (it does not change compile time).
 """
 
 from __future__ import annotations
@@ -48,13 +52,38 @@ def bench_sample(pipe, batch: int, steps_list=(16, 32), repeats: int = 5) -> dic
   return out
 
 
+def bench_compile(config, layers=(4, 8, 16, 32)) -> dict:
+  """{'unrolled'|'scan': {layers: seconds}}: lower + compile of the jitted train step, nothing executed."""
+  from unimm_jax import dry_run, sharding, train  # pylint: disable=g-import-not-at-top
+  out = {"unrolled": {}, "scan": {}}
+  for scan in (False, True):
+    for n in layers:
+      c = config.copy_and_resolve_references()
+      c.model.num_layers, c.model.scan_layers = n, scan
+      if c.text.tokenizer == "word" and not c.text.max_vocab:
+        c.text.max_vocab = 64
+      method = train.make_method(c, dry_run.planned_layout(c))
+      mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
+      abstract, shardings = train.state_shardings(method, mesh, rules)
+      step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+      batch = {"tokens": jax.ShapeDtypeStruct((c.train.batch_size, method.layout.seq_len), jnp.int32)}
+      start = time.perf_counter()
+      step_fn.lower(abstract, batch).compile()
+      sec = time.perf_counter() - start
+      out["scan" if scan else "unrolled"][str(n)] = sec
+      logging.info("compile train step: %d layers, %s: %.2f s", n, "scan" if scan else "unrolled", sec)
+  return out
+
+
 def _cli():
-  workdir = flags.DEFINE_string("workdir", None, "A training workdir to load.")
-  what = flags.DEFINE_list("what", ["sample"], "What to measure: sample.")
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  workdir = flags.DEFINE_string("workdir", None, "A training workdir to load (sample).")
+  config = config_flags.DEFINE_config_file("config", None, "A config file (compile).")
+  layers = flags.DEFINE_list("layers", ["4", "8", "16", "32"], "compile: depths to time.")
+  what = flags.DEFINE_list("what", ["sample"], "What to measure: sample, compile.")
   batch = flags.DEFINE_integer("batch", 64, "Batch of the sampler measurement.")
   repeats = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
   out_path = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
-  flags.mark_flags_as_required(["workdir"])
 
   def main(argv):
     del argv
@@ -62,7 +91,13 @@ def _cli():
     from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
     result = {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
+    if "compile" in what.value:
+      if config.value is None:
+        raise app.UsageError("--what=compile needs --config=FILE")
+      result["compile"] = bench_compile(config.value, tuple(int(n) for n in layers.value))
     if "sample" in what.value:
+      if workdir.value is None:
+        raise app.UsageError("--what=sample needs --workdir=DIR")
       result["sample"] = bench_sample(Pipeline.load(workdir.value), batch.value, repeats=repeats.value)
     text = json.dumps(result, indent=2, default=float)
     print(text)

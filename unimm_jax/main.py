@@ -3,10 +3,20 @@
 Trains on the configured data, checkpoints into ``WORKDIR/checkpoints``, validates, and writes
 ``WORKDIR/report.json``. Run the same command again and it resumes from the newest checkpoint. Any config field
 can be overridden on the command line: ``--config.model.num_layers=4 --config.train.steps=500``.
+
+``--dry_run`` sizes the run without allocating it (``unimm_jax/dry_run.py``); ``--dry_run_devices=N`` does so for
+N devices you do not have (a TPU slice, from a laptop).
+
+Multi-process (several hosts, or several processes on one): JAX's distributed runtime is started when
+``--coordinator_address`` (or ``JAX_COORDINATOR_ADDRESS``) is given, with ``--num_processes`` / ``--process_id``
+(or ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``), or with ``--distributed`` alone on a Cloud TPU pod, whose
+runtime knows the rest. Only process 0 logs at INFO and writes reports and TensorBoard; checkpoints are written
+by all processes together.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,8 +24,23 @@ from ml_collections import config_flags
 
 from unimm_jax import configuration
 
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizers, TensorBoard and report.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the parameter count and per-device memory of the train "
+                             "state under the mesh, and the ten largest arrays; allocate and train nothing.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "Size the dry run for this many devices "
+                                        "(default: the devices here).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed even without a coordinator address "
+                                 "(Cloud TPU pods).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0 for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"), "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,9 +73,31 @@ def main(argv):
     sys.exit(2)
   # pylint: disable=g-import-not-at-top  (imported here so --help and config errors are fast)
   import jax
+  from unimm_jax import sharding
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  if _DRY_RUN.value:
+    from unimm_jax import dry_run
+    try:
+      print(dry_run.format_plan(dry_run.plan(config, _WORKDIR.value, _DRY_RUN_DEVICES.value or None)))
+    except (configuration.ConfigError, sharding.MeshError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
   from unimm_jax import evaluate, train
-  report = train.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() == 0 and report.get("generation_step") != report["step"]:
+  try:
+    report = train.train_and_evaluate(config, _WORKDIR.value)
+  except sharding.MeshError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if report.get("generation_step") == report["step"]:
+    return
+  if jax.process_count() > 1:
+    # The sampler runs on one device; a multi-host job leaves generation scoring to one host afterwards.
+    logging.info("generation report: run `python -m unimm_jax.evaluate --workdir=%s` on one host", _WORKDIR.value)
+  else:
     evaluate.evaluate_workdir(_WORKDIR.value, config)
 
 

@@ -122,7 +122,8 @@ def scope(mesh: Mesh, rules):
   The abstract mesh (axis names and sizes) is what tracing needs, and unlike ``jax.set_mesh`` it may be entered
   inside ``jax.jit``.
   """
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+  abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+  with jax.sharding.use_abstract_mesh(abstract), nn.logical_axis_rules(rules):
     yield
 
 

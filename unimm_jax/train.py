@@ -262,6 +262,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """
   # ---- Config and workdir ------------------------------------------------------------------------------------
   configuration.validate(config)
+  mesh = sharding_lib.make_mesh(config.mesh.shape)   # a shape that does not fit the devices fails here, first
+  rules = sharding_lib.rules_of(config)
   workdir = absolute_path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -289,8 +291,6 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                *layout.image_grid, layout.size)
 
   # ---- Mesh, model, optimizer -----------------------------------------------------------------------------
-  mesh = sharding_lib.make_mesh(config.mesh.shape)
-  rules = sharding_lib.rules_of(config)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for name in ("train.batch_size", "eval.batch_size"):
     group, field = name.split(".")
