@@ -1,5 +1,7 @@
 """The network: output restricted to each position's modality, rotary positions, dtypes, the vocab layout."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,25 @@ def test_vocab_layout_pack_unpack():
   np.testing.assert_array_equal(i, image)
   seq[0, 0] = LAYOUT.mask_id
   assert LAYOUT.unpack(seq)[0][0, 0] == -1
+
+
+def test_scanned_layers_and_remat_compute_the_same_function():
+  model, params, tokens = _random_model(positions="rope+learned", rope_fraction=0.5)
+  stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
+  stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["block_0"], params["block_1"])
+  want = model.apply({"params": params}, tokens)
+  for remat in ("none", "full", "dots"):
+    scanned = Transformer(dataclasses.replace(model.config, scan_layers=True, remat=remat))
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), want, rtol=1e-5, atol=1e-5)
+  # Gradients through rematerialised blocks equal the plain ones.
+  loss = lambda m, p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, tokens))[..., 0] ** 2)
+  remat = Transformer(dataclasses.replace(model.config, remat="full"))
+  g1, g2 = jax.grad(lambda p: loss(model, p))(params), jax.grad(lambda p: loss(remat, p))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_vocabulary_rows_are_padded_to_the_multiple_and_cut_from_the_logits():
+  model, params, tokens = _random_model()
+  assert params["token_embedding"].shape == (128, 32) and params["head"]["kernel"].shape == (32, 128)
+  assert model.apply({"params": params}, tokens).shape == (4, LAYOUT.seq_len, LAYOUT.size)
