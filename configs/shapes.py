@@ -29,7 +29,7 @@ def get_config():
   config.model.num_heads = 4
   config.model.head_dim = 32
   config.model.mlp_dim = 384
-  config.train.steps = 3_600
+  config.train.steps = 4_000
   config.train.batch_size = 64
   config.train.log_every = 100
   config.optim.learning_rate = 3e-3
@@ -42,6 +42,12 @@ def get_config():
   config.diffusion.tasks.image_only = 0.025
   config.diffusion.tasks.text_only = 0.025
   config.diffusion.loss_weighting = "flat"
+  # Two single-threaded CPU devices, data parallel: a 10-15 % faster step on 2 cores than one device (BENCHMARKS).
+  config.mesh.cpu_devices = 2
+  config.model.vocab_multiple = 1      # no mesh axis splits the vocabulary here
+  # Sampler of the report: argmax tokens, revealed at a constant rate (BENCHMARKS: +10 points over T=1, cosine).
+  config.sample.temperature = 0.0
+  config.sample.reveal_schedule = "linear"
   config.ckpt.every_steps = 500
   config.eval.every_steps = 500
   return config

@@ -45,7 +45,7 @@ POSITIVE = (
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
     "sample.joint_steps",
 )
-NON_NEGATIVE = ("sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
+NON_NEGATIVE = ("mesh.cpu_devices", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
                 "data.num_threads", "text.max_vocab", "seed")
 
@@ -125,6 +125,7 @@ def base_config() -> ConfigDict:
 
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)      # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+  c.mesh.cpu_devices = 0         # main job on CPU: split the host into N XLA devices, one thread each (0 = one)
   # Logical axis -> mesh axes, in priority order (unimm_jax/sharding.py): a rule whose mesh axis an earlier
   # dimension of the same array already took is skipped, so activations keep 'embed' whole.
   c.mesh.rules = (
