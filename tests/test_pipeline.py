@@ -71,3 +71,14 @@ def test_eval_batches_cover_every_example_once_with_padding_weights():
   assert [b["tokens"].shape[0] for b in batches] == [32, 32, 32]
   assert sum(b["weight"].sum() for b in batches) == 70
   np.testing.assert_array_equal(batches[-1]["weight"], [1.0] * 6 + [0.0] * 26)
+
+
+def test_the_model_seed_does_not_change_the_examples_only_data_seed_does():
+  config = configuration.base_config()
+  other = configuration.base_config()
+  other.seed = 7                                    # another model (init, noise, order): same val set
+  for split in ("train", "val"):
+    a, b = pipeline.make_source(config, split)[3], pipeline.make_source(other, split)[3]
+    assert a["text"] == b["text"] and np.array_equal(a["image"], b["image"])
+  other.data.seed = 1
+  assert pipeline.make_source(other, "val")[3]["text"] != pipeline.make_source(config, "val")[3]["text"]

@@ -90,6 +90,10 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
   single = tmp_path / "single.json"
   _run(8, "main", single, tmp_path / "one", 5)
   want = json.loads(single.read_text())["history"]
+  # A workdir trained on 8 devices loads and samples here, on this test's one device.
+  from unimm_jax.pipeline import Pipeline   # pylint: disable=g-import-not-at-top
+  pipe = Pipeline.load(tmp_path / "one")
+  assert pipe.text_to_image(["a small red circle at the top left"], steps=2).shape == (1, 24, 24, 3)
   first = _two_processes(tmp_path / "two", 3, tmp_path)
   assert [r["process_count"] for r in first] == [2, 2] and first[0]["devices"] == 8
   assert first[0]["local_devices"] == 4

@@ -47,17 +47,18 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("mesh.cpu_devices", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
-                "data.num_threads", "text.max_vocab", "seed")
+                "data.num_threads", "text.max_vocab", "seed", "data.seed")
 
 
 def base_config() -> ConfigDict:
   """Every key the code reads, with defaults sized for the embedded ``shapes`` data on a CPU."""
   c = ConfigDict()
-  c.seed = 0
+  c.seed = 0                     # model: initialisation, masking noise, data order
 
   c.data = ConfigDict()
   c.data.source = "shapes"       # shapes | folder
   c.data.path = ""               # folder: DIR with train.jsonl / val.jsonl
+  c.data.seed = 0                # shapes: which examples the splits hold; fixed, so every run is scored on one val set
   c.data.train_size = 100_000    # shapes: examples in the train split (procedural, so size is free)
   c.data.val_size = 512          # shapes: examples in the val split
   c.data.fit_examples = 5_000    # training examples used to fit the tokenizers at the first run

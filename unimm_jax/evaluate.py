@@ -41,7 +41,7 @@ def _attribute_match(got: frozenset, want: frozenset) -> dict[str, bool]:
 
 def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict]:
   """(figures, samples for the html report) on the first ``num`` val examples of ``shapes``."""
-  examples = [shapes.sample_example("val", config.seed, i) for i in range(num)]
+  examples = [shapes.sample_example("val", config.data.seed, i) for i in range(num)]
   sets = [e[0] for e in examples]
   images = np.stack([e[1] for e in examples])
   captions = [e[2] for e in examples]

@@ -10,7 +10,7 @@ N devices you do not have (a TPU slice, from a laptop).
 Multi-process (several hosts, or several processes on one): JAX's distributed runtime is started when
 ``--coordinator_address`` (or ``JAX_COORDINATOR_ADDRESS``) is given, with ``--num_processes`` / ``--process_id``
 (or ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``), or with ``--distributed`` alone on a Cloud TPU pod, whose
-runtime knows the rest. Only process 0 logs at INFO and writes reports and TensorBoard; checkpoints are written
+runtime knows the rest (and under SLURM or Open MPI, whose environment ``jax.distributed`` reads itself). Only process 0 logs at INFO and writes reports and TensorBoard; checkpoints are written
 by all processes together.
 """
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import checkpointing, configuration
+from unimm_jax import checkpointing, configuration, sharding
 from unimm_jax.data import pipeline as data_pipeline
 from unimm_jax.diffusion import loss as loss_lib
 from unimm_jax.diffusion import sampling
@@ -73,7 +73,8 @@ class Pipeline:
     config = configuration.from_dict(json.loads(config_file.read_text()))
     toks = data_pipeline.load_tokenizers(path, config.text.max_len)
     method = train.make_method(config, toks.layout)
-    abstract = jax.eval_shape(lambda: train.init_state(method, 0))
+    # Restored onto this process's first device, whatever mesh (and device count) the run trained on.
+    abstract, _ = train.state_shardings(method, sharding.single_device_mesh(), sharding.rules_of(config))
     ckpt = checkpointing.Checkpointer(path, every_steps=1, max_to_keep=config.ckpt.max_to_keep, async_save=False)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")

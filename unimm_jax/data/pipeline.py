@@ -40,7 +40,7 @@ def make_source(config, split: str):
           f"config.data.source='shapes' makes {shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE} RGB images, but "
           f"config.image.size={config.image.size}, config.image.channels={config.image.channels}")
     size = config.data.train_size if split == "train" else config.data.val_size
-    return shapes.ShapesSource(split, size, seed=config.seed)
+    return shapes.ShapesSource(split, size, seed=config.data.seed)
   if config.data.source == "folder":
     return folder.FolderSource(config.data.path, split, config.image.size, config.image.channels)
   raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of shapes, folder")
@@ -143,6 +143,8 @@ class _ProcessRows(grain.MapDataset):
   With B the global batch and b = B / count the per-process one, process ``index`` reads only its own b rows of
   every global batch (and encodes only those), and stacking the processes' batches in process order gives
   exactly the global batch a single process would read: the same run on 1 or N hosts sees the same data.
+  (Grain's shard options would instead give each process a disjoint slice of the *dataset*, so the global
+  batches, and the losses, would change with the number of processes.)
   """
 
   def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
