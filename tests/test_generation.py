@@ -83,3 +83,68 @@ def test_sample_cli_usage_errors_are_one_line_not_tracebacks(workdir, tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "needs --image=FILE" in proc.stderr
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+def _bytes(path):
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _logits(pipe, tokens):
+  return np.asarray(pipe.model.apply({"params": pipe.params}, tokens))
+
+
+def test_float32_safetensors_export_gives_identical_logits_and_images(workdir, tmp_path):
+  from safetensors.numpy import load_file
+  from unimm_jax import export
+  out = tmp_path / "bundle"
+  meta = export.export(workdir, out, dtype="float32", fmt="safetensors")
+  trained, exported = Pipeline.load(workdir), Pipeline.load(out)
+  assert exported.step == trained.step == meta["step"] == 150
+  # Readable with safetensors.numpy alone, under the documented flat names.
+  tensors = load_file(str(out / export.SAFETENSORS_FILE))
+  assert set(tensors) == set(export.flatten(trained.params)) and "block_0/attn/query/kernel" in tensors
+  np.testing.assert_array_equal(tensors["head/kernel"], np.asarray(trained.params["head"]["kernel"]))
+  tokens = trained._pack(trained._text_ids(["a small red circle at the top left"] * 2),
+                         trained._unknown(2, trained.layout.image_len))
+  np.testing.assert_array_equal(_logits(exported, tokens), _logits(trained, tokens))
+  prompts = [shapes.sample_example("val", 0, i)[2] for i in range(4)]
+  np.testing.assert_array_equal(exported.text_to_image(prompts, steps=4, seed=3),
+                                trained.text_to_image(prompts, steps=4, seed=3))
+  card = (out / "README.md").read_text()
+  assert "| training step | 150 |" in card and f"{meta['param_count']:,}" in card
+  # Parameters only: at least 2.5x smaller than the training checkpoint (params + AdamW moments + EMA).
+  ckpt = workdir / "checkpoints" / "150"
+  assert _bytes(ckpt) >= 2.5 * _bytes(out), (_bytes(ckpt), _bytes(out))
+
+
+def test_bfloat16_orbax_export_stays_within_tolerance(workdir, tmp_path):
+  from unimm_jax import export
+  out = tmp_path / "bf16"
+  export.export(workdir, out, dtype="bfloat16", fmt="orbax")
+  meta = json.loads((out / export.MODEL_FILE).read_text())
+  assert {t["dtype"] for t in meta["tensors"].values()} == {"bfloat16"}
+  trained, exported = Pipeline.load(workdir), Pipeline.load(out)
+  tokens = trained._pack(trained._unknown(3, trained.layout.text_len),
+                         trained._image_ids(np.stack([shapes.sample_example("val", 0, i)[1] for i in range(3)])))
+  a, b = _logits(trained, tokens), _logits(exported, tokens)
+  allowed = np.asarray(trained.layout.allowed_ids())[None] & np.ones(a.shape, bool)
+  # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per weight): logits within 2 % of their spread.
+  spread = a[allowed].max() - a[allowed].min()
+  assert np.abs(a - b)[allowed].max() < 0.02 * spread, (np.abs(a - b)[allowed].max(), spread)
+
+
+def test_pipeline_load_of_something_else_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="neither a training workdir .* nor an exported model"):
+    Pipeline.load(tmp_path)
+
+
+def test_read_safetensors_reads_bfloat16_that_numpy_cannot(tmp_path):
+  import jax.numpy as jnp
+  from safetensors.flax import save_file
+  from unimm_jax import export
+  want = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7, "b": jnp.ones(4, jnp.float32)}
+  save_file(want, str(tmp_path / "x.safetensors"))
+  got = export.read_safetensors(tmp_path / "x.safetensors")
+  assert got["a/kernel"].dtype == jnp.bfloat16 and got["b"].dtype == np.float32
+  np.testing.assert_array_equal(got["a/kernel"].astype(np.float32), np.asarray(want["a/kernel"], np.float32))

@@ -49,9 +49,11 @@ def sampler_kwargs(config, task: str) -> dict:
 class Pipeline:
   """A trained model with its tokenizers; see the module docstring."""
 
-  def __init__(self, config, params, toks: data_pipeline.Tokenizers, *, batch_size: int = 64):
+  def __init__(self, config, params, toks: data_pipeline.Tokenizers, *, batch_size: int = 64,
+               step: int | None = None):
     from unimm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this package's modules)
     self.config = config
+    self.step = step          # the training step of the weights, when known
     self.params = params
     self.tokenizers = toks
     self.layout = toks.layout
@@ -64,12 +66,21 @@ class Pipeline:
   # ---- loading -------------------------------------------------------------------------------------------------
   @classmethod
   def load(cls, path, *, weights: str = "ema", step: int | None = None, batch_size: int = 64) -> "Pipeline":
-    """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``)."""
-    from unimm_jax import train  # pylint: disable=g-import-not-at-top
+    """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``), or from
+    a bundle written by ``python -m unimm_jax.export`` (its one set of weights; ``weights``/``step`` unused)."""
+    from unimm_jax import export, train  # pylint: disable=g-import-not-at-top
     path = train.absolute_path(path)
+    if (path / export.MODEL_FILE).exists():
+      meta = json.loads((path / export.MODEL_FILE).read_text())
+      config = configuration.from_dict(meta["config"])
+      toks = data_pipeline.load_tokenizers(path, config.text.max_len)
+      logging.info("loaded exported %s weights (%s) of step %s from %s", meta["weights"], meta["dtype"],
+                   meta["step"], path)
+      return cls(config, export.load_params(path, meta), toks, batch_size=batch_size, step=meta["step"])
     config_file = path / "config.json"
     if not config_file.exists():
-      raise FileNotFoundError(f"{path} is not a training workdir: it has no config.json")
+      raise FileNotFoundError(f"{path} is neither a training workdir (no config.json) nor an exported model "
+                              f"(no {export.MODEL_FILE})")
     config = configuration.from_dict(json.loads(config_file.read_text()))
     toks = data_pipeline.load_tokenizers(path, config.text.max_len)
     method = train.make_method(config, toks.layout)
@@ -84,7 +95,7 @@ class Pipeline:
       raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
     params = state.ema_params if weights == "ema" else state.params
     logging.info("loaded %s weights of step %d from %s", weights, int(state.step), path)
-    return cls(config, params, toks, batch_size=batch_size)
+    return cls(config, params, toks, batch_size=batch_size, step=int(state.step))
 
   # ---- the one sampling loop, batched ---------------------------------------------------------------------------
   def _sampler(self, cfg: sampling.SamplerConfig, guide: tuple[bool, bool]):
