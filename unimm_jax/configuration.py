@@ -33,6 +33,7 @@ CHOICES = {
     "model.positions": ("rope", "learned", "rope+learned"),
     "model.attention": ("xla", "cudnn"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "train.on_nonfinite": ("stop", "skip"),
     "sample.method": ("confidence", "ancestral"),
     "sample.reveal_schedule": ("cosine", "linear"),
 }
@@ -114,6 +115,7 @@ def base_config() -> ConfigDict:
   c.train.batch_size = 64        # global batch
   c.train.log_every = 50
   c.train.ema_decay = 0.999
+  c.train.on_nonfinite = "stop"  # a NaN/inf loss: stop (last good checkpoint kept) | skip the step
 
   c.optim = ConfigDict()
   c.optim.learning_rate = 1e-3

@@ -107,6 +107,9 @@ def main(argv):
   except sharding.MeshError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if report.get("preempted"):
+    print(f"preempted: checkpoint saved at step {report['step']}; rerun the same command to resume")
+    return
   if report.get("generation_step") == report["step"]:
     return
   if jax.process_count() > 1:

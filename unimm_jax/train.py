@@ -50,6 +50,7 @@ class Method:
   diffusion: Any = flax.struct.field(pytree_node=False)   # frozen ConfigDict of config.diffusion
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
+  skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)   # train.on_nonfinite == 'skip'
 
   @property
   def schedule(self):
@@ -79,7 +80,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def make_method(config, layout: VocabLayout) -> Method:
   return Method(model=make_model(config, layout), layout=layout, diffusion=config.diffusion.copy_and_resolve_references(),
-                tx=make_optimizer(config), ema_decay=config.train.ema_decay)
+                tx=make_optimizer(config), ema_decay=config.train.ema_decay,
+                skip_nonfinite=config.train.on_nonfinite == "skip")
 
 
 def _initialiser(method: Method, seed: int):
@@ -158,11 +160,17 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   # EMA with a warm-up of the decay, so early averages are not dominated by the random initialisation.
   decay = jnp.minimum(method.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  if method.skip_nonfinite:   # a bad batch changes nothing but the step (so data and noise move on)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), keep(ema, state.ema_params)
   metrics = {
       "loss": loss, **parts,
-      "grad_norm": optax.tree.norm(grads),
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
-      "update_norm": optax.tree.norm(updates),
+      "update_norm": update_norm,
       "masked_fraction": masked.mean(),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
@@ -244,11 +252,50 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}; the last good checkpoint is "
-                             "kept. Lower optim.learning_rate or check the data.")
+def _check_finite(first_step: int, metrics, skip: bool, directory) -> int:
+  """Raises FloatingPointError at the first step of ``metrics`` (steps first_step, first_step + 1, ...) whose loss,
+  gradient or update was not finite, unless ``skip``; returns how many were. Called before every checkpoint save,
+  so a bad state is never written and the newest checkpoint on disk is the last good one."""
+  bad = [first_step + i for i, m in enumerate(metrics) if m["nonfinite"] > 0 or not math.isfinite(float(m["loss"]))]
+  if bad and not skip:
+    raise FloatingPointError(f"non-finite loss, gradient or update at step {bad[0]}: stopping; the last good checkpoint in {directory} "
+                             "is kept. Lower optim.learning_rate, check the data, or set "
+                             "train.on_nonfinite='skip' to skip such steps.")
+  return len(bad)
+
+
+class _Preemption:
+  """SIGTERM (what a spot / preemptible VM gets) asks for a checkpoint at the next step boundary, then exit.
+
+  One process: a signal handler sets a flag. Several: JAX's preemption sync point, so every process stops at the
+  same step (the distributed runtime catches the signal itself).
+  """
+
+  def __init__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self._flag, self._multi = False, jax.process_count() > 1
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:   # no preemption service in this runtime
+        return False
+    return self._flag
+
+  def close(self) -> None:
+    if self._previous is not None:
+      import signal  # pylint: disable=g-import-not-at-top
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,36 +391,68 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   tokens_per_step = config.train.batch_size * layout.seq_len
   history, pending, bits = [], [], None
   train_time, window_start, window_steps, unk = 0.0, time.perf_counter(), 0, 0   # steps only, not the eval above
-  for step in range(start, total):
-    batch = next(data_iter)
-    unk += int(batch["text_unk"].sum())
-    state, metrics = step_fn(state, {"tokens": sharding_lib.global_batch(batch["tokens"], batch_sh)})
-    pending.append(metrics)
-    window_steps += 1
-    done = step + 1
-    if done % config.train.log_every == 0 or done == total:
-      fetched = jax.device_get(pending)                        # the one host sync of a log interval
-      now = time.perf_counter()
-      elapsed, window_start = now - window_start, now
-      train_time += elapsed
-      means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      history.extend(float(m["loss"]) for m in fetched)
-      _check_finite(done, means)
-      steps_per_s = window_steps / elapsed
-      logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
-                   "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
-                   f"{steps_per_s * tokens_per_step:,.0f}", unk, _duration((total - done) / steps_per_s))
-      lr = float(learning_rate_schedule(config)(done))
-      writer.scalars(done, {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr,
-                            "perf/steps_per_s": steps_per_s, "perf/tokens_per_s": steps_per_s * tokens_per_step})
-      pending, window_steps, unk = [], 0, 0
-    if done % config.eval.every_steps == 0 and done != total:
-      bits = run_eval(done)
-      window_start = time.perf_counter()  # validation time is not training time
-    if done % config.ckpt.every_steps == 0 or done == total:
-      wall = time.perf_counter() - loop_start
-      ckpt.save(done, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
-                                         "train_s": meta["train_s"] + train_time}, force=True)
+  skipped, preemption = 0, _Preemption()
+
+  def flush(first_step):
+    """Host-fetches the pending metrics (one sync) and checks them; returns them."""
+    nonlocal skipped
+    fetched = jax.device_get(pending)
+    history.extend(float(m["loss"]) for m in fetched)
+    skipped += _check_finite(first_step, fetched, method.skip_nonfinite, ckpt.directory)
+    pending.clear()
+    return fetched
+
+  def save(step):
+    wall = time.perf_counter() - loop_start
+    ckpt.save(step, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
+                                       "train_s": meta["train_s"] + train_time}, force=True)
+
+  try:
+    for step in range(start, total):
+      batch = next(data_iter)
+      unk += int(batch["text_unk"].sum())
+      state, metrics = step_fn(state, {"tokens": sharding_lib.global_batch(batch["tokens"], batch_sh)})
+      pending.append(metrics)
+      window_steps += 1
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        fetched = flush(done - len(pending) + 1)                # the one host sync of a log interval
+        now = time.perf_counter()
+        elapsed, window_start = now - window_start, now
+        train_time += elapsed
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        steps_per_s = window_steps / elapsed
+        logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
+                     "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
+                     f"{steps_per_s * tokens_per_step:,.0f}", unk, _duration((total - done) / steps_per_s))
+        if means["nonfinite"] > 0:
+          logging.warning("skipped %d non-finite steps so far (train.on_nonfinite='skip')", skipped)
+        lr = float(learning_rate_schedule(config)(done))
+        writer.scalars(done, {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr,
+                              "perf/steps_per_s": steps_per_s, "perf/tokens_per_s": steps_per_s * tokens_per_step})
+        window_steps, unk = 0, 0
+      if done % config.eval.every_steps == 0 and done != total:
+        bits = run_eval(done)
+        window_start = time.perf_counter()  # validation time is not training time
+      if done % config.ckpt.every_steps == 0 or done == total:
+        if pending:
+          flush(done - len(pending) + 1)                        # never save a state that went non-finite
+        save(done)
+      elif preemption.requested(done):
+        if pending:
+          flush(done - len(pending) + 1)
+        save(done)
+        ckpt.close()
+        writer.close()
+        preemption.close()
+        logging.warning("preempted (SIGTERM): saved a checkpoint at step %d in %s; rerun the same command to resume",
+                        done, ckpt.directory)
+        return {"preempted": True, "step": done, "history": history}
+  except BaseException:
+    ckpt.close()   # lets an asynchronous save of a good step finish before the error propagates
+    raise
+  finally:
+    preemption.close()
 
   # ---- Final validation and report ---------------------------------------------------------------------------
   if start < total or bits is None:
