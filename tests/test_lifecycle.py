@@ -1,5 +1,6 @@
 """Run lifecycle: non-finite steps stop the run (or are skipped) without touching good checkpoints; SIGTERM saves."""
 
+import json
 import os
 import signal
 import subprocess
@@ -87,3 +88,52 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resuming from checkpoint at step {saved}" in again.stderr
   assert (tmp_path / "report.json").exists()
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(tmp_path):
+  config = tiny_config(**{"train.steps": 6, "ckpt.every_steps": 3})
+  train.train_and_evaluate(config, tmp_path)
+  state_files = [p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
+  for p in state_files:
+    p.write_bytes(b"not a checkpoint")
+  report = train.train_and_evaluate(tiny_config(**{"train.steps": 9, "ckpt.every_steps": 3}), tmp_path)
+  assert report["step"] == 9 and len(report["history"]) == 6          # resumed from step 3, not 6
+  assert (tmp_path / "checkpoints" / "6.damaged").is_dir()           # kept for inspection, not deleted
+  assert checkpointing.Checkpointer(tmp_path, every_steps=3, max_to_keep=5).latest_step() == 9
+
+
+def test_resuming_with_another_model_size_names_the_fields_before_building_anything(tmp_path):
+  train.train_and_evaluate(tiny_config(**{"train.steps": 3}), tmp_path)
+  wider = tiny_config(**{"train.steps": 6, "model.d_model": 48, "model.num_layers": 3})
+  with pytest.raises(Exception, match=r"config.model.d_model: 48 here, 32 in the checkpoint") as err:
+    train.train_and_evaluate(wider, tmp_path)
+  assert "config.model.num_layers: 3 here, 2 in the checkpoint" in str(err.value)
+
+
+def test_an_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(OSError, match="cannot write to the workdir"):
+    train.train_and_evaluate(tiny_config(), blocker / "run")
+
+
+def test_sigkill_then_the_same_command_continues_bit_for_bit(tmp_path):
+  worker = os.path.join(REPO, "tests", "sharded_runs.py")
+  run = lambda workdir, out: [sys.executable, worker, "1", "main", str(tmp_path / out), str(tmp_path / workdir), "30"]
+  subprocess.run(run("a", "a.json"), check=True, capture_output=True, timeout=300)
+  want = json.loads((tmp_path / "a.json").read_text())["history"]
+  proc = subprocess.Popen(run("b", "b.json"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  try:
+    while not (tmp_path / "b" / "checkpoints" / "6").exists():   # committed steps appear by an atomic rename
+      assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint at step 6"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  assert not (tmp_path / "b.json").exists()                         # it really died before the end
+  subprocess.run(run("b", "b.json"), check=True, capture_output=True, timeout=300)
+  got = json.loads((tmp_path / "b.json").read_text())["history"]
+  assert 0 < len(got) <= 24
+  assert got == want[len(want) - len(got):]                         # the same float32 losses, bit for bit

@@ -90,6 +90,35 @@ class Checkpointer:
     logging.info("restored checkpoint %s/%d", self.directory, step)
     return restored["state"]
 
+  def quarantine(self, step: int) -> epath.Path:
+    """Moves an unreadable step aside to ``<step>.damaged`` (kept for inspection, never deleted) and forgets it."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.damaged"
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{step}.damaged{n}"
+    source.rename(target)
+    self._manager.reload()
+    return target
+
+  def restore_newest_good(self, abstract_state, data_iterator=None):
+    """(state, step) of the newest checkpoint that restores; damaged newer ones are reported and quarantined.
+
+    A save killed half-way never becomes a step (Orbax writes to a temporary directory and renames it when
+    complete); this handles the other case, a committed step whose files were damaged afterwards.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, data_iterator, step=step), step
+      except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise many types)
+        moved = self.quarantine(step)
+        logging.error("checkpoint %d in %s cannot be restored (%s: %s); moved it to %s and trying an older one",
+                      step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                      moved.name)
+    raise FileNotFoundError(f"no checkpoint in {self.directory} can be restored (damaged ones were moved to "
+                            "*.damaged); use a new --workdir to start over")
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()
@@ -97,6 +126,12 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def has_checkpoints(workdir) -> bool:
+  """Whether ``WORKDIR/checkpoints`` holds at least one committed step (cheap: no Orbax manager)."""
+  directory = epath.Path(workdir) / "checkpoints"
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def abstract_like(tree):

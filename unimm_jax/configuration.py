@@ -301,6 +301,32 @@ def validate(config: ConfigDict) -> ConfigDict:
   return config
 
 
+# Fields that fix the shapes and structure of the train state: a checkpoint restores only into the same values.
+STATE_FIELDS = ("model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim",
+                "model.positions", "model.vocab_multiple", "model.scan_layers", "model.param_dtype",
+                "text.max_len", "image.size", "image.channels", "image.patch", "image.tokenizer", "text.tokenizer",
+                "optim.grad_clip")
+
+
+def check_resumable(config: ConfigDict, saved: ConfigDict) -> None:
+  """ConfigError naming every field (both values) that makes ``saved``'s checkpoints unrestorable into ``config``.
+
+  Checked before anything is built or compiled, so a resumed run with, say, another width fails in one message
+  instead of deep inside Orbax. (``optim.grad_clip`` between 0 and > 0 changes the optimizer state's structure.)
+  """
+  problems = []
+  for name in STATE_FIELDS:
+    group, field = name.split(".")
+    new, old = config[group][field], saved[group][field]
+    if name == "optim.grad_clip":
+      new, old = new > 0, old > 0
+    if new != old:
+      problems.append(f"config.{name}: {config[group][field]!r} here, {saved[group][field]!r} in the checkpoint")
+  if problems:
+    raise ConfigError("this config cannot resume the checkpoints in the workdir (use a new --workdir, or the "
+                      "config it was trained with):\n  " + "\n  ".join(problems))
+
+
 def check_tokenizers(config: ConfigDict, text_tokenizer, image_tokenizer) -> None:
   """Checks that fitted or loaded tokenizers agree with the config (a resumed run may have changed it)."""
   problems = []

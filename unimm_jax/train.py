@@ -313,9 +313,15 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   rules = sharding_lib.rules_of(config)
   workdir = absolute_path(workdir)
   is_main = jax.process_index() == 0
+  saved_config = workdir / "config.json"
+  if saved_config.exists() and checkpointing.has_checkpoints(workdir):
+    configuration.check_resumable(config, configuration.from_dict(json.loads(saved_config.read_text())))
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      saved_config.write_text(config.to_json_best_effort(indent=2))
+    except OSError as e:
+      raise OSError(f"cannot write to the workdir {workdir}: {e}") from e
 
   # ---- Input pipeline ------------------------------------------------------------------------------------------
   train_source = pipeline.make_source(config, "train")
@@ -355,8 +361,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   meta = {"train_wall_s": 0.0, "train_s": 0.0}   # cumulative over invocations, saved with each checkpoint
   if ckpt.latest_step() is not None:
     # Restored straight onto this run's shardings, whatever the mesh that wrote it.
-    state = ckpt.restore(abstract, data_iter)
-    meta.update(ckpt.restore_meta())
+    state, restored_step = ckpt.restore_newest_good(abstract, data_iter)
+    meta.update(ckpt.restore_meta(restored_step))
     logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
   else:
     state = init_state(method, config.seed, mesh, rules)
