@@ -8,6 +8,9 @@ warm-up call, every call synchronised on its result.
 ``compile`` (``--config``, ``--layers=4,8,16,32``): seconds to lower and compile the train step on one device at
 each depth, with the layers unrolled and with ``model.scan_layers`` (one compiled block, whatever the depth).
 A word tokenizer's vocabulary is taken as ``text.max_vocab`` or 64 words (it does not change compile time).
+
+``checkpoint`` (``--config``): the train step's time with a checkpoint saved every 20 steps, asynchronously and
+synchronously, against no saves (200 steps each, random tokens, one device): what a save costs the loop.
 """
 
 from __future__ import annotations
@@ -75,12 +78,53 @@ def bench_compile(config, layers=(4, 8, 16, 32)) -> dict:
   return out
 
 
+def bench_checkpoint(config, steps: int = 200, every: int = 20) -> dict:
+  """{'no_save'|'async'|'sync': {'mean_ms', 'median_ms' (steps without a save), 'save_step_ms'}}."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from unimm_jax import checkpointing, dry_run, sharding, train  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  if c.text.tokenizer == "word" and not c.text.max_vocab:
+    c.text.max_vocab = 64
+  method = train.make_method(c, dry_run.planned_layout(c))
+  mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
+  _, shardings = train.state_shardings(method, mesh, rules)
+  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  state = train.init_state(method, 0, mesh, rules)
+  lay = method.layout
+  rng = np.random.default_rng(0)
+  batches = [sharding.global_array(lay.pack(rng.integers(0, lay.text_vocab, (c.train.batch_size, lay.text_len)),
+                                            rng.integers(0, lay.image_vocab, (c.train.batch_size, lay.image_len))
+                                            ).astype(np.int32), sharding.batch_sharding(mesh)) for _ in range(4)]
+  for i in range(5):
+    state, metrics = step_fn(state, {"tokens": batches[i % 4]})
+  jax.block_until_ready(metrics)
+  out = {}
+  for mode in ("no_save", "async", "sync"):
+    ckpt = checkpointing.Checkpointer(tempfile.mkdtemp(), every_steps=every, max_to_keep=2, async_save=mode == "async")
+    times = []
+    for i in range(steps):
+      start = time.perf_counter()
+      state, metrics = step_fn(state, {"tokens": batches[i % 4]})
+      if mode != "no_save" and (i + 1) % every == 0:
+        ckpt.save(i + 1, state, force=True)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    ckpt.close()
+    saves = [t for i, t in enumerate(times) if (i + 1) % every == 0]
+    others = [t for i, t in enumerate(times) if (i + 1) % every]
+    out[mode] = {"mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(others),
+                 "save_step_ms": 1e3 * statistics.median(saves)}
+    logging.info("checkpoint every %d steps, %s: mean step %.1f ms, median %.1f ms, steps with a save %.1f ms",
+                 every, mode, *out[mode].values())
+  return out
+
+
 def _cli():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   workdir = flags.DEFINE_string("workdir", None, "A training workdir to load (sample).")
   config = config_flags.DEFINE_config_file("config", None, "A config file (compile).")
   layers = flags.DEFINE_list("layers", ["4", "8", "16", "32"], "compile: depths to time.")
-  what = flags.DEFINE_list("what", ["sample"], "What to measure: sample, compile.")
+  what = flags.DEFINE_list("what", ["sample"], "What to measure: sample, compile, checkpoint.")
   batch = flags.DEFINE_integer("batch", 64, "Batch of the sampler measurement.")
   repeats = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
   out_path = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
@@ -95,6 +139,10 @@ def _cli():
       if config.value is None:
         raise app.UsageError("--what=compile needs --config=FILE")
       result["compile"] = bench_compile(config.value, tuple(int(n) for n in layers.value))
+    if "checkpoint" in what.value:
+      if config.value is None:
+        raise app.UsageError("--what=checkpoint needs --config=FILE")
+      result["checkpoint"] = bench_checkpoint(config.value)
     if "sample" in what.value:
       if workdir.value is None:
         raise app.UsageError("--what=sample needs --workdir=DIR")
