@@ -137,3 +137,32 @@ def test_sigkill_then_the_same_command_continues_bit_for_bit(tmp_path):
   got = json.loads((tmp_path / "b.json").read_text())["history"]
   assert 0 < len(got) <= 24
   assert got == want[len(want) - len(got):]                         # the same float32 losses, bit for bit
+
+
+def test_a_save_cut_off_half_way_is_ignored_and_reported(tmp_path, caplog):
+  train.train_and_evaluate(tiny_config(**{"train.steps": 3}), tmp_path)
+  partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234"   # what a save killed mid-write leaves
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "half").write_bytes(b"\0" * 10)
+  with caplog.at_level("WARNING"):
+    report = train.train_and_evaluate(tiny_config(**{"train.steps": 6}), tmp_path)
+  assert report["step"] == 6 and len(report["history"]) == 3          # resumed from step 3
+  assert "6.orbax-checkpoint-tmp-1234" in caplog.text and partial.exists()   # reported, left in place
+
+
+def test_a_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+  config = tiny_config(**{"train.steps": 6, "ckpt.every_steps": 3})
+  real_save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 6:
+      raise OSError(errno.ENOSPC, "No space left on device")   # simulated: this sandbox cannot fill a disk
+    return real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(OSError, match=r"saving checkpoint 6 .* failed .*No space left.* previous checkpoints are "
+                                    r"intact: \[3\]"):
+    train.train_and_evaluate(config, tmp_path)
+  monkeypatch.undo()
+  assert checkpointing.Checkpointer(tmp_path, every_steps=3, max_to_keep=5).latest_step() == 3

@@ -50,6 +50,13 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()},
     )
 
+  def incomplete(self) -> list[str]:
+    """Names in the checkpoint directory that are not committed steps: saves killed half-way (Orbax's temporary
+    directories) and quarantined ones. Never restored; left in place for the user to inspect."""
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if not p.name.isdigit())
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
@@ -66,7 +73,15 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step, error: OSError) -> OSError:
+    good = [s for s in self.all_steps() if s != step]
+    return OSError(error.errno, f"saving checkpoint {step} in {self.directory} failed ({error}); a full disk or "
+                   f"lost permissions? The previous checkpoints are intact: {good or 'none'}")
 
   def restore_meta(self, step: int | None = None) -> dict:
     """The ``meta`` dict saved with ``step`` (default: latest); {} if it has none."""
@@ -120,8 +135,11 @@ class Checkpointer:
                             "*.damaged); use a new --workdir to start over")
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk (an error of a background save surfaces here)."""
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise self._save_error(self._manager.latest_step(), e) from e
 
   def close(self) -> None:
     self._manager.wait_until_finished()

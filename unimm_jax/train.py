@@ -359,6 +359,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
                                     max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
   meta = {"train_wall_s": 0.0, "train_s": 0.0}   # cumulative over invocations, saved with each checkpoint
+  for name in ckpt.incomplete():
+    logging.warning("ignoring %s in %s: not a complete checkpoint (a save that was cut off, or one set aside)",
+                    name, ckpt.directory)
   if ckpt.latest_step() is not None:
     # Restored straight onto this run's shardings, whatever the mesh that wrote it.
     state, restored_step = ckpt.restore_newest_good(abstract, data_iter)
