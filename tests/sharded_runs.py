@@ -117,7 +117,8 @@ def main_job(out, workdir, steps, port=None, nproc=1, pid=0):
   report = train.train_and_evaluate(config, workdir)
   result = {"history": report["history"], "process_index": jax.process_index(),
             "process_count": jax.process_count(), "devices": jax.device_count(),
-            "local_devices": jax.local_device_count(), "val": report["val_bits_per_token"]}
+            "local_devices": jax.local_device_count(), "val": report.get("val_bits_per_token"),
+            "preempted": bool(report.get("preempted")), "step": report["step"]}
   json.dump(result, open(out, "w"))
 
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -70,14 +72,15 @@ def _free_port():
 
 def _two_processes(workdir, steps, out_dir):
   port = _free_port()
+  logs = [out_dir / f"log{i}_{steps}" for i in range(2)]   # files, not pipes: an unread pipe can fill and block
   procs = [subprocess.Popen([sys.executable, WORKER, "4", "main", str(out_dir / f"p{i}.json"), str(workdir),
-                             str(steps), str(port), "2", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                             str(steps), str(port), "2", str(i)], stdout=subprocess.DEVNULL,
+                            stderr=open(logs[i], "w")) for i in range(2)]
   results = []
   try:
-    for p in procs:
-      _, err = p.communicate(timeout=300)
-      assert p.returncode == 0, err[-4000:]
+    for p, log in zip(procs, logs):
+      p.wait(timeout=300)
+      assert p.returncode == 0, log.read_text()[-4000:]
   finally:
     for p in procs:
       p.kill()
@@ -144,3 +147,25 @@ def test_dry_run_with_a_mesh_that_does_not_fit_is_one_line(tmp_path):
                          f"--workdir={tmp_path}", "--dry_run", "--dry_run_devices=6", "--config.mesh.shape=(4,-1,1)"],
                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 2 and "does not fit 6 devices" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, WORKER, "4", "main", str(tmp_path / f"p{i}.json"), str(tmp_path / "w"),
+                             "3000", str(port), "2", str(i)], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / f"err{i}", "w")) for i in range(2)]   # a file: a pipe can fill
+  try:
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "w" / "checkpoints" / "3").exists():   # training is under way
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no progress"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)                         # only one host is told, as on a real slice
+    for p in procs:
+      p.wait(timeout=240)
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], (tmp_path / "err1").read_text()[-3000:]
+  results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  assert all(r["preempted"] for r in results) and results[0]["step"] == results[1]["step"] < 3000
+  assert (tmp_path / "w" / "checkpoints" / str(results[0]["step"])).exists()
