@@ -55,20 +55,30 @@ def bench_sample(pipe, batch: int, steps_list=(16, 32), repeats: int = 5) -> dic
   return out
 
 
+def _one_device_step(config, **model_overrides):
+  """(config, method, mesh, abstract state, jitted train step) on one device, the layout from the config's sizes.
+
+  A word tokenizer's vocabulary is taken as ``text.max_vocab`` or 64 words (timing does not depend on it).
+  """
+  from unimm_jax import dry_run, sharding, train  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  for name, value in model_overrides.items():
+    c.model[name] = value
+  if c.text.tokenizer == "word" and not c.text.max_vocab:
+    c.text.max_vocab = 64
+  method = train.make_method(c, dry_run.planned_layout(c))
+  mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
+  abstract, shardings = train.state_shardings(method, mesh, rules)
+  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  return c, method, mesh, abstract, step_fn
+
+
 def bench_compile(config, layers=(4, 8, 16, 32)) -> dict:
   """{'unrolled'|'scan': {layers: seconds}}: lower + compile of the jitted train step, nothing executed."""
-  from unimm_jax import dry_run, sharding, train  # pylint: disable=g-import-not-at-top
   out = {"unrolled": {}, "scan": {}}
   for scan in (False, True):
     for n in layers:
-      c = config.copy_and_resolve_references()
-      c.model.num_layers, c.model.scan_layers = n, scan
-      if c.text.tokenizer == "word" and not c.text.max_vocab:
-        c.text.max_vocab = 64
-      method = train.make_method(c, dry_run.planned_layout(c))
-      mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
-      abstract, shardings = train.state_shardings(method, mesh, rules)
-      step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+      c, method, _, abstract, step_fn = _one_device_step(config, num_layers=n, scan_layers=scan)
       batch = {"tokens": jax.ShapeDtypeStruct((c.train.batch_size, method.layout.seq_len), jnp.int32)}
       start = time.perf_counter()
       step_fn.lower(abstract, batch).compile()
@@ -81,15 +91,9 @@ def bench_compile(config, layers=(4, 8, 16, 32)) -> dict:
 def bench_checkpoint(config, steps: int = 200, every: int = 20) -> dict:
   """{'no_save'|'async'|'sync': {'mean_ms', 'median_ms' (steps without a save), 'save_step_ms'}}."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  from unimm_jax import checkpointing, dry_run, sharding, train  # pylint: disable=g-import-not-at-top
-  c = config.copy_and_resolve_references()
-  if c.text.tokenizer == "word" and not c.text.max_vocab:
-    c.text.max_vocab = 64
-  method = train.make_method(c, dry_run.planned_layout(c))
-  mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
-  _, shardings = train.state_shardings(method, mesh, rules)
-  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
-  state = train.init_state(method, 0, mesh, rules)
+  from unimm_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
+  c, method, mesh, _, step_fn = _one_device_step(config)
+  state = train.init_state(method, 0, mesh, sharding.rules_of(c))
   lay = method.layout
   rng = np.random.default_rng(0)
   batches = [sharding.global_array(lay.pack(rng.integers(0, lay.text_vocab, (c.train.batch_size, lay.text_len)),
