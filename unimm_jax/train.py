@@ -443,14 +443,13 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       if done % config.eval.every_steps == 0 and done != total:
         bits = run_eval(done)
         window_start = time.perf_counter()  # validation time is not training time
-      if done % config.ckpt.every_steps == 0 or done == total:
+      # Asked at every step: across processes the sync point is one agreed step, whatever the save interval.
+      preempted = preemption.requested(done)
+      if done % config.ckpt.every_steps == 0 or done == total or preempted:
         if pending:
           flush(done - len(pending) + 1)                        # never save a state that went non-finite
         save(done)
-      elif preemption.requested(done):
-        if pending:
-          flush(done - len(pending) + 1)
-        save(done)
+      if preempted:
         ckpt.close()
         writer.close()
         preemption.close()
