@@ -1,6 +1,19 @@
-"""Test set-up: CPU only, quiet JAX, small shared fixtures."""
+"""Test set-up: CPU only, quiet JAX, and one persistent compilation cache per test session.
 
+Many tests start fresh JAX processes (fake-device meshes, several processes, kill-and-resume) that compile the same
+tiny programs again; a cache directory shared by the session's processes (inherited through the environment) lets
+each program compile once. It lives in a new temporary directory, so no state is carried between sessions.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="unimm_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
