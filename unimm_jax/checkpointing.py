@@ -150,8 +150,3 @@ def has_checkpoints(workdir) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds at least one committed step (cheap: no Orbax manager)."""
   directory = epath.Path(workdir) / "checkpoints"
   return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def abstract_like(tree):
-  """jax.ShapeDtypeStruct tree (with shardings) of ``tree``: a restore target that allocates nothing."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

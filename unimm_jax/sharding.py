@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import optax
+from absl import logging
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -99,7 +100,9 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
   else:
     try:
       array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):   # unknown topologies: keep jax.devices() order
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      # Devices without a known physical topology (CPU, fake devices, some GPU hosts): jax.devices() order.
+      logging.info("mesh %s laid out in jax.devices() order (%s: %s)", shape, type(e).__name__, e)
       array = np.asarray(devices).reshape(shape)
   return Mesh(array, AXES)
 
