@@ -10,6 +10,7 @@ size vs patch). Sizes that depend on fitted tokenizers are checked by :func:`che
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import ml_collections
@@ -349,3 +350,17 @@ def check_tokenizers(config: ConfigDict, text_tokenizer, image_tokenizer) -> Non
   if problems:
     raise ConfigError("the config does not match the tokenizers saved in the workdir (use a new --workdir, "
                       "or restore the config it was trained with):\n  " + "\n  ".join(problems))
+
+
+def split_cpu_devices(n: int) -> None:
+  """``mesh.cpu_devices=N``: N single-threaded XLA CPU devices, data-parallel, instead of one multi-threaded one.
+
+  A small model's step is bound by per-operation overhead, which one thread per device and the batch split over
+  the cores (a real SPMD program, collectives included) cut by 10-15 % on 2 cores (BENCHMARKS.md). Must happen
+  before JAX starts (this module never imports JAX); flags already in XLA_FLAGS are left as they are, and
+  other backends (GPU, TPU) ignore these CPU flags.
+  """
+  if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  flags_ = f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags_).strip()

@@ -39,6 +39,16 @@ def _attribute_match(got: frozenset, want: frozenset) -> dict[str, bool]:
   return out
 
 
+def _by_count(correct, sets) -> dict[str, float]:
+  """Accuracy over the examples of each shape count: {'1': ..., '2': ...}. Two shapes are where binding
+  attributes to the right shape is tested, so this split says whether a model reads scenes or single objects."""
+  out = {}
+  for n in sorted({len(s) for s in sets}):
+    hits = [c for c, s in zip(correct, sets) if len(s) == n]
+    out[str(n)] = float(np.mean(hits))
+  return out
+
+
 def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict]:
   """(figures, samples for the html report) on the first ``num`` val examples of ``shapes``."""
   examples = [shapes.sample_example("val", config.data.seed, i) for i in range(num)]
@@ -53,6 +63,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
   timing["t2i_s"] = time.perf_counter() - start
   read = [shapes.read_image(img) for img in drawn]
   figures["t2i_accuracy"] = float(np.mean([r == s for r, s in zip(read, sets)]))
+  figures["t2i_accuracy_by_count"] = _by_count([r == s for r, s in zip(read, sets)], sets)
   per = [_attribute_match(r, s) for r, s in zip(read, sets)]
   figures["t2i_attribute_accuracy"] = {a: float(np.mean([p[a] for p in per])) for a in per[0]}
 
@@ -62,6 +73,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
   timing["i2t_s"] = time.perf_counter() - start
   parsed = [shapes.read_caption(c) for c in written]
   figures["i2t_accuracy"] = float(np.mean([p == s for p, s in zip(parsed, sets)]))
+  figures["i2t_accuracy_by_count"] = _by_count([p == s for p, s in zip(parsed, sets)], sets)
   per = [_attribute_match(p, s) for p, s in zip(parsed, sets) if p is not None]
   figures["i2t_parse_rate"] = float(np.mean([p is not None for p in parsed]))
   figures["i2t_attribute_accuracy"] = (
@@ -111,12 +123,17 @@ def render_html(report: dict, samples: dict | None) -> str:
   def pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
   bits = report.get("val_bits_per_token") or {}
+  def by_count(key):
+    split = report.get(key) or {}
+    return ", ".join(f"{n} shape{'s' if n != '1' else ''}: {pct(v)}" for n, v in split.items()) or "n/a"
   rows = [
       ("step", report.get("step")),
       ("val bits/token, text", f"{bits.get('text', float('nan')):.4f}"),
       ("val bits/token, image", f"{bits.get('image', float('nan')):.4f}"),
       ("text&rarr;image accuracy", pct(report.get("t2i_accuracy"))),
       ("image&rarr;text accuracy", pct(report.get("i2t_accuracy"))),
+      ("text&rarr;image by shape count", by_count("t2i_accuracy_by_count")),
+      ("image&rarr;text by shape count", by_count("i2t_accuracy_by_count")),
       ("joint consistency", pct(report.get("joint_consistency"))),
       ("training wall time", f"{report.get('train_wall_s')} s"),
       ("training tokens/s", report.get("train_tokens_per_s")),

@@ -60,20 +60,6 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def _split_cpu(n: int) -> None:
-  """``mesh.cpu_devices=N``: N single-threaded XLA CPU devices, data-parallel, instead of one multi-threaded one.
-
-  A small model's step is bound by per-operation overhead, which one thread per device and the batch split over
-  the cores (a real SPMD program, collectives included) cut by 10-15 % on 2 cores (BENCHMARKS.md). Must happen
-  before JAX starts, hence here and not in the library; flags already in XLA_FLAGS are left as they are, and
-  other backends (GPU, TPU) ignore these CPU flags.
-  """
-  if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return
-  flags_ = f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags_).strip()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -85,7 +71,7 @@ def main(argv):
     # One clear message, before anything is compiled; no traceback for a user error.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  _split_cpu(config.mesh.cpu_devices)
+  configuration.split_cpu_devices(config.mesh.cpu_devices)
   # pylint: disable=g-import-not-at-top  (imported here so --help and config errors are fast)
   import jax
   from unimm_jax import sharding

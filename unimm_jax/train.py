@@ -29,7 +29,7 @@ from unimm_jax.data import pipeline
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.diffusion import loss as loss_lib
 from unimm_jax.diffusion.schedules import get_schedule
-from unimm_jax.models.transformer import Transformer, TransformerConfig
+from unimm_jax.models.transformer import Transformer, TransformerConfig, modality_nll
 
 
 @flax.struct.dataclass
@@ -150,9 +150,10 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
 
   def loss_fn(params):
-    logits = method.model.apply({"params": params}, noisy)
-    return loss_lib.diffusion_loss(logits, tokens, masked, corruption, method.layout, method.schedule,
-                                   d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
+    features = method.model.apply({"params": params}, noisy, hidden=True)
+    nll = modality_nll(method.model.config, params, features, tokens)
+    return loss_lib.loss_from_nll(nll, masked, corruption, method.layout, method.schedule,
+                                  d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)

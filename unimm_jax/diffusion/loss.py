@@ -161,7 +161,12 @@ def diffusion_loss(logits, tokens, masked, corruption: Corruption, layout: Vocab
   Returns:
     (scalar loss, {'loss_text', 'loss_image'}: mean per-modality losses in nats per token).
   """
-  nll = token_nll(logits, tokens)
+  return loss_from_nll(token_nll(logits, tokens), masked, corruption, layout, schedule, weighting, modality_weights)
+
+
+def loss_from_nll(nll, masked, corruption: Corruption, layout: VocabLayout, schedule: Schedule, weighting: str,
+                  modality_weights=(1.0, 1.0)):
+  """:func:`diffusion_loss` from the per-position -log p(x0 | x_t), float32 [B, S] (however it was computed)."""
   losses, valid = per_example_losses(nll, masked, corruption.t, corruption.noised, layout, schedule, weighting)
   if weighting == "tokens":
     split = layout.text_len
