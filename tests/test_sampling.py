@@ -66,6 +66,30 @@ def test_given_tokens_fixed_all_masks_resolved_counts_follow_schedule(pipe, meth
     assert (np.diff(expected, axis=0) <= 0).all()
 
 
+def test_only_generates_the_named_positions_and_ordered_joint_generation_is_one_program(pipe):
+  """``only``: MASK outside stays MASK (the null condition) and the revealed count follows the schedule there;
+  ``generate(order='text_first')`` fills both modalities, the caption drawn before the image."""
+  lay = pipe.layout
+  tokens = np.full((8, lay.seq_len), lay.mask_id, np.int32)
+  text_pos = lay.modality_ids() == 0
+  cfg = sampling.SamplerConfig(steps=5, reveal_schedule="linear")
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(8))
+  fn = lambda t: pipe.model.apply({"params": pipe.params}, t)
+  out, counts = jax.jit(lambda t, k: sampling.sample_with_trace(fn, t, k, layout=lay, config=cfg, only=text_pos))(
+      jnp.asarray(tokens), keys)
+  out, counts = np.asarray(out), np.asarray(counts)
+  assert not (out[:, text_pos] == lay.mask_id).any()          # the caption is written
+  assert (out[:, ~text_pos] == lay.mask_id).all()             # the image stays MASK
+  expected = np.asarray(sampling.remaining_masked(jnp.full((8,), lay.text_len), 5, "linear"))
+  np.testing.assert_array_equal(counts, expected)
+  texts, images = pipe.generate(8, steps=4, seed=3, order="text_first")
+  assert len(texts) == 8 and images.shape == (8, 24, 24, 3)
+  again = pipe.generate(8, steps=4, seed=3, order="text_first")
+  assert again[0] == texts and np.array_equal(again[1], images)
+  with pytest.raises(ValueError, match="order"):
+    pipe.generate(2, order="sideways")
+
+
 def test_remaining_masked_schedules():
   got = np.asarray(sampling.remaining_masked(jnp.array([10, 0, 3]), 4, "linear"))
   np.testing.assert_array_equal(got, [[7, 0, 2], [5, 0, 1], [2, 0, 0], [0, 0, 0]])

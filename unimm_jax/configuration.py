@@ -37,6 +37,7 @@ CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "sample.method": ("confidence", "ancestral"),
     "sample.reveal_schedule": ("cosine", "linear"),
+    "sample.joint_order": ("together", "text_first", "image_first"),
 }
 # Fields that must be > 0 (ints and floats); ">= 0" ones below.
 POSITIVE = (
@@ -163,6 +164,7 @@ def base_config() -> ConfigDict:
   c.sample.confidence_noise = 1.0  # confidence: Gumbel noise on the confidences at the first step, annealed to 0
   c.sample.reveal_schedule = "cosine"  # confidence: cosine | linear
   c.sample.guidance_scale = 0.0
+  c.sample.joint_order = "together"  # joint generation: together | text_first | image_first (each stage joint_steps)
   return c
 
 

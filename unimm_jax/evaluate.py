@@ -130,6 +130,8 @@ def render_html(report: dict, samples: dict | None) -> str:
       ("step", report.get("step")),
       ("val bits/token, text", f"{bits.get('text', float('nan')):.4f}"),
       ("val bits/token, image", f"{bits.get('image', float('nan')):.4f}"),
+      ("val bits/token, text given the image", f"{bits.get('text_given_image', float('nan')):.4f}"),
+      ("val bits/token, image given the text", f"{bits.get('image_given_text', float('nan')):.4f}"),
       ("text&rarr;image accuracy", pct(report.get("t2i_accuracy"))),
       ("image&rarr;text accuracy", pct(report.get("i2t_accuracy"))),
       ("text&rarr;image by shape count", by_count("t2i_accuracy_by_count")),

@@ -34,6 +34,7 @@ from unimm_jax.diffusion import loss as loss_lib
 from unimm_jax.diffusion import sampling
 from unimm_jax.diffusion.schedules import get_schedule
 
+JOINT_ORDERS = ("together", "text_first", "image_first")
 HOLE = "<mask>"   # infill: one masked text token
 _STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
               "joint": "joint_steps"}
@@ -42,8 +43,11 @@ _STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "i
 def sampler_kwargs(config, task: str) -> dict:
   """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill) as call arguments."""
   s = config.sample
-  return dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
-              confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
+  kw = dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
+            confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
+  if task == "joint":
+    kw["order"] = s.joint_order
+  return kw
 
 
 class Pipeline:
@@ -98,13 +102,22 @@ class Pipeline:
     return cls(config, params, toks, batch_size=batch_size, step=int(state.step))
 
   # ---- the one sampling loop, batched ---------------------------------------------------------------------------
-  def _sampler(self, cfg: sampling.SamplerConfig, guide: tuple[bool, bool]):
-    key = (cfg, guide)
+  def _sampler(self, cfg: sampling.SamplerConfig, guide: tuple[bool, bool], order: str = "together"):
+    """The jitted sampling loop(s): one loop over every MASK (``together``), or, for joint generation, the caption
+    first with the image all MASK (the null condition: a draw from p(text)) and then the image for it
+    (``text_first``), or the reverse (``image_first``); each stage ``cfg.steps`` steps, all in one program."""
+    key = (cfg, guide, order)
     if key not in self._samplers:
+      text_pos = self.layout.modality_ids() == 0
       def run(params, tokens, keys):
         logits_fn = lambda t: self.model.apply({"params": params}, t)
-        return sampling.sample(logits_fn, tokens, keys, layout=self.layout, config=cfg, schedule=self.schedule,
-                               guide=guide)
+        kw = dict(layout=self.layout, config=cfg, schedule=self.schedule, guide=guide)
+        if order == "together":
+          return sampling.sample(logits_fn, tokens, keys, **kw)
+        first = text_pos if order == "text_first" else ~text_pos
+        tokens = sampling.sample(logits_fn, tokens, keys, only=first, **kw)
+        second_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        return sampling.sample(logits_fn, tokens, second_keys, **kw)
       self._samplers[key] = jax.jit(run)
     return self._samplers[key]
 
@@ -131,9 +144,10 @@ class Pipeline:
     base = jax.random.PRNGKey(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
 
-  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int) -> np.ndarray:
+  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int,
+           order: str = "together") -> np.ndarray:
     """int32 [N, S] with MASKs -> int32 [N, S] without."""
-    return self._batched(self._sampler(cfg, guide), tokens, self._example_keys(seed, tokens.shape[0]))
+    return self._batched(self._sampler(cfg, guide, order), tokens, self._example_keys(seed, tokens.shape[0]))
 
   # ---- inputs --------------------------------------------------------------------------------------------------
   def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
@@ -201,13 +215,21 @@ class Pipeline:
     return self.tokenizers.decode(self._run(tokens, cfg, (True, False), seed))[0]
 
   def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
-               method: str = "confidence", **options) -> tuple[list[str], np.ndarray]:
-    """n caption-image pairs drawn together, unconditionally."""
+               method: str = "confidence", order: str = "together", **options) -> tuple[list[str], np.ndarray]:
+    """n caption-image pairs drawn unconditionally.
+
+    ``order``: ``together`` unmasks both modalities in one loop of ``steps`` steps; ``text_first`` draws the
+    caption from p(text) (image all MASK, the null condition) and then the image for it, ``image_first`` the
+    reverse, each stage ``steps`` steps. Both orders draw from the same model's joint distribution (a chain-rule
+    factorisation of it); the ordered ones let every token of the second modality see a finished first one.
+    """
     if n < 1:
       raise ValueError(f"n={n} must be >= 1")
+    if order not in JOINT_ORDERS:
+      raise ValueError(f"order={order!r} must be one of {JOINT_ORDERS}")
     tokens = self._pack(self._unknown(n, self.layout.text_len), self._unknown(n, self.layout.image_len))
     cfg = self._sampler_config(steps, temperature, 0.0, method, **options)
-    return self.tokenizers.decode(self._run(tokens, cfg, (False, False), seed))
+    return self.tokenizers.decode(self._run(tokens, cfg, (False, False), seed, order))
 
   def inpaint(self, images, mask, prompts: Sequence[str] | None = None, steps: int = 16,
               guidance_scale: float = 0.0, temperature: float = 1.0, seed: int = 0,

@@ -106,14 +106,14 @@ def guided_log_probs(logits_fn: Callable, tokens, layout: VocabLayout, guidance_
 
 
 def sample(logits_fn: Callable, tokens, keys, *, layout: VocabLayout, config: SamplerConfig,
-           schedule: Schedule | None = None, guide: tuple[bool, bool] = (True, True)):
+           schedule: Schedule | None = None, guide: tuple[bool, bool] = (True, True), only=None):
   """Fills every MASK in ``tokens``: int32 [B, S] with no MASK left (see :func:`sample_with_trace`)."""
   return sample_with_trace(logits_fn, tokens, keys, layout=layout, config=config, schedule=schedule,
-                           guide=guide)[0]
+                           guide=guide, only=only)[0]
 
 
 def sample_with_trace(logits_fn: Callable, tokens, keys, *, layout: VocabLayout, config: SamplerConfig,
-                      schedule: Schedule | None = None, guide: tuple[bool, bool] = (True, True)):
+                      schedule: Schedule | None = None, guide: tuple[bool, bool] = (True, True), only=None):
   """Fills every MASK in ``tokens`` and reports how many stayed masked after each step.
 
   Args:
@@ -123,11 +123,15 @@ def sample_with_trace(logits_fn: Callable, tokens, keys, *, layout: VocabLayout,
     config: the sampler's settings (static).
     schedule: the masking schedule (``ancestral`` only).
     guide: which modalities' positions get guidance (static).
+    only: optional bool [S] (static): generate only these positions; a MASK elsewhere stays MASK and reads as
+      the null condition of training (e.g. a caption drawn with the image all MASK is drawn from p(text)).
   Returns:
-    (int32 [B, S] with no MASK left, int32 [K, B] masked count after each step).
+    (int32 [B, S] with no MASK left where generated, int32 [K, B] masked count after each step).
   """
   steps = config.steps
   given = tokens != layout.mask_id
+  if only is not None:
+    given = given | ~jnp.asarray(only, bool)[None]
   remaining = remaining_masked((~given).sum(axis=1), steps, config.reveal_schedule)  # [K, B]
   if config.method == "ancestral" and schedule is None:
     raise ValueError("ancestral sampling needs the masking schedule")
@@ -136,7 +140,7 @@ def sample_with_trace(logits_fn: Callable, tokens, keys, *, layout: VocabLayout,
     step_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k), 3))(keys)   # [B, 3, 2]
     log_probs = guided_log_probs(logits_fn, tokens, layout, config.guidance_scale, guide)
     candidates = _draw(step_keys[:, 0], log_probs, config.temperature)                      # [B, S]
-    masked = tokens == layout.mask_id
+    masked = (tokens == layout.mask_id) & ~given
     if config.method == "confidence":
       conf = jnp.take_along_axis(log_probs, candidates[..., None], axis=-1)[..., 0]
       noise_scale = config.confidence_noise * (1.0 - (k + 1.0) / steps)
@@ -152,7 +156,7 @@ def sample_with_trace(logits_fn: Callable, tokens, keys, *, layout: VocabLayout,
       u = jax.vmap(lambda key: jax.random.uniform(key, tokens.shape[1:]))(step_keys[:, 2])
       reveal = masked & (u < p_reveal)
     tokens = jnp.where(reveal, candidates, tokens)
-    return tokens, (tokens == layout.mask_id).sum(axis=1).astype(jnp.int32)
+    return tokens, ((tokens == layout.mask_id) & ~given).sum(axis=1).astype(jnp.int32)
 
   # One scan over the steps: a single jitted loop, with the tiny per-step counts as its only stacked output.
   return jax.lax.scan(body, tokens, jnp.arange(steps))
