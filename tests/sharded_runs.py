@@ -66,7 +66,7 @@ def losses(out):
     state = train.init_state(method, 0, mesh, rules)
     if shape == (2, 2, 2):
       p = state.params
-      for name, arr in [("token_embedding", p["token_embedding"]), ("query", p["block_0"]["attn"]["query"]["kernel"]),
+      for name, arr in [("token_embedding", p["token_embedding"]), ("qkv", p["block_0"]["attn"]["qkv"]["kernel"]),
                         ("out", p["block_0"]["attn"]["out"]["kernel"]), ("wi_0", p["block_0"]["mlp"]["wi_0"]["kernel"]),
                         ("wo", p["block_0"]["mlp"]["wo"]["kernel"]), ("head", p["head"]["kernel"]),
                         ("mu_wi_0", state.opt_state[1][0].mu["block_0"]["mlp"]["wi_0"]["kernel"]),
@@ -78,7 +78,7 @@ def losses(out):
   config_s, method_s = tiny_method(**{"model.scan_layers": True, "model.remat": "full"})
   mesh, rules, _, _, step_fn = setup((2, 4, 1), method_s, config_s)
   state = train.init_state(method_s, 0, mesh, rules)
-  result["scan_query_spec"] = [a for a in state.params["blocks"]["attn"]["query"]["kernel"].sharding.spec]
+  result["scan_query_spec"] = [a for a in state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.spec]
   _, result["losses"]["scan(2, 4, 1)"] = run_steps(state, step_fn, mesh, data)
   mesh, rules, _, _, step_fn = setup(None, method_s, config_s)
   _, result["losses"]["scan None"] = run_steps(train.init_state(method_s, 0, mesh, rules), step_fn, mesh, data)

@@ -103,7 +103,7 @@ def test_float32_safetensors_export_gives_identical_logits_and_images(workdir, t
   assert exported.step == trained.step == meta["step"] == 150
   # Readable with safetensors.numpy alone, under the documented flat names.
   tensors = load_file(str(out / export.SAFETENSORS_FILE))
-  assert set(tensors) == set(export.flatten(trained.params)) and "block_0/attn/query/kernel" in tensors
+  assert set(tensors) == set(export.flatten(trained.params)) and "block_0/attn/qkv/kernel" in tensors
   np.testing.assert_array_equal(tensors["head/kernel"], np.asarray(trained.params["head"]["kernel"]))
   tokens = trained._pack(trained._text_ids(["a small red circle at the top left"] * 2),
                          trained._unknown(2, trained.layout.image_len))

@@ -39,7 +39,7 @@ def test_three_steps_on_a_mesh_match_one_device(loss_runs, mesh):
 def test_parameters_are_sharded_as_the_rules_say(loss_runs):
   specs = loss_runs["specs"]   # mesh (2, 2, 2); rules: embed -> fsdp, mlp/heads/vocab -> tensor
   assert specs["token_embedding"] == ["tensor", "fsdp"]            # (vocab, embed)
-  assert specs["query"] == ["fsdp", "tensor", None]                 # (embed, heads, kv)
+  assert specs["qkv"] == ["fsdp", None, "tensor", None]             # (embed, q|k|v, heads, kv)
   assert specs["out"] == ["tensor", None, "fsdp"]                   # (heads, kv, embed)
   assert specs["wi_0"] == ["fsdp", "tensor"] and specs["wo"] == ["tensor", "fsdp"]
   assert specs["head"] == ["fsdp", "tensor"]                        # (embed, vocab)
@@ -48,7 +48,7 @@ def test_parameters_are_sharded_as_the_rules_say(loss_runs):
 
 
 def test_scanned_layers_shard_and_train_like_the_single_device_run(loss_runs):
-  assert loss_runs["scan_query_spec"] == [None, "fsdp", "tensor", None]   # (layers, embed, heads, kv)
+  assert loss_runs["scan_query_spec"] == [None, "fsdp", None, "tensor", None]   # (layers, embed, q|k|v, heads, kv)
   np.testing.assert_allclose(loss_runs["losses"]["scan(2, 4, 1)"], loss_runs["losses"]["scan None"], rtol=2e-5,
                              atol=2e-6)
 

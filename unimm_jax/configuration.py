@@ -95,6 +95,7 @@ def base_config() -> ConfigDict:
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
   c.model.vocab_multiple = 128   # embedding/head rows padded to a multiple of this (1 = no padding)
   c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
+  c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
   c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
 
   c.diffusion = ConfigDict()
@@ -306,7 +307,7 @@ def validate(config: ConfigDict) -> ConfigDict:
 
 # Fields that fix the shapes and structure of the train state: a checkpoint restores only into the same values.
 STATE_FIELDS = ("model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim",
-                "model.positions", "model.vocab_multiple", "model.scan_layers", "model.param_dtype",
+                "model.positions", "model.vocab_multiple", "model.scan_layers", "model.fused_qkv", "model.param_dtype",
                 "text.max_len", "image.size", "image.channels", "image.patch", "image.tokenizer", "text.tokenizer",
                 "optim.grad_clip")
 

@@ -16,7 +16,7 @@ Only parameters travel (no optimizer state, no EMA twin), gathered onto the host
 trained with, in the chosen dtype.
 
 Tensor names (safetensors): the parameter path joined by ``/``, e.g. ``token_embedding``,
-``block_0/attn/query/kernel`` (``[d_model, heads, head_dim]``), ``block_0/mlp/wi_0/kernel`` (``[d_model, mlp]``),
+``block_0/attn/qkv/kernel`` (``[d_model, 3, heads, head_dim]``: q, k, v), ``block_0/mlp/wi_0/kernel`` (``[d_model, mlp]``),
 ``head/kernel`` (``[d_model, vocab]``); with ``model.scan_layers`` the blocks are one stack, ``blocks/...``,
 with the layer as the leading dimension. A float32 file loads with ``safetensors.numpy.load_file`` alone. A
 bfloat16 file holds ``BF16`` tensors, which numpy has no dtype for: read it with a framework that has one

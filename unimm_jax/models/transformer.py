@@ -65,6 +65,7 @@ class TransformerConfig:
   vocab_multiple: int = 128    # embedding/head rows padded to a multiple (so a mesh axis can split them)
   scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
   remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
+  fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
 
   @classmethod
   def from_config(cls, model_config, layout: VocabLayout) -> "TransformerConfig":
@@ -132,7 +133,7 @@ class Transformer(nn.Module):
     positions = jnp.asarray(token_positions(layout))
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
-    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction)
+    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv)
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
