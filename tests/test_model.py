@@ -15,9 +15,10 @@ from unimm_jax.models.transformer import Transformer, TransformerConfig, modalit
 LAYOUT = VocabLayout(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
 
 
-def _random_model(dtype="float32", positions="rope", rope_fraction=1.0):
+def _random_model(dtype="float32", positions="rope", rope_fraction=1.0, cross_modal_rope=True):
   model = Transformer(TransformerConfig(LAYOUT, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=48,
-                                        dtype=dtype, positions=positions, rope_fraction=rope_fraction))
+                                        dtype=dtype, positions=positions, rope_fraction=rope_fraction,
+                                        cross_modal_rope=cross_modal_rope))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, LAYOUT.seq_len), 0, LAYOUT.size)  # MASK included
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
   # The head starts at zero (a uniform model); give it random weights so the restriction is really tested.
@@ -26,8 +27,9 @@ def _random_model(dtype="float32", positions="rope", rope_fraction=1.0):
 
 
 def test_model_never_gives_probability_to_other_modality_or_mask():
-  for positions, fraction in (("rope", 1.0), ("learned", 1.0), ("rope+learned", 1.0), ("rope+learned", 0.5)):
-    model, params, tokens = _random_model(positions=positions, rope_fraction=fraction)
+  for positions, fraction, cross in (("rope", 1.0, True), ("learned", 1.0, True), ("rope+learned", 1.0, True),
+                                     ("rope+learned", 0.5, True), ("rope+learned", 1.0, False)):
+    model, params, tokens = _random_model(positions=positions, rope_fraction=fraction, cross_modal_rope=cross)
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1))
     text, image = probs[:, : LAYOUT.text_len], probs[:, LAYOUT.text_len:]
     assert np.all(text[..., LAYOUT.text_vocab:] == 0.0)            # image ids and MASK
@@ -56,6 +58,28 @@ def test_per_modality_head_equals_restricted_full_logits_and_their_gradient():
   g_sliced = jax.grad(lambda p: sliced(p).mean())(params)
   for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sliced)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_within_modality_rope_scores_cross_modal_pairs_unrotated():
+  """cross_modal_rope=False: with one modality everywhere it is ordinary rotary attention; across modalities the
+  score of a pair does not depend on the positions (only same-modality pairs rotate)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 16))
+  positions = jnp.asarray(np.stack([np.arange(6), np.arange(6)], axis=1))
+  plain = layers.Attention(2, 8, 10_000.0, 1.0)
+  within = layers.Attention(2, 8, 10_000.0, 1.0, cross_modal_rope=False)
+  params = plain.init(jax.random.PRNGKey(1), x, positions)
+  one = jnp.zeros(6, jnp.int32)
+  np.testing.assert_allclose(within.apply(params, x, positions, one), plain.apply(params, x, positions),
+                             rtol=1e-5, atol=1e-5)
+  # Alternating modalities: moving every position by the same offset keeps same-modality offsets (rotary is
+  # relative) and cross-modal pairs are unrotated, so the output is unchanged; a shift of odd positions only is not.
+  alt = jnp.asarray([0, 1, 0, 1, 0, 1])
+  base = within.apply(params, x, positions, alt)
+  np.testing.assert_allclose(within.apply(params, x, positions + 7, alt), base, rtol=1e-4, atol=1e-5)
+  odd_shift = positions + jnp.asarray([0, 3, 0, 3, 0, 3])[:, None]
+  np.testing.assert_allclose(within.apply(params, x, odd_shift, alt), base, rtol=1e-4, atol=1e-5)   # cross pairs
+  even_only = positions + jnp.asarray([0, 0, 5, 0, 0, 0])[:, None]       # breaks an even-even offset
+  assert np.abs(np.asarray(within.apply(params, x, even_only, alt) - base)).max() > 1e-3
 
 
 def test_bidirectional_every_position_sees_every_other():

@@ -95,6 +95,7 @@ def base_config() -> ConfigDict:
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
   c.model.vocab_multiple = 128   # embedding/head rows padded to a multiple of this (1 = no padding)
   c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
+  c.model.cross_modal_rope = True  # False: rotary offsets within a modality only; text<->image pairs unrotated
   c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
   c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
 
@@ -169,13 +170,26 @@ def base_config() -> ConfigDict:
   return c
 
 
+# Fields that changed the parameter layout when they were added, with the value that means "as before".
+LEGACY_DEFAULTS = {
+    "model.vocab_multiple": 1,     # embedding/head rows were the exact vocabulary
+    "model.fused_qkv": False,      # separate query/key/value projections
+}
+
+
 def from_dict(saved: dict) -> ConfigDict:
   """A saved config (``WORKDIR/config.json``) on top of today's base config, validated.
 
-  Fields added to the base config after the run was saved take their defaults, so old workdirs stay loadable;
-  a saved field that the base config does not know is an error that names it.
+  Fields added to the base config after the run was saved take their defaults, so old workdirs stay loadable,
+  except the fields in :data:`LEGACY_DEFAULTS`, which change the parameter layout: a config saved without one
+  was trained with the layout before the field existed. A saved field that the base config does not know is an
+  error that names it.
   """
   config = base_config()
+  for name, value in LEGACY_DEFAULTS.items():
+    group, field = name.split(".")
+    if field not in saved.get(group, {}):
+      config[group][field] = value
 
   def merge(target: ConfigDict, values: dict, prefix: str):
     for key, value in values.items():
@@ -274,6 +288,9 @@ def validate(config: ConfigDict) -> ConfigDict:
     if need > c.model.max_len:
       problems.append(f"config.model.max_len={c.model.max_len} is smaller than config.text.max_len "
                       f"({c.text.max_len}) + image tokens ({h}x{w}={h * w}) = {need}")
+  if not c.model.cross_modal_rope and c.model.attention == "cudnn":
+    problems.append("config.model.cross_modal_rope=False computes attention scores itself (two score matmuls); "
+                    "it cannot use config.model.attention='cudnn'")
   if not 0.0 <= c.model.rope_fraction <= 1.0:
     problems.append(f"config.model.rope_fraction={c.model.rope_fraction} must be in [0, 1]")
   if not 0.0 <= c.train.ema_decay < 1.0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
@@ -73,11 +74,20 @@ class Attention(nn.Module):
   rope_fraction: float = 1.0  # share of each head's dimensions that rotate (a multiple of 4 of them)
   implementation: str | None = None   # None (XLA) or 'cudnn'
   fused_qkv: bool = True     # one [D, 3, N, H] projection (one matmul) instead of three
+  cross_modal_rope: bool = True  # False: text<->image pairs score with the unrotated q, k (see __call__)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions):  # x: [B, S, D], positions: int32 [S, 2] -> [B, S, D]
+  def __call__(self, x, positions, modality=None):
+    """x: [B, S, D], positions: int32 [S, 2], modality: int [S] (needed when not cross_modal_rope) -> [B, S, D].
+
+    With ``cross_modal_rope=False``, the rotary embedding applies within a modality only: a text-text or
+    image-image pair scores with the rotated q, k (relative offsets in the caption, on the grid), a text-image pair
+    with the unrotated ones over the whole head, so that a caption word finds its grid cell by content and
+    absolute position alone. Across modalities a rotary offset (text index i against grid cell (r, c)) means
+    nothing and only adds noise to those scores. This takes a second score matmul, done here by XLA (no cuDNN).
+    """
     d, shape = x.shape[-1], (self.num_heads, self.head_dim)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.fused_qkv:
@@ -88,6 +98,8 @@ class Attention(nn.Module):
     else:
       q, k, v = (Projection((d,), shape, ("embed", "heads", "kv"), name=n, **kw)(x)
                  for n in ("query", "key", "value"))
+    q_raw, k_raw = q, k
+    r = 0
     if self.rope_theta is not None:
       # Partial rotary: the unrotated dimensions score query-key pairs by content alone, whatever their positions,
       # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
@@ -95,7 +107,15 @@ class Attention(nn.Module):
       rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
+    if self.cross_modal_rope or not r:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
+    else:
+      if modality is None:
+        raise ValueError("Attention(cross_modal_rope=False) needs the modality of each position")
+      same = (modality[:, None] == modality[None, :])[None, None]                      # [1, 1, S, S]
+      scores = jnp.where(same, jnp.einsum("bqnh,bknh->bnqk", q, k), jnp.einsum("bqnh,bknh->bnqk", q_raw, k_raw))
+      probs = jax.nn.softmax(scores.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
     return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
 
 
@@ -153,15 +173,16 @@ class Block(nn.Module):
   attention: str | None = None
   rope_fraction: float = 1.0
   fused_qkv: bool = True
+  cross_modal_rope: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions):  # [B, S, D] -> [B, S, D]
+  def __call__(self, x, positions, modality=None):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
-                      self.fused_qkv, name="attn", **kw)(h, positions)
+                      self.fused_qkv, self.cross_modal_rope, name="attn", **kw)(h, positions, modality)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -40,8 +40,8 @@ REMAT_POLICIES = {
 def _ScanBlock(block_cls):  # pylint: disable=invalid-name
   """``block_cls`` with the (carry, output) signature ``nn.scan`` needs."""
   class ScanBlock(block_cls):
-    def __call__(self, x, positions):
-      return super().__call__(x, positions), None
+    def __call__(self, x, positions, modality):
+      return super().__call__(x, positions, modality), None
   ScanBlock.__name__ = f"Scan{block_cls.__name__}"
   return ScanBlock
 
@@ -66,6 +66,7 @@ class TransformerConfig:
   scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
   remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
+  cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
 
   @classmethod
   def from_config(cls, model_config, layout: VocabLayout) -> "TransformerConfig":
@@ -133,7 +134,9 @@ class Transformer(nn.Module):
     positions = jnp.asarray(token_positions(layout))
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
-    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv)
+    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv,
+                  cfg.cross_modal_rope)
+    modality = jnp.asarray(layout.modality_ids())
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -141,10 +144,10 @@ class Transformer(nn.Module):
       # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
       stack = nn.scan(_ScanBlock(block), variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions)
+      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, modality)
     else:
       for i in range(cfg.num_layers):
-        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions)
+        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, modality)
     x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
