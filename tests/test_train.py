@@ -136,3 +136,21 @@ def test_folder_source_with_nothing_usable_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="train.jsonl"):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_image_code_features_are_the_codebook_kept_fixed_and_restored(tmp_path):
+  """model.image_code_features: the table starts as the tokenizer's code features, never changes in training
+  (no gradient, no weight decay) while its projection learns, and comes back from the checkpoint."""
+  config = tiny_config(**{"model.image_code_features": True, "train.steps": 4, "optim.weight_decay": 0.5})
+  report = train.train_and_evaluate(config, tmp_path)
+  assert report["step"] == 4
+  toks = pipeline.load_tokenizers(tmp_path, config.text.max_len)
+  features = toks.image.code_features()
+  assert features.shape == (toks.layout.image_vocab, 4 * 4 * 3) and features.min() >= -0.5 and features.max() <= 0.5
+  from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+  for weights in ("raw", "ema"):
+    pipe = Pipeline.load(tmp_path, weights=weights)
+    np.testing.assert_array_equal(np.asarray(pipe.params["image_code_features"]), features)
+  fresh = train.init_state(train.make_method(config, toks.layout, features), config.seed)
+  assert np.abs(np.asarray(pipe.params["code_projection"]["kernel"])
+                - np.asarray(fresh.params["code_projection"]["kernel"])).max() > 0    # the projection trained

@@ -95,6 +95,7 @@ def base_config() -> ConfigDict:
   c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
   c.model.vocab_multiple = 128   # embedding/head rows padded to a multiple of this (1 = no padding)
   c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
+  c.model.image_code_features = False  # add a learned projection of each image code's appearance to its embedding
   c.model.cross_modal_rope = True  # False: rotary offsets within a modality only; text<->image pairs unrotated
   c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
   c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
@@ -175,6 +176,18 @@ LEGACY_DEFAULTS = {
     "model.vocab_multiple": 1,     # embedding/head rows were the exact vocabulary
     "model.fused_qkv": False,      # separate query/key/value projections
 }
+
+
+def image_code_feature_dim(config) -> int:
+  """F of ``model.image_code_features`` (0 when off): numbers per image code, from the image tokenizer's kind."""
+  if not config.model.image_code_features:
+    return 0
+  if config.image.tokenizer == "patch":
+    return config.image.patch ** 2 * config.image.channels
+  if config.image.tokenizer == "pixel":
+    return config.image.channels
+  raise ConfigError(f"config.model.image_code_features needs a patch or pixel image tokenizer, not "
+                    f"{config.image.tokenizer!r}")
 
 
 def from_dict(saved: dict) -> ConfigDict:
@@ -325,6 +338,7 @@ def validate(config: ConfigDict) -> ConfigDict:
 # Fields that fix the shapes and structure of the train state: a checkpoint restores only into the same values.
 STATE_FIELDS = ("model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim",
                 "model.positions", "model.vocab_multiple", "model.scan_layers", "model.fused_qkv", "model.param_dtype",
+                "model.image_code_features",
                 "text.max_len", "image.size", "image.channels", "image.patch", "image.tokenizer", "text.tokenizer",
                 "optim.grad_clip")
 

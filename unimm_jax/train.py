@@ -51,6 +51,7 @@ class Method:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
   skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)   # train.on_nonfinite == 'skip'
+  image_code_features: Any = flax.struct.field(pytree_node=False, default=None)  # np [V_img, F] for a fresh init
 
   @property
   def schedule(self):
@@ -58,7 +59,7 @@ class Method:
 
 
 def make_model(config, layout: VocabLayout) -> Transformer:
-  return Transformer(TransformerConfig.from_config(config.model, layout))
+  return Transformer(TransformerConfig.from_config(config.model, layout, configuration.image_code_feature_dim(config)))
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -71,17 +72,22 @@ def learning_rate_schedule(config) -> optax.Schedule:
 def make_optimizer(config) -> optax.GradientTransformation:
   """Gradient clipping, then AdamW; no weight decay on vectors (norm scales)."""
   o = config.optim
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  def decay_mask(params):   # matrices decay; vectors (norm scales) and the fixed image code features do not
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "image_code_features", params)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
 
 
-def make_method(config, layout: VocabLayout) -> Method:
+def make_method(config, layout: VocabLayout, image_code_features=None) -> Method:
+  """The step's static pieces. ``image_code_features`` (float [V_img, F], the image tokenizer's ``code_features()``)
+  fills the parameter of ``model.image_code_features`` when a run starts; restores take it from the checkpoint."""
   return Method(model=make_model(config, layout), layout=layout, diffusion=config.diffusion.copy_and_resolve_references(),
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay,
-                skip_nonfinite=config.train.on_nonfinite == "skip")
+                skip_nonfinite=config.train.on_nonfinite == "skip",
+                image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32))
 
 
 def _initialiser(method: Method, seed: int):
@@ -90,6 +96,10 @@ def _initialiser(method: Method, seed: int):
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
     tokens = jnp.zeros((1, method.layout.seq_len), jnp.int32)
     boxed = method.model.init(init_key, tokens)["params"]
+    if "image_code_features" in boxed and method.image_code_features is not None:
+      # Without them (abstract shapes for restores, dry runs, timing) the table stays zero: a no-op input.
+      boxed["image_code_features"] = boxed["image_code_features"].replace_boxed(
+          jnp.asarray(method.image_code_features))
     params = nn.meta.unbox(boxed)
     return boxed, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
                              ema_params=params, rng=state_key)
@@ -363,7 +373,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if config[group][field] % batch_shards:
       raise configuration.ConfigError(f"config.{name}={config[group][field]} is not divisible by the "
                                       f"{batch_shards} batch shards of the mesh (data x fsdp of {dict(mesh.shape)})")
-  method = make_method(config, layout)
+  method = make_method(config, layout, toks.image.code_features() if config.model.image_code_features else None)
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",
                dict(mesh.shape), mesh.size, jax.process_count(), f"{param_count(abstract.params):,}")

@@ -397,6 +397,16 @@ class ImageTokenizer(abc.ABC):
     del directory
     return {}
 
+  def code_features(self) -> np.ndarray:
+    """float32 [vocab_size, F]: what each code looks like, as numbers (``model.image_code_features``).
+
+    Tokenizers whose codes have a fixed appearance give it (pixels of a patch code, levels of a pixel code), so
+    the network can share what it learns about colours and strokes across codes instead of learning every code's
+    embedding from scratch.
+    """
+    raise NotImplementedError(f"the {self.kind!r} image tokenizer has no code features; "
+                              "set config.model.image_code_features=False")
+
   def encode(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, C] -> int32 [N, h*w]."""
     images = np.asarray(images)
@@ -479,6 +489,11 @@ class PixelTokenizer(ImageTokenizer):
     q = quantize(images, self.levels).astype(np.int64)
     ids = q @ self._weights  # [N, S, S]
     return ids.reshape(len(images), -1).astype(np.int32)
+
+  def code_features(self):
+    """Each code's pixel value, centred: [levels**C, C] in [-0.5, 0.5]."""
+    digits = (np.arange(self.vocab_size)[:, None] // self._weights) % self.levels
+    return (dequantize(digits, self.levels).astype(np.float32) / 255.0 - 0.5)
 
   def _decode(self, tokens):
     digits = (tokens[..., None] // self._weights) % self.levels  # [N, S*S, C]
@@ -626,6 +641,10 @@ class PatchTokenizer(ImageTokenizer):
       if len(memo) < len(self.codebook) + self._MEMO_LIMIT:
         memo.update(zip((keys[j] for j in miss[first]), near.tolist()))
     return ids.reshape(len(images), self.num_tokens)
+
+  def code_features(self):
+    """Each code's patch pixels, centred: [K, patch * patch * C] in [-0.5, 0.5]."""
+    return dequantize(self.codebook, self.levels).astype(np.float32) / 255.0 - 0.5
 
   def _decode(self, tokens):
     rows = self.codebook[tokens.reshape(-1)]

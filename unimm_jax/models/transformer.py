@@ -67,11 +67,13 @@ class TransformerConfig:
   remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
   cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
+  code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
 
   @classmethod
-  def from_config(cls, model_config, layout: VocabLayout) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"layout"}
-    return cls(layout=layout, **{k: v for k, v in model_config.items() if k in fields})
+  def from_config(cls, model_config, layout: VocabLayout, code_feature_dim: int = 0) -> "TransformerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"layout", "code_feature_dim"}
+    return cls(layout=layout, code_feature_dim=code_feature_dim,
+               **{k: v for k, v in model_config.items() if k in fields})
 
 
 def token_positions(layout: VocabLayout) -> np.ndarray:
@@ -103,6 +105,24 @@ class Transformer(nn.Module):
     image = (rows[:, None, :] + cols[None, :, :]).reshape(h * w, d)
     return jnp.concatenate([text, image], axis=0)
 
+  def _code_embedding(self, tokens, param_dtype):
+    """float [B, S, D]: at image positions holding a code (not MASK), a learned projection of the code's features.
+
+    The features (``image_code_features``, [V_img, F], the image tokenizer's ``code_features()``) are set when the
+    run starts and never trained (no gradient, no weight decay); they travel in checkpoints, so a restored model
+    needs no tokenizer to rebuild them. A code's colour and shape are then readable from its first use, and what
+    is learned about one code carries to the codes that look like it: image->text reading starts from pixels,
+    not from one free vector per code.
+    """
+    layout, d = self.config.layout, self.config.d_model
+    features = self.param("image_code_features", nn.with_logical_partitioning(nn.initializers.zeros, (None, None)),
+                          (layout.image_vocab, self.config.code_feature_dim), param_dtype)
+    table = layers.Projection((self.config.code_feature_dim,), (d,), (None, "embed"), name="code_projection")(
+        jax.lax.stop_gradient(jnp.asarray(features, jnp.float32)))                    # [V_img, D]
+    ids = jnp.clip(tokens - layout.image_offset, 0, layout.image_vocab - 1)
+    is_code = (tokens >= layout.image_offset) & (tokens < layout.mask_id)
+    return jnp.where(is_code[..., None], jnp.take(table, ids, axis=0), 0.0)
+
   @nn.compact
   def __call__(self, tokens, *, hidden: bool = False):
     """tokens int32 [B, S] -> logits float32 [B, S, V]; with ``hidden=True`` the final-normed features [B, S, D]
@@ -122,6 +142,8 @@ class Transformer(nn.Module):
     # Gather from the float32 table and cast afterwards: a bf16 gather makes a bf16 scatter-add in the
     # gradient, slow on GPU because about half of the positions hold the same (MASK) id.
     x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
+    if cfg.code_feature_dim:
+      x = x + self._code_embedding(tokens, param_dtype).astype(dtype)
     modality = self.param("modality_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
                           (2, cfg.d_model), param_dtype)
     x = x + jnp.asarray(modality)[jnp.asarray(layout.modality_ids())].astype(dtype)[None]
