@@ -303,6 +303,9 @@ def _cli():
       main_args = main_args[1:]
     s = Slice(name.value, zone.value, accel.value, runtime.value, project.value, spot.value)
     try:
+      bad = [e for e in env.value if "=" not in e]
+      if bad:
+        raise ValueError(f"--env={bad[0]} must be KEY=VALUE")
       variables = dict(e.split("=", 1) for e in env.value)
       if command in ("run", "watch"):
         check_workdir(main_args, allow_local.value)
