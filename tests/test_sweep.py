@@ -42,6 +42,18 @@ def test_shipped_sweeps_resolve_to_valid_configs():
   assert rates == pytest.approx([0.0, 0.1, 0.3])
 
 
+def test_tpu_backend_runs_each_variant_through_launch_tpu_on_a_gs_root(tmp_path):
+  cmd = sweep.variant_command("tpu", "configs/shapes.py", "gs://b/sweep/cosine-indep",
+                              {"diffusion.schedule": "cosine", "diffusion.shared_time": False},
+                              ["--name=unimm", "--zone=z"])
+  assert cmd[1:] == ["-m", "launch.tpu", "run", "--name=unimm", "--zone=z", "--", "--config=configs/shapes.py",
+                     "--workdir=gs://b/sweep/cosine-indep", "--config.diffusion.schedule=cosine",
+                     "--config.diffusion.shared_time=False"]
+  (tmp_path / "s.py").write_text('def get_sweep():\n  return {"base": "configs/shapes.py", "variants": [("a", {})]}\n')
+  with pytest.raises(ValueError, match="gs://"):
+    sweep.sweep(str(tmp_path / "s.py"), str(tmp_path / "root"), backend="tpu")
+
+
 def test_a_bad_field_fails_before_anything_runs(tmp_path):
   (tmp_path / "bad.py").write_text('def get_sweep():\n  return {"base": "configs/shapes.py", '
                                    '"variants": [("a", {"diffusion.schedul": "cosine"})]}\n')
