@@ -20,10 +20,6 @@ from etils import epath
 REMOTE_SCHEMES = ("gs", "s3", "az")
 
 
-def is_remote(path) -> bool:
-  return str(path).split("://", 1)[0] in REMOTE_SCHEMES and "://" in str(path)
-
-
 class EpathRecordWriter:
   """A file-like sink for tensorboardX's RecordWriter that rewrites ``path`` through epath on every flush."""
 
