@@ -79,8 +79,10 @@ def test_two_by_two_sweep_writes_a_table_of_four_real_rows_and_skips_finished_va
     assert r["step"] == "4"
     for key in ("val_bits_text", "val_bits_image", "tokens_per_s", "wall_s"):
       assert math.isfinite(float(r[key])) and float(r[key]) > 0, (key, r)
-    for key in ("t2i_accuracy", "i2t_accuracy", "t2i_attributes", "i2t_attributes"):
+    for key in ("t2i_accuracy", "i2t_accuracy", "t2i_attributes"):
       assert 0.0 <= float(r[key]) <= 1.0
+    # None (empty) when no caption of the tiny model parses: evaluate.py has no attributes to count then.
+    assert r["i2t_attributes"] == "" or 0.0 <= float(r["i2t_attributes"]) <= 1.0
   assert rows[3]["overrides"] == "diffusion.schedule=cosine diffusion.shared_time=True"
   # Variants differ (their own configs ran): the schedules give different val figures.
   assert len({r["val_bits_text"] for r in rows}) == 4
