@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 
 import jax
@@ -35,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+
+from unimm_jax import storage
 
 FORMATS = ("orbax", "safetensors")
 DTYPES = ("float32", "bfloat16")
@@ -148,11 +149,12 @@ def export(workdir, out, *, step: int | None = None, weights: str = "ema", dtype
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
   out.mkdir(parents=True, exist_ok=True)
-  shutil.copytree(workdir / "tokenizers", out / "tokenizers")
+  storage.copy_tree(workdir / "tokenizers", out / "tokenizers")
   if fmt == "safetensors":
-    from safetensors.flax import save_file  # pylint: disable=g-import-not-at-top
-    save_file({k: jnp.asarray(v) for k, v in flat.items()}, str(out / SAFETENSORS_FILE),
-              metadata={"format": "unimm_jax", "dtype": dtype})
+    from safetensors.flax import save  # pylint: disable=g-import-not-at-top
+    # Serialised in memory and written through epath (safetensors' save_file knows only local paths).
+    (out / SAFETENSORS_FILE).write_bytes(save({k: jnp.asarray(v) for k, v in flat.items()},
+                                              metadata={"format": "unimm_jax", "dtype": dtype}))
   else:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     with ocp.StandardCheckpointer() as ckptr:

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from flax import linen as nn
 
-from unimm_jax import checkpointing, configuration
+from unimm_jax import checkpointing, configuration, storage
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline
 from unimm_jax.data.vocab import VocabLayout
@@ -245,12 +245,13 @@ def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
 # Logging helpers
 # ---------------------------------------------------------------------------------------------------------------
 class _Writer:
-  """TensorBoard events from process 0 (tensorboardX); a no-op elsewhere."""
+  """TensorBoard events from process 0 (tensorboardX; ``gs://`` through epath, see storage.py); a no-op elsewhere."""
 
   def __init__(self, workdir):
     self._tb = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      storage.register_tensorboard_backends()
       self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -381,7 +382,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
                                     max_to_keep=config.ckpt.max_to_keep, async_save=config.ckpt.async_save)
-  meta = {"train_wall_s": 0.0, "train_s": 0.0}   # cumulative over invocations, saved with each checkpoint
+  # Cumulative over invocations, saved with each checkpoint: wall and step time, and the val curve
+  # ([step, text bits, image bits] per validation; sweeps plot it) of the steps the newest checkpoint covers.
+  meta = {"train_wall_s": 0.0, "train_s": 0.0, "val_curve": []}
   for name in ckpt.incomplete():
     logging.warning("ignoring %s in %s: not a complete checkpoint (a save that was cut off, or one set aside)",
                     name, ckpt.directory)
@@ -414,6 +417,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     logging.info("step %d | val bits/token: text %.4f, image %.4f; text|image %.4f, image|text %.4f", step,
                  *(bits[k] for k in VAL_FIGURES))
     writer.scalars(step, {f"val/bits_{k}": v for k, v in bits.items()})
+    meta["val_curve"] = [p for p in meta.get("val_curve", []) if p[0] < step] + [[step, bits["text"], bits["image"]]]
     return bits
 
   if start == 0:
@@ -502,6 +506,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       "train_wall_s": round(wall, 2),  # all invocations: compile, train, validate, checkpoint
       "train_tokens_per_s": round(total * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
       "val_bits_per_token_initial": meta.get("val_bits_initial"),
+      "val_curve": meta["val_curve"],   # [[step, text, image], ...] bits/token of every validation
       "param_count": param_count(state.params),
       "data_skipped": {split: dict(getattr(src, "skipped", {}))
                        for split, src in (("train", train_source), ("val", val_source))},
