@@ -1,8 +1,6 @@
 """Quantizers of the learned image tokenizer: FSQ's straight-through gradient and index <-> code bijection; the
 VQ codebook's EMA update and dead-code restart; code statistics."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +29,8 @@ def test_fsq_index_code_bijection():
   assert len({tuple(c) for c in np.asarray(codes).tolist()}) == n
   np.testing.assert_array_equal(np.asarray(q.fsq_codes_to_indexes(codes, LEVELS)), np.arange(n))
   # Codes that quantization produces are exactly these: quantize a dense sweep, map to indexes and back.
-  grid = jnp.asarray(list(itertools.product(*[np.linspace(-4, 4, 33)] * len(LEVELS))), jnp.float32)
+  axes = np.meshgrid(*[np.linspace(-3, 3, 4 * l + 1) for l in LEVELS], indexing="ij")
+  grid = jnp.asarray(np.stack([a.reshape(-1) for a in axes], axis=1), jnp.float32)
   quant = q.fsq_quantize(grid, LEVELS)
   back = q.fsq_indexes_to_codes(q.fsq_codes_to_indexes(quant, LEVELS), LEVELS)
   np.testing.assert_array_equal(np.asarray(back), np.asarray(quant))
@@ -76,9 +75,10 @@ def test_vq_ema_update_moves_codes_to_the_mean_of_their_vectors():
   np.testing.assert_allclose(np.asarray(new.codes), total / count[:, None], rtol=1e-6)
   assert int(restarted) == 0
   # Repeated updates on the same batch converge to the mean of each code's vectors.
+  step = jax.jit(lambda b, key: q.vq_ema_update(b, z, q.vq_nearest(z, b.codes), key, decay=decay,
+                                                 dead_threshold=0.0, eps=0.0)[0])
   for i in range(60):
-    new, _ = q.vq_ema_update(new, z, q.vq_nearest(z, new.codes), jax.random.PRNGKey(i), decay=decay,
-                             dead_threshold=0.0, eps=0.0)
+    new = step(new, jax.random.PRNGKey(i))
   np.testing.assert_allclose(np.asarray(new.codes), [[0.5, 0.5], [4.0, 4.0]], atol=1e-5)
 
 
@@ -90,9 +90,9 @@ def test_vq_dead_codes_are_restarted_onto_batch_vectors():
   idx = q.vq_nearest(z, book.codes)
   assert set(np.asarray(idx).tolist()) <= {0, 1, 2}
   new = book
+  step = jax.jit(lambda b, key: q.vq_ema_update(b, z, q.vq_nearest(z, b.codes), key, decay=0.9, dead_threshold=0.1))
   for i in range(40):    # EMA counts of the unused codes decay below the threshold...
-    new, restarted = q.vq_ema_update(new, z, q.vq_nearest(z, new.codes), jax.random.PRNGKey(i), decay=0.9,
-                                     dead_threshold=0.1)
+    new, restarted = step(new, jax.random.PRNGKey(i))
     if int(restarted):
       break
   assert int(restarted) >= k - 3
