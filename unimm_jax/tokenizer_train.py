@@ -85,8 +85,7 @@ def make_method(config) -> TokenizerMethod:
 def _init(method: TokenizerMethod, seed: int) -> TokenizerState:
   k_params, k_book, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
   spec = method.spec
-  images = jnp.zeros((1, spec.size, spec.size, spec.net.channels), jnp.float32)
-  params = method.model.init(k_params, images)["params"]
+  params = learned_tokenizer.init_params(spec, k_params)
   codebook = (quantizers.vq_init(k_book, spec.vq_codebook_size, spec.net.latent_dim) if spec.kind == "vq"
               else None)
   return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),

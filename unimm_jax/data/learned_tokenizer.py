@@ -106,6 +106,18 @@ def indexes_to_latents(spec: TokenizerSpec, idx, codebook=None) -> jax.Array:
   return jnp.asarray(codebook)[idx]
 
 
+def init_params(spec: TokenizerSpec, key: jax.Array):
+  """Fresh encoder and decoder parameters (traceable; call under jit).
+
+  ``key`` is a raw uint32 [2] key; the parameters are drawn with the 'rbg' generator seeded from it, because the
+  threefry draws of the conv initialisers compile about 5x slower on CPU (17 s against 3.4 s for a tiny net).
+  """
+  seed = jax.random.key_data(key).reshape(-1)[0] if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key[0]
+  rbg = jax.random.key(seed, impl="rbg")
+  images = jnp.zeros((1, spec.size, spec.size, spec.net.channels), jnp.float32)
+  return Autoencoder(spec.net).init(rbg, images)["params"]
+
+
 def encode_images(spec: TokenizerSpec, params, codebook, images) -> jax.Array:
   """uint8 [B, H, W, C] -> int32 [B, h*w]."""
   z = Autoencoder(spec.net).apply({"params": params}, to_unit(images), method=Autoencoder.encode)
