@@ -2,8 +2,11 @@
 saving/loading, and plugging it into the unified model (training, Pipeline decoding, export bundles)."""
 
 import json
+import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,3 +135,29 @@ def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
   config = tiny_config(**{"image.tokenizer": "fsq", "image.tokenizer_path": str(tmp_path / "nothing")})
   with pytest.raises(FileNotFoundError, match="tokenizer_main"):
     train.train_and_evaluate(config, tmp_path / "b")
+
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+LEARNED = [p for p in CONFIGS if "image.tokenizer = \"fsq\"" in p.read_text() or "image.tokenizer = \"vq\"" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", LEARNED, ids=lambda p: p.stem)
+def test_configs_with_a_learned_tokenizer_build_it(path):
+  """Every such config describes a valid tokenizer whose grid is the one the unified model plans for; the
+  largest (coco256, which no test trains) also traces one tokenizer train step."""
+  from ml_collections.config_flags import config_flags as cf  # pylint: disable=g-import-not-at-top
+  config = configuration.validate(cf._LoadConfigModule(path.stem, str(path)).get_config())  # pylint: disable=protected-access
+  method = tokenizer_train.make_method(config)
+  assert method.spec.grid == configuration.image_token_grid(config)
+  if path.stem != "coco256":
+    return
+  state = jax.eval_shape(lambda: tokenizer_train._init(method, 0))  # pylint: disable=protected-access
+  size, channels = config.image.size, config.image.channels
+  images = jax.ShapeDtypeStruct((config.tokenizer.batch_size, size, size, channels), jnp.uint8)
+  new_state, metrics = jax.eval_shape(lambda s, x: tokenizer_train.train_step(method, s, x), state, images)
+  assert metrics["psnr"].shape == () and new_state.step.shape == ()
+  assert method.spec.grid == (16, 16) and method.spec.vocab_size == 15_360
+
+
+def test_learned_tokenizer_configs_exist():
+  assert {p.stem for p in LEARNED} >= {"tokenizer_shapes", "tokenizer_photos", "coco256"}

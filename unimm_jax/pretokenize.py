@@ -9,9 +9,10 @@ encodes an image::
 
 * Image tokenizer: the one the config names (``image.tokenizer``): fitted on the train split (patch), built
   (pixel) or loaded from ``image.tokenizer_path`` (fsq, vq); saved in ``DIR/tokenizers/`` and reused on resume.
-* Parallel: shards are written by a pool of ``--workers`` processes (each opens the source and the tokenizer
-  itself), one shard per task; a process pool rather than threads because encoding and image decoding hold the
-  GIL for most of their time.
+* Parallel: shards are written by a pool of ``--workers`` processes on the host CPU (each opens the source and
+  the tokenizer itself), one shard per task; a process pool rather than threads because image decoding and
+  encoding hold the GIL for much of their time. ``--workers=1`` writes in this process on JAX's default device:
+  the choice for a large learned tokenizer on an accelerator host (the 256x256 COCO tokenizer).
 * Resumable: a shard is written to a temporary name and renamed when complete, so the shards that exist are
   finished and are skipped when the command runs again (after a crash or a preemption). ``DIR/plan.json`` records
   the source, the tokenizer and the shard size; running again with other settings is an error naming them.
