@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from unimm_jax import configuration, pretokenize, train
+from unimm_jax import configuration, evaluate, pretokenize, train
 from unimm_jax.data import learned_tokenizer, pipeline, pretokenized, shapes, tfds_shapes, tfds_source, tokenizers
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
@@ -100,6 +100,9 @@ def test_pretokenize_resumes_in_parallel(tmp_path):
   assert victim.read_bytes() == good
   assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.array_record") if p.name in kept} == kept
   assert not list(out.glob("*.tmp*"))
+  # Generation is scored on shapes data whether the run read it directly or pre-tokenized.
+  pre_config = tiny_config(**{"data.source": "pretokenized", "data.path": str(out), "data.seed": 3})
+  assert evaluate.shapes_seed(pre_config) == config.data.seed == 0
   # Other settings on the same directory are refused.
   with pytest.raises(ValueError, match="another plan"):
     pretokenize.pretokenize(config, out, workers=1, shard_size=50)
