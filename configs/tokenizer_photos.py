@@ -7,7 +7,7 @@ left three quarters of each photograph, val crops from the right quarter)::
     python -m unimm_jax.tokenizer_main --config=configs/tokenizer_photos.py --workdir=runs/tok_photos
 
 Any folder of photographs works the same way (``--config.data.path=DIR``, ``--config.image.size``). The
-tokenizer: widths (32, 64, 64), two halvings (4x4 pixels per token), FSQ levels (8, 5, 5, 5).
+tokenizer: widths (16, 32, 64), two halvings (4x4 pixels per token), FSQ levels (8, 5, 5, 5).
 Measured: BENCHMARKS.md, "Learned image tokenizer".
 """
 
@@ -21,16 +21,18 @@ def get_config():
   config.image.tokenizer = "fsq"
   config.image.tokenizer_path = "runs/tok_photos"
   config.image.size = 32
-  config.tokenizer.widths = (32, 64, 64)
+  config.tokenizer.widths = (16, 32, 64)
   config.tokenizer.res_blocks = 1
   config.tokenizer.fsq_levels = (8, 5, 5, 5)
-  config.tokenizer.steps = 1_500
+  config.tokenizer.steps = 1_000
   config.tokenizer.batch_size = 64
   config.tokenizer.learning_rate = 3e-3
   config.tokenizer.warmup_steps = 100
   config.tokenizer.log_every = 100
   config.tokenizer.eval_every = 500
-  config.mesh.cpu_devices = 2
+  # One CPU device (XLA's multi-threaded Eigen), not mesh.cpu_devices=2: a 2-device run of this config aborted in
+  # an XLA CPU all-reduce rendezvous timeout (40 s) on a heavily shared 2-core machine (BENCHMARKS.md).
+  config.mesh.cpu_devices = 0
   config.eval.batch_size = 128
   config.text.max_len = 8        # captions are 'a photo of a flower' (the unified model is not the point here)
   config.model.max_len = 72      # 8 text + 8x8 image tokens

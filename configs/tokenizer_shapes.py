@@ -28,12 +28,14 @@ def get_config():
   config.tokenizer.widths = (16, 32, 64)
   config.tokenizer.res_blocks = 1
   config.tokenizer.fsq_levels = (8, 5, 5, 5)
-  config.tokenizer.steps = 1_500
+  config.tokenizer.steps = 1_200
   config.tokenizer.batch_size = 64
   config.tokenizer.learning_rate = 3e-3
   config.tokenizer.warmup_steps = 100
   config.tokenizer.log_every = 100
   config.tokenizer.eval_every = 500
-  config.mesh.cpu_devices = 2
+  # One CPU device (XLA's multi-threaded Eigen), not mesh.cpu_devices=2: a 2-device run of this config aborted in
+  # an XLA CPU all-reduce rendezvous timeout (40 s) on a heavily shared 2-core machine (BENCHMARKS.md).
+  config.mesh.cpu_devices = 0
   config.eval.batch_size = 128
   return config

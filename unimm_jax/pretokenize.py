@@ -76,8 +76,9 @@ def write_shard(out: str, split: str, index: int, count: int, start: int, stop: 
 
 
 def _plan(config, shard_size: int, splits, sources, tok) -> dict:
-  plan = {"source": {k: config.data[k] for k in ("source", "path", "tfds_name", "tfds_data_dir", "seed",
-                                                 "train_size", "val_size", "image_key", "text_key", "label_key")},
+  keys = ("source", "path", "seed", "train_size", "val_size", "tfds_name", "tfds_data_dir", "tfds_train_split",
+          "tfds_val_split", "image_key", "text_key", "label_key", "caption_templates")
+  plan = {"source": {k: config.data[k] for k in keys},
           "image": {"size": config.image.size, "channels": config.image.channels},
           "tokenizer": tok.config_dict(), "shard_size": shard_size, "splits": {}}
   for split in splits:
