@@ -8,7 +8,9 @@ left three quarters of each photograph, val crops from the right quarter)::
 
 Any folder of photographs works the same way (``--config.data.path=DIR``, ``--config.image.size``). The
 tokenizer: widths (16, 32, 64), two halvings (4x4 pixels per token), FSQ levels (8, 5, 5, 5).
-Measured: BENCHMARKS.md, "Learned image tokenizer".
+Measured (BENCHMARKS.md, "Learned image tokenizer"; 2-core AMD EPYC shared with other work, 2026-11-24): the
+command takes 6 min 12 s and ends at val PSNR 24.38 dB with 95.1 % of the codes used (perplexity 178.9) on 2,000
+val crops.
 """
 
 from unimm_jax.configuration import base_config

@@ -11,7 +11,9 @@ then train the unified model on its tokens (pre-tokenized, so no image is encode
         --config.image.tokenizer=fsq --config.data.source=pretokenized --config.data.path=runs/shapes_fsq_tokens
 
 The tokenizer: widths (16, 32, 64), two halvings (4x4 pixels per token), FSQ levels (8, 5, 5, 5).
-Measured: BENCHMARKS.md, "Learned image tokenizer".
+Measured (BENCHMARKS.md, "Learned image tokenizer"; 2-core AMD EPYC shared with other work, 2026-11-24): the
+command takes 4 min 15 s and ends at val PSNR 35.80 dB (30.1 dB at step 500), 401 of the 1,000 codes used, code
+perplexity 106.3.
 """
 
 from unimm_jax.configuration import base_config
