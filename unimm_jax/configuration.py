@@ -100,7 +100,7 @@ def base_config() -> ConfigDict:
 
   # The learned image tokenizer (image.tokenizer fsq | vq): network, quantizer and its own training run.
   c.tokenizer = ConfigDict()
-  c.tokenizer.widths = (32, 64, 128)  # channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens
+  c.tokenizer.widths = (16, 32, 64)   # channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens
   c.tokenizer.res_blocks = 1     # residual blocks per resolution
   c.tokenizer.fsq_levels = (8, 5, 5, 5)  # fsq: levels per latent channel; codebook = product (1,000)
   c.tokenizer.vq_codebook_size = 1024    # vq: codes
@@ -108,9 +108,9 @@ def base_config() -> ConfigDict:
   c.tokenizer.vq_decay = 0.99    # vq: EMA decay of the codebook statistics
   c.tokenizer.vq_commitment = 0.25       # vq: beta of the commitment loss
   c.tokenizer.vq_dead_threshold = 0.1    # vq: restart a code whose EMA count (uses per batch) falls below this
-  c.tokenizer.steps = 3_000
+  c.tokenizer.steps = 1_200
   c.tokenizer.batch_size = 64
-  c.tokenizer.learning_rate = 1e-3
+  c.tokenizer.learning_rate = 3e-3
   c.tokenizer.warmup_steps = 100
   c.tokenizer.weight_decay = 0.0
   c.tokenizer.grad_clip = 1.0
