@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging as std_logging
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath

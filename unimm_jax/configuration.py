@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 
 # Fields whose value must be one of a fixed set.
 CHOICES = {
-    "data.source": ("shapes", "folder"),
-    "text.tokenizer": ("word", "byte"),
-    "image.tokenizer": ("pixel", "patch"),
+    "data.source": ("shapes", "folder", "tfds", "pretokenized"),
+    "text.tokenizer": ("word", "byte", "sentencepiece"),
+    "text.sentencepiece_type": ("unigram", "bpe"),
+    "image.tokenizer": ("pixel", "patch", "fsq", "vq"),
     "diffusion.schedule": ("linear", "cosine", "polynomial"),
     "diffusion.loss_weighting": ("elbo", "flat", "tokens"),
     "model.dtype": ("float32", "bfloat16"),
@@ -46,11 +47,17 @@ POSITIVE = (
     "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
-    "sample.joint_steps",
+    "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks", "tokenizer.vq_codebook_size", "tokenizer.vq_dim",
+    "tokenizer.steps", "tokenizer.batch_size", "tokenizer.learning_rate", "tokenizer.log_every",
+    "tokenizer.eval_every", "tokenizer.encode_batch",
 )
 NON_NEGATIVE = ("mesh.cpu_devices", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
-                "data.num_threads", "text.max_vocab", "seed", "data.seed")
+                "data.num_threads", "text.max_vocab", "seed", "data.seed", "tokenizer.warmup_steps",
+                "tokenizer.grad_clip", "tokenizer.weight_decay", "tokenizer.vq_commitment",
+                "tokenizer.vq_dead_threshold", "tokenizer.report_images")
+# The learned image tokenizers (trained by ``python -m unimm_jax.tokenizer_main``, config group ``tokenizer``).
+LEARNED_IMAGE_TOKENIZERS = ("fsq", "vq")
 
 
 def base_config() -> ConfigDict:
@@ -59,26 +66,60 @@ def base_config() -> ConfigDict:
   c.seed = 0                     # model: initialisation, masking noise, data order
 
   c.data = ConfigDict()
-  c.data.source = "shapes"       # shapes | folder
-  c.data.path = ""               # folder: DIR with train.jsonl / val.jsonl
+  c.data.source = "shapes"       # shapes | folder | tfds | pretokenized
+  c.data.path = ""               # folder: DIR with train.jsonl / val.jsonl; pretokenized: the pretokenize --out DIR
   c.data.seed = 0                # shapes: which examples the splits hold; fixed, so every run is scored on one val set
   c.data.train_size = 100_000    # shapes: examples in the train split (procedural, so size is free)
   c.data.val_size = 512          # shapes: examples in the val split
   c.data.fit_examples = 5_000    # training examples used to fit the tokenizers at the first run
   c.data.num_threads = 1         # grain prefetch threads; 0 reads in the main thread
+  # tfds: any TFDS image dataset with captions or class labels, read through tfds.data_source (no TensorFlow)
+  c.data.tfds_name = ""          # e.g. "coco_captions", "imagenet2012", "my_dataset:1.0.0"
+  c.data.tfds_data_dir = ""      # where it was built (gs:// works); "" = TFDS's default (~/tensorflow_datasets)
+  c.data.tfds_train_split = "train"
+  c.data.tfds_val_split = "validation"
+  c.data.image_key = "image"     # feature holding the image; nested features with "/" ("image/encoded")
+  c.data.text_key = ""           # feature holding the caption (a string, or a sequence: its first) ...
+  c.data.label_key = ""          # ... or a ClassLabel, whose name goes into a template (exactly one of the two)
+  c.data.caption_templates = ("a photo of a {}.",)  # label captions; example i uses template i mod len
 
   c.text = ConfigDict()
-  c.text.tokenizer = "word"      # word | byte
+  c.text.tokenizer = "word"      # word | byte | sentencepiece
   c.text.max_len = 24            # text positions per sequence; captions are truncated / PAD-padded
   c.text.max_vocab = 0           # word: keep the most frequent N words (0 = all)
+  c.text.vocab_size = 8_000      # sentencepiece: pieces to train (an upper bound: small corpora get fewer)
+  c.text.sentencepiece_type = "unigram"  # sentencepiece: unigram | bpe
+  c.text.sentencepiece_model = ""  # sentencepiece: a trained .model file to use instead of training one
 
   c.image = ConfigDict()
-  c.image.tokenizer = "patch"    # pixel | patch
+  c.image.tokenizer = "patch"    # pixel | patch | fsq | vq (learned: config.tokenizer, tokenizer_main)
+  c.image.tokenizer_path = ""    # fsq | vq: the tokenizer_main workdir (or any directory with image_tokenizer.json)
   c.image.size = 24
   c.image.channels = 3
   c.image.levels = 4             # quantization levels per channel
   c.image.patch = 4              # patch: side of a patch in pixels
   c.image.codebook_size = 1024   # patch: keep at most this many distinct training patches
+
+  # The learned image tokenizer (image.tokenizer fsq | vq): network, quantizer and its own training run.
+  c.tokenizer = ConfigDict()
+  c.tokenizer.widths = (16, 32, 64)   # channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens
+  c.tokenizer.res_blocks = 1     # residual blocks per resolution
+  c.tokenizer.fsq_levels = (8, 5, 5, 5)  # fsq: levels per latent channel; codebook = product (1,000)
+  c.tokenizer.vq_codebook_size = 1024    # vq: codes
+  c.tokenizer.vq_dim = 8         # vq: dimension of a code
+  c.tokenizer.vq_decay = 0.99    # vq: EMA decay of the codebook statistics
+  c.tokenizer.vq_commitment = 0.25       # vq: beta of the commitment loss
+  c.tokenizer.vq_dead_threshold = 0.1    # vq: restart a code whose EMA count (uses per batch) falls below this
+  c.tokenizer.steps = 1_200
+  c.tokenizer.batch_size = 64
+  c.tokenizer.learning_rate = 3e-3
+  c.tokenizer.warmup_steps = 100
+  c.tokenizer.weight_decay = 0.0
+  c.tokenizer.grad_clip = 1.0
+  c.tokenizer.log_every = 100
+  c.tokenizer.eval_every = 500   # validation (PSNR, code usage, perplexity) and checkpoint interval
+  c.tokenizer.report_images = 16 # val reconstructions shown in the tokenizer's report.html
+  c.tokenizer.encode_batch = 64  # images per compiled encode/decode call when the tokenizer is used as one
 
   c.model = ConfigDict()
   c.model.d_model = 128
@@ -242,8 +283,17 @@ def _type_ok(value: Any, default: Any) -> bool:
 
 def image_token_grid(config: ConfigDict) -> tuple[int, int]:
   """(h, w) of the image token grid that the configured image tokenizer produces."""
-  side = config.image.size // (config.image.patch if config.image.tokenizer == "patch" else 1)
+  side = config.image.size // tokenizer_downsample(config)
   return side, side
+
+
+def tokenizer_downsample(config: ConfigDict) -> int:
+  """Image pixels per token side: 1 (pixel), image.patch (patch), 2 ** (len(tokenizer.widths) - 1) (fsq, vq)."""
+  if config.image.tokenizer == "patch":
+    return config.image.patch
+  if config.image.tokenizer in LEARNED_IMAGE_TOKENIZERS:
+    return 2 ** max(len(config.tokenizer.widths) - 1, 0)
+  return 1
 
 
 def flat_field_names() -> set[str]:
@@ -293,8 +343,18 @@ def validate(config: ConfigDict) -> ConfigDict:
   if c.image.tokenizer == "pixel" and c.image.levels ** c.image.channels > 2 ** 20:
     problems.append(f"config.image.levels={c.image.levels} gives a pixel vocabulary of "
                     f"{c.image.levels ** c.image.channels} ids (levels ** channels); use fewer levels")
+  learned = c.image.tokenizer in LEARNED_IMAGE_TOKENIZERS
+  if not c.tokenizer.widths or any(not isinstance(w, int) or w < 1 for w in c.tokenizer.widths):
+    problems.append(f"config.tokenizer.widths={tuple(c.tokenizer.widths)} must be positive channel counts")
+  if not c.tokenizer.fsq_levels or any(not isinstance(l, int) or l < 2 for l in c.tokenizer.fsq_levels):
+    problems.append(f"config.tokenizer.fsq_levels={tuple(c.tokenizer.fsq_levels)} must be integers >= 2")
+  if not 0.0 <= c.tokenizer.vq_decay < 1.0:
+    problems.append(f"config.tokenizer.vq_decay={c.tokenizer.vq_decay} must be in [0, 1)")
   if c.image.tokenizer == "patch" and c.image.patch > 0 and c.image.size % c.image.patch:
     problems.append(f"config.image.size={c.image.size} is not a multiple of config.image.patch={c.image.patch}")
+  elif learned and c.tokenizer.widths and c.image.size % tokenizer_downsample(c):
+    problems.append(f"config.image.size={c.image.size} is not a multiple of the learned tokenizer's downsampling "
+                    f"{tokenizer_downsample(c)} (2 ** (len(config.tokenizer.widths) - 1))")
   elif c.image.size > 0 and c.image.patch > 0:
     h, w = image_token_grid(c)
     need = c.text.max_len + h * w
@@ -330,6 +390,19 @@ def validate(config: ConfigDict) -> ConfigDict:
   if c.data.source == "folder" and not c.data.path:
     problems.append("config.data.path is empty; config.data.source='folder' needs a directory "
                     "holding train.jsonl and val.jsonl")
+  if c.data.source == "pretokenized" and not c.data.path:
+    problems.append("config.data.path is empty; config.data.source='pretokenized' needs the directory written by "
+                    "python -m unimm_jax.pretokenize --out=DIR")
+  if c.data.source == "tfds":
+    if not c.data.tfds_name:
+      problems.append("config.data.tfds_name is empty; config.data.source='tfds' needs a dataset name")
+    if bool(c.data.text_key) == bool(c.data.label_key):
+      problems.append(f"config.data.text_key={c.data.text_key!r} and config.data.label_key={c.data.label_key!r}: "
+                      "set exactly one (a caption feature, or a class label put into config.data.caption_templates)")
+  if c.data.label_key and (not c.data.caption_templates
+                           or any(not isinstance(t, str) or "{}" not in t for t in c.data.caption_templates)):
+    problems.append(f"config.data.caption_templates={tuple(c.data.caption_templates)} must be strings that each "
+                    "hold '{}' (where the label name goes)")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return config
@@ -373,6 +446,8 @@ def check_tokenizers(config: ConfigDict, text_tokenizer, image_tokenizer) -> Non
           "levels": config.image.levels}
   if config.image.tokenizer == "patch":
     want["patch"] = config.image.patch
+  if config.image.tokenizer in LEARNED_IMAGE_TOKENIZERS:
+    del want["levels"]   # the learned tokenizers' own settings (widths, levels, codebook) travel with them
   for key, value in want.items():
     field = "tokenizer" if key == "kind" else key
     if img.get(key) != value:

@@ -30,6 +30,8 @@ def planned_layout(config) -> VocabLayout:
   """The token layout the config asks for, from its sizes alone (no data, no fitted tokenizer)."""
   if config.text.tokenizer == "byte":
     text_vocab = tokenizers.ByteTokenizer().vocab_size
+  elif config.text.tokenizer == "sentencepiece":
+    text_vocab = config.text.vocab_size + 1        # + PAD (tokenizers.SentencePieceTokenizer)
   elif config.text.max_vocab > 0:
     text_vocab = config.text.max_vocab + 2          # + PAD, UNK
   else:
@@ -37,6 +39,10 @@ def planned_layout(config) -> VocabLayout:
                                     "word tokenizer (or a workdir that has them)")
   if config.image.tokenizer == "pixel":
     image_vocab = config.image.levels ** config.image.channels
+  elif config.image.tokenizer == "fsq":
+    image_vocab = math.prod(config.tokenizer.fsq_levels)
+  elif config.image.tokenizer == "vq":
+    image_vocab = config.tokenizer.vq_codebook_size
   else:
     image_vocab = config.image.codebook_size
   return VocabLayout(text_vocab, image_vocab, config.text.max_len, configuration.image_token_grid(config))

@@ -24,11 +24,10 @@ from collections import Counter
 
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from PIL import Image
 
 from unimm_jax import pipeline as pipeline_lib
-from unimm_jax.data import shapes
+from unimm_jax.data import pretokenized, shapes
 
 ATTRIBUTES = ("colour", "kind", "size", "cell")
 
@@ -164,6 +163,17 @@ def render_html(report: dict, samples: dict | None) -> str:
   return "\n".join(parts)
 
 
+def shapes_seed(config) -> int | None:
+  """``data.seed`` of the shapes examples the run trained on, directly or pre-tokenized; None for other data
+  (which has no checker to score generation with)."""
+  if config.data.source == "shapes":
+    return config.data.seed
+  if config.data.source == "pretokenized":
+    source = pretokenized.read_index(config.data.path)["source"]
+    return source["seed"] if source["source"] == "shapes" else None
+  return None
+
+
 def evaluate_workdir(workdir, config=None) -> dict:
   """Scores the newest checkpoint in ``workdir`` and writes report.json (merged) and report.html."""
   from unimm_jax import train  # pylint: disable=g-import-not-at-top
@@ -173,7 +183,10 @@ def evaluate_workdir(workdir, config=None) -> dict:
   report_path = workdir / "report.json"
   report = json.loads(report_path.read_text()) if report_path.exists() else {}
   samples = None
-  if config.data.source == "shapes":
+  seed = shapes_seed(config)
+  if seed is not None:
+    config = config.copy_and_resolve_references()
+    config.data.seed = seed
     start = time.perf_counter()
     figures, samples = generation_scores(pipe, config, config.eval.num_generate)
     figures["generation_eval_s"] = round(time.perf_counter() - start, 2)

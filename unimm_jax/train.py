@@ -244,7 +244,7 @@ def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Logging helpers
 # ---------------------------------------------------------------------------------------------------------------
-class _Writer:
+class Writer:
   """TensorBoard events from process 0 (tensorboardX; ``gs://`` through epath, see storage.py); a no-op elsewhere."""
 
   def __init__(self, workdir):
@@ -271,7 +271,7 @@ def absolute_path(path) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -407,7 +407,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Compiled steps ----------------------------------------------------------------------------------------
   step_fn, eval_fn = compile_steps(method, mesh, rules, shardings)
   batch_sh = sharding_lib.batch_sharding(mesh)
-  writer = _Writer(workdir)
+  writer = Writer(workdir)
   loop_start = time.perf_counter()
 
   def run_eval(step):
@@ -461,7 +461,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         steps_per_s = window_steps / elapsed
         logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
                      "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
-                     f"{steps_per_s * tokens_per_step:,.0f}", unk, _duration((total - done) / steps_per_s))
+                     f"{steps_per_s * tokens_per_step:,.0f}", unk, format_duration((total - done) / steps_per_s))
         if means["nonfinite"] > 0:
           logging.warning("skipped %d non-finite steps so far (train.on_nonfinite='skip')", skipped)
         lr = float(learning_rate_schedule(config)(done))

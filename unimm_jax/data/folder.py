@@ -82,12 +82,22 @@ def load_image(path: epath.PathLike, size: int, channels: int) -> np.ndarray:
   """
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 or 3, got {channels}')
-  data = epath.Path(path).read_bytes()
+  return decode_image(epath.Path(path).read_bytes(), size, channels)
+
+
+def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+  """`load_image` of encoded bytes (PNG, JPEG, ...).  # uint8 [size, size, channels]"""
   with Image.open(io.BytesIO(data)) as img:
     img.load()  # decode fully now: a truncated file fails here, not later
     img = ImageOps.exif_transpose(img)
     img = _flatten_alpha(_to_8bit(img))
     img = img.convert('RGB' if channels == 3 else 'L')
+  return fit_image(img, size, channels)
+
+
+def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+  """Resizes the shorter side to `size` (bicubic) and centre-crops.  # uint8 [size, size, channels]"""
+  img = img.convert('RGB' if channels == 3 else 'L')
   w, h = img.size
   if min(w, h) != size:
     scale = size / min(w, h)

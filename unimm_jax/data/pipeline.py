@@ -2,8 +2,14 @@
 
 ::
 
-    source (shapes | folder) -> grain MapDataset: shuffle -> repeat -> [this process's rows] -> encode -> batch
+    source (shapes | folder | tfds | pretokenized)
+      -> grain MapDataset: shuffle -> repeat -> [this process's rows] -> batch -> encode
     encode: text -> text tokenizer (truncate / PAD to text.max_len); image -> image tokenizer; pack [text | image]
+
+Encoding a whole batch at once lets a learned image tokenizer (a conv net) run one compiled call per batch. A
+``pretokenized`` source holds image token ids already (``python -m unimm_jax.pretokenize``), so training on it
+never decodes or encodes an image; only the caption is tokenized, which is cheap and lets the text tokenizer be
+fitted at the first run like any other.
 
 The train pipeline is a grain ``MapDataset`` turned into an iterator whose position is a few integers, so the
 checkpoint stores it and a resumed run continues with exactly the batch it would have seen next. Tokenizers that
@@ -23,7 +29,7 @@ from absl import logging
 from etils import epath
 
 from unimm_jax import configuration
-from unimm_jax.data import folder, shapes, tokenizers
+from unimm_jax.data import folder, pretokenized, shapes, tfds_source, tokenizers
 from unimm_jax.data.vocab import VocabLayout
 
 TOKENIZER_DIR = "tokenizers"
@@ -33,7 +39,11 @@ TOKENIZER_DIR = "tokenizers"
 # Sources
 # ---------------------------------------------------------------------------------------------------------------
 def make_source(config, split: str):
-  """The random-access source for ``split`` ('train' | 'val'); each item {'image': uint8 [H,W,C], 'text': str}."""
+  """The random-access source for ``split`` ('train' | 'val').
+
+  Items: {'image': uint8 [H, W, C], 'text': str}; a pretokenized source gives {'image_tokens': int32 [h*w],
+  'text': str} instead.
+  """
   if config.data.source == "shapes":
     if (config.image.size, config.image.channels) != (shapes.IMAGE_SIZE, 3):
       raise configuration.ConfigError(
@@ -43,7 +53,12 @@ def make_source(config, split: str):
     return shapes.ShapesSource(split, size, seed=config.data.seed)
   if config.data.source == "folder":
     return folder.FolderSource(config.data.path, split, config.image.size, config.image.channels)
-  raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of shapes, folder")
+  if config.data.source == "tfds":
+    return tfds_source.TfdsSource.from_config(config, split)
+  if config.data.source == "pretokenized":
+    return pretokenized.PretokenizedSource(config.data.path, split)
+  raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of "
+                                  "shapes, folder, tfds, pretokenized")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,8 +78,19 @@ class Tokenizers:
 
   def encode(self, text: str, image: np.ndarray) -> np.ndarray:
     """One pair -> int32 [S] packed global ids."""
-    text_ids = self.text.encode(text, self.text_len)
-    image_ids = self.image.encode(image[None])[0]
+    return self.encode_batch({"text": [text], "image": np.asarray(image)[None]})[0]
+
+  def encode_batch(self, batch: dict[str, Any]) -> np.ndarray:
+    """{'text': str [B], 'image': uint8 [B, H, W, C] | 'image_tokens': int [B, h*w]} -> int32 [B, S] global ids."""
+    text_ids = self.text.encode_batch([str(t) for t in batch["text"]], self.text_len)
+    if "image_tokens" in batch:
+      image_ids = np.asarray(batch["image_tokens"])
+      if image_ids.shape[1:] != (self.layout.image_len,) or (
+          image_ids.size and (image_ids.min() < 0 or image_ids.max() >= self.image.vocab_size)):
+        raise ValueError(f"pretokenized image ids of shape {image_ids.shape} do not fit the image tokenizer "
+                         f"({self.layout.image_len} tokens of {self.image.vocab_size} ids)")
+    else:
+      image_ids = self.image.encode(np.asarray(batch["image"]))
     return self.layout.pack(text_ids, image_ids)
 
   def decode(self, tokens: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -74,23 +100,46 @@ class Tokenizers:
     return texts, self.image.decode(image_ids)
 
 
+def _fit_text_tokenizer(config, texts: list[str]) -> tokenizers.TextTokenizer:
+  if config.text.tokenizer == "word":
+    return tokenizers.WordTokenizer.fit(texts, max_vocab=config.text.max_vocab or None)
+  if config.text.tokenizer == "sentencepiece":
+    if config.text.sentencepiece_model:
+      return tokenizers.SentencePieceTokenizer.from_file(config.text.sentencepiece_model)
+    return tokenizers.SentencePieceTokenizer.fit(texts, config.text.vocab_size, config.text.sentencepiece_type)
+  return tokenizers.ByteTokenizer()
+
+
 def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizers.ImageTokenizer]:
   n = min(len(source), config.data.fit_examples)
   items = [source[i] for i in range(n)]
-  texts = [item["text"] for item in items]
-  if config.text.tokenizer == "word":
-    text_tok = tokenizers.WordTokenizer.fit(texts, max_vocab=config.text.max_vocab or None)
-  else:
-    text_tok = tokenizers.ByteTokenizer()
-  if config.image.tokenizer == "pixel":
-    image_tok = tokenizers.PixelTokenizer(config.image.size, config.image.channels, config.image.levels)
-  else:
-    images = np.stack([item["image"] for item in items])
-    image_tok = tokenizers.PatchTokenizer.fit(images, config.image.size, config.image.channels,
-                                              config.image.levels, config.image.patch, config.image.codebook_size)
+  text_tok = _fit_text_tokenizer(config, [item["text"] for item in items])
+  image_tok = make_image_tokenizer(config, source, items)
   logging.info("fitted tokenizers on %d training examples: text %s (%d ids), image %s (%d ids)", n,
                text_tok.kind, text_tok.vocab_size, image_tok.kind, image_tok.vocab_size)
   return text_tok, image_tok
+
+
+def make_image_tokenizer(config, source, items: list[dict] | None = None) -> tokenizers.ImageTokenizer:
+  """The image tokenizer ``config.image`` asks for: built (pixel), fitted on the first ``data.fit_examples``
+  training ``items`` (patch), loaded from ``image.tokenizer_path`` (fsq, vq), or, for a pretokenized source,
+  the one that made its ids (never refitted)."""
+  if isinstance(source, pretokenized.PretokenizedSource):
+    return source.image_tokenizer()
+  if config.image.tokenizer in configuration.LEARNED_IMAGE_TOKENIZERS:
+    from unimm_jax.data import learned_tokenizer  # pylint: disable=g-import-not-at-top  (needs JAX)
+    if not config.image.tokenizer_path:
+      raise configuration.ConfigError(
+          f"config.image.tokenizer={config.image.tokenizer!r} needs config.image.tokenizer_path: the workdir of "
+          "python -m unimm_jax.tokenizer_main that trained it")
+    return learned_tokenizer.from_workdir(config.image.tokenizer_path)
+  if config.image.tokenizer == "pixel":
+    return tokenizers.PixelTokenizer(config.image.size, config.image.channels, config.image.levels)
+  if items is None:
+    items = [source[i] for i in range(min(len(source), config.data.fit_examples))]
+  images = np.stack([item["image"] for item in items])
+  return tokenizers.PatchTokenizer.fit(images, config.image.size, config.image.channels, config.image.levels,
+                                       config.image.patch, config.image.codebook_size)
 
 
 def fit_or_load_tokenizers(config, workdir, train_source=None) -> Tokenizers:
@@ -124,17 +173,30 @@ def load_tokenizers(workdir, text_len: int) -> Tokenizers:
 # ---------------------------------------------------------------------------------------------------------------
 # Grain pipeline
 # ---------------------------------------------------------------------------------------------------------------
-class Encode(grain.transforms.Map):
-  """{'image', 'text'} -> {'tokens': int32 [S], 'text_unk': int32 (words mapped to UNK)}."""
+class EncodeBatch(grain.transforms.Map):
+  """A batch {'text' [B], 'image' [B, ...] | 'image_tokens' [B, n]} -> {'tokens': int32 [B, S],
+  'text_unk': int32 [B] (text tokens that are UNK)}."""
 
   def __init__(self, toks: Tokenizers):
     self._toks = toks
 
-  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    tokens = self._toks.encode(element["text"], element["image"])
+  def map(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    tokens = self._toks.encode_batch(batch)
     unk_id = self._toks.text.unk_id
-    unk = 0 if unk_id is None else int(np.sum(tokens[: self._toks.text_len] == unk_id))
-    return {"tokens": tokens, "text_unk": np.int32(unk)}
+    unk = (np.zeros(len(tokens), np.int32) if unk_id is None
+           else np.sum(tokens[:, : self._toks.text_len] == unk_id, axis=1).astype(np.int32))
+    return {"tokens": tokens, "text_unk": unk}
+
+
+class Encode(grain.transforms.Map):
+  """One example {'image' | 'image_tokens', 'text'} -> {'tokens': int32 [S], 'text_unk': int32}."""
+
+  def __init__(self, toks: Tokenizers):
+    self._batch = EncodeBatch(toks)
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = self._batch.map({k: [v] if k == "text" else np.asarray(v)[None] for k, v in element.items()})
+    return {k: v[0] for k, v in out.items()}
 
 
 class _ProcessRows(grain.MapDataset):
@@ -179,6 +241,12 @@ def train_dataset(source, toks: Tokenizers, *, batch_size: int, seed: int, shard
     shard_index, shard_count: this process and the number of processes (``jax.process_index/count()``).
   Batches: {'tokens': int32 [batch_size // shard_count, S], 'text_unk': int32 [batch_size // shard_count]}.
   """
+  ds = _shuffled_rows(source, batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  return ds.batch(batch_size // shard_count, drop_remainder=True).map(EncodeBatch(toks))
+
+
+def _shuffled_rows(source, *, batch_size: int, seed: int, shard_index: int, shard_count: int) -> grain.MapDataset:
+  """Shuffled, endlessly repeated examples of ``source``: this process's rows of each global batch."""
   if batch_size % shard_count:
     raise ValueError(f"the global batch {batch_size} is not divisible by the {shard_count} processes")
   ds = grain.MapDataset.source(source)
@@ -187,7 +255,19 @@ def train_dataset(source, toks: Tokenizers, *, batch_size: int, seed: int, shard
   ds = ds.shuffle(seed=seed).repeat(None)
   if shard_count > 1:
     ds = _ProcessRows(ds, batch_size, shard_index, shard_count)
-  return ds.map(Encode(toks)).batch(batch_size // shard_count, drop_remainder=True)
+  return ds
+
+
+class _Image(grain.transforms.Map):
+  def map(self, element):
+    return element["image"]
+
+
+def image_dataset(source, *, batch_size: int, seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.MapDataset:
+  """Images only (the tokenizer trainer's input): like :func:`train_dataset`, batches uint8 [B / count, H, W, C]."""
+  ds = _shuffled_rows(source, batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  return ds.map(_Image()).batch(batch_size // shard_count, drop_remainder=True)
 
 
 def train_iterator(dataset: grain.MapDataset, num_threads: int):
@@ -201,15 +281,15 @@ def eval_batches(source, toks: Tokenizers, batch_size: int) -> list[dict[str, np
 
   Batches: {'tokens': int32 [batch_size, S], 'weight': float32 [batch_size] (0 on padding)}.
   """
-  encode = Encode(toks)
-  rows = [encode.map(source[i])["tokens"] for i in range(len(source))]
-  if not rows:
+  if not len(source):
     raise ValueError("the validation split is empty")
   out = []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+  for start in range(0, len(source), batch_size):
+    items = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+    tokens = toks.encode_batch({k: np.stack([it[k] for it in items]) if k != "text" else [it[k] for it in items]
+                                for k in items[0]})
     weight = np.zeros(batch_size, np.float32)
-    weight[: len(chunk)] = 1.0
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    out.append({"tokens": np.stack(chunk), "weight": weight})
+    weight[: len(items)] = 1.0
+    tokens = np.concatenate([tokens, np.repeat(tokens[-1:], batch_size - len(tokens), axis=0)])
+    out.append({"tokens": tokens, "weight": weight})
   return out

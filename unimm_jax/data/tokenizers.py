@@ -9,6 +9,9 @@ Text:
   WordTokenizer   lowercase words and punctuation of the training captions,
                   plus PAD (0) and UNK (1); fitted.
   ByteTokenizer   UTF-8 bytes: PAD (0), byte b -> b + 1; vocab 257.
+  SentencePieceTokenizer  a sentencepiece model (unigram or BPE) trained on the
+                  training captions, or a given .model file: PAD (0), piece
+                  p -> p + 1; fitted.
 
 Image:
   PixelTokenizer  one token per pixel: its C quantized values combined
@@ -45,6 +48,7 @@ from etils import epath
 import numpy as np
 
 TEXT_TOKENIZER_FILE = 'text_tokenizer.json'
+SENTENCEPIECE_FILE = 'text_tokenizer.model'
 IMAGE_TOKENIZER_FILE = 'image_tokenizer.json'
 CODEBOOK_FILE = 'image_tokenizer_codebook.npy'
 _FORMAT_VERSION = 1
@@ -304,6 +308,76 @@ class ByteTokenizer(TextTokenizer):
     )
 
 
+class SentencePieceTokenizer(TextTokenizer):
+  """Subword pieces of a sentencepiece model: PAD 0, piece p -> p + 1.
+
+  Shifting every piece by one keeps PAD = 0 whatever the model (one trained
+  here has no pad piece; a given .model file may or may not), so the same rule
+  serves both. Models trained here have UNK (piece 0, id 1) and no BOS/EOS:
+  captions are padded, and the model learns where they end from PAD.
+  `decode(encode(x)) == x` for text that is already in sentencepiece's
+  normal form (NFKC, single spaces, no leading/trailing space).
+  """
+
+  kind = 'sentencepiece'
+  pad_id = 0
+
+  def __init__(self, model_proto: bytes):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self.unk_id = self._sp.unk_id() + 1 if self._sp.unk_id() >= 0 else None
+
+  @classmethod
+  def fit(cls, texts: Iterable[str], vocab_size: int,
+          model_type: str = 'unigram') -> SentencePieceTokenizer:
+    """Trains a model of at most `vocab_size` pieces on `texts` (in memory).
+
+    `vocab_size` is an upper bound (hard_vocab_limit off): a small corpus
+    gets the pieces it can support instead of an error.
+    """
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    if model_type not in ('unigram', 'bpe'):
+      raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+      raise ValueError('SentencePieceTokenizer.fit needs at least one non-empty caption')
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
+        model_type=model_type, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=-1, unk_id=0, bos_id=-1, eos_id=-1, num_threads=1,
+        minloglevel=2,  # its progress log is a screenful per fit
+    )
+    return cls(out.getvalue())
+
+  @classmethod
+  def from_file(cls, path: PathLike) -> SentencePieceTokenizer:
+    path = epath.Path(path)
+    if not path.exists():
+      raise FileNotFoundError(f'config.text.sentencepiece_model: no file {path}')
+    return cls(path.read_bytes())
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size() + 1
+
+  def _encode_unpadded(self, text: str, max_len: int) -> list[int]:
+    return [i + 1 for i in self._sp.encode(text)[:max_len]]
+
+  def _decode_nonpad(self, ids: np.ndarray) -> str:
+    return self._sp.decode([int(i) - 1 for i in ids])
+
+  def save(self, directory: PathLike) -> None:
+    """Writes the model file beside `text_tokenizer.json`."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SENTENCEPIECE_FILE).write_bytes(self._proto)
+    super().save(directory)
+
+  def _payload(self) -> dict[str, Any]:
+    return {'model_file': SENTENCEPIECE_FILE}
+
 
 def load_text_tokenizer(directory: PathLike) -> TextTokenizer:
   """Reads `directory/text_tokenizer.json`, dispatching on its 'kind'."""
@@ -313,9 +387,15 @@ def load_text_tokenizer(directory: PathLike) -> TextTokenizer:
     return WordTokenizer(payload['vocab'], payload['config'].get('max_vocab'))
   if kind == 'byte':
     return ByteTokenizer()
+  if kind == 'sentencepiece':
+    tok = SentencePieceTokenizer.from_file(epath.Path(directory) / payload['model_file'])
+    if tok.vocab_size != payload['config']['vocab_size']:
+      raise ValueError(f'{epath.Path(directory) / payload["model_file"]} has {tok.vocab_size} ids, '
+                       f'{TEXT_TOKENIZER_FILE} says {payload["config"]["vocab_size"]}')
+    return tok
   raise ValueError(
       f'{epath.Path(directory) / TEXT_TOKENIZER_FILE}: unknown text tokenizer '
-      f"kind {kind!r}; known: 'word', 'byte'"
+      f"kind {kind!r}; known: 'word', 'byte', 'sentencepiece'"
   )
 
 
@@ -682,7 +762,11 @@ def load_image_tokenizer(directory: PathLike) -> ImageTokenizer:
           f' says vocab_size {cfg["vocab_size"]}'
       )
     return tok
+  if kind in ('fsq', 'vq'):
+    # Imported here: the learned tokenizer needs JAX, the others only numpy.
+    from unimm_jax.data import learned_tokenizer  # pylint: disable=g-import-not-at-top
+    return learned_tokenizer.load(directory, payload)
   raise ValueError(
       f'{directory / IMAGE_TOKENIZER_FILE}: unknown image tokenizer kind '
-      f"{kind!r}; known: 'pixel', 'patch'"
+      f"{kind!r}; known: 'pixel', 'patch', 'fsq', 'vq'"
   )
