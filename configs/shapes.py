@@ -8,10 +8,11 @@ Run::
 become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width
 128 (about 0.9M parameters).
 
-Measured (BENCHMARKS.md; 2-core AMD EPYC, 2026-11-23), seeds 0 and 1: the whole command takes 13 min 27 s and
-13 min 6 s, and ends at val 0.561 / 0.611 bits/token for text and 0.288 / 0.250 for image (untrained: 4.68 and
-7.09); text->image accuracy 0.24 / 0.20, image->text 0.17 / 0.28 on 512 val examples: short of the 0.90 bar,
-and very seed-dependent at this training length (BENCHMARKS.md says how).
+Measured (BENCHMARKS.md, third round; 2-core AMD EPYC, 2026-11-24), seeds 0 and 1: the whole command takes
+13 min 42 s and 12 min 43 s; val bits/token of the caption given the image 0.38 / 0.31 and of the image given the
+caption 0.039 / 0.036; text->image accuracy 0.64 / 0.67 (every one-shape caption right, two shapes 0.33 / 0.38),
+image->text 0.17 / 0.50, joint consistency 0.99 on 512 val examples: short of the 0.90 bar, which two-shape
+scenes (binding each phrase to its grid cell) keep out of reach at this training length.
 """
 
 from unimm_jax.configuration import base_config

@@ -104,7 +104,8 @@ def test_the_trainer_rejects_non_learned_tokenizers(tmp_path):
 def test_unified_model_on_fsq_tokens_trains_generates_and_exports(fsq_workdir, tmp_path):
   tok_dir, _ = fsq_workdir
   config = tiny_config(**{"image.tokenizer": "fsq", "image.tokenizer_path": str(tok_dir), "train.steps": 3,
-                          "eval.num_generate": 4})
+                          "eval.num_generate": 4, "model.image_code_features": True,
+                          "tokenizer.fsq_levels": (5, 5, 3)})
   report = train.train_and_evaluate(config, tmp_path / "run")
   assert report["sequence"]["image"] == [6, 6] and np.isfinite(report["val_bits_per_token"]["image"])
   saved = tokenizers.load_image_tokenizer(tmp_path / "run" / "tokenizers")
@@ -112,6 +113,10 @@ def test_unified_model_on_fsq_tokens_trains_generates_and_exports(fsq_workdir, t
   pipe = Pipeline.load(tmp_path / "run")
   tok = pipe.tokenizers.image
   assert isinstance(tok, learned_tokenizer.LearnedImageTokenizer)
+  # Image codes embed their quantized latents (model.image_code_features): the FSQ grid, one vector per code.
+  features = tok.code_features()
+  assert features.shape == (75, 3) and len(np.unique(features, axis=0)) == 75 and np.abs(features).max() <= 1.0
+  np.testing.assert_array_equal(np.asarray(pipe.params["image_code_features"]), features)
   decoded = []
   original = tok._decode  # pylint: disable=protected-access
   tok._decode = lambda ids: decoded.append((ids, original(ids))) or decoded[-1][1]  # pylint: disable=protected-access

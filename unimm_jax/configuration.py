@@ -227,8 +227,9 @@ def image_code_feature_dim(config) -> int:
     return config.image.patch ** 2 * config.image.channels
   if config.image.tokenizer == "pixel":
     return config.image.channels
-  raise ConfigError(f"config.model.image_code_features needs a patch or pixel image tokenizer, not "
-                    f"{config.image.tokenizer!r}")
+  if config.image.tokenizer == "fsq":
+    return len(config.tokenizer.fsq_levels)
+  return config.tokenizer.vq_dim     # vq
 
 
 def from_dict(saved: dict) -> ConfigDict:

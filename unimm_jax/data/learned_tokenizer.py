@@ -157,6 +157,11 @@ class LearnedImageTokenizer(tokenizers.ImageTokenizer):
   def vocab_size(self) -> int:
     return self.spec.vocab_size
 
+  def code_features(self) -> np.ndarray:
+    """Each code's quantized latent, the vector the decoder reads: float32 [vocab, latent_dim] (FSQ: in [-1, 1])."""
+    idx = jnp.arange(self.vocab_size)
+    return np.asarray(indexes_to_latents(self.spec, idx, self._codebook), np.float32)
+
   def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
     b, out = self.encode_batch, []
     for start in range(0, len(x), b):
