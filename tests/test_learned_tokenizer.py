@@ -166,3 +166,19 @@ def test_configs_with_a_learned_tokenizer_build_it(path):
 
 def test_learned_tokenizer_configs_exist():
   assert {p.stem for p in LEARNED} >= {"tokenizer_shapes", "tokenizer_photos", "coco256"}
+
+
+def test_tokenizer_main_command_line_trains_and_reports(tmp_path):
+  """The entry point itself (flags shared with the main job, CPU split before JAX starts)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "tok"
+  proc = subprocess.run(
+      [sys.executable, "-m", "unimm_jax.tokenizer_main", "--config=configs/tokenizer_shapes.py",
+       f"--workdir={workdir}", "--config.tokenizer.widths=(8,16,16)", "--config.tokenizer.fsq_levels=(5,5,3)",
+       "--config.tokenizer.steps=3", "--config.tokenizer.warmup_steps=1", "--config.tokenizer.eval_every=3", "--config.tokenizer.log_every=1",
+       "--config.tokenizer.report_images=2", "--config.data.train_size=200", "--config.data.val_size=16",
+       "--config.eval.batch_size=16", "--config.tokenizer.batch_size=8"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "report.json").exists() and (workdir / "report.html").exists()

@@ -376,6 +376,9 @@ def validate(config: ConfigDict) -> ConfigDict:
   tasks = dict(c.diffusion.tasks)
   if any(w < 0 for w in tasks.values()) or sum(tasks.values()) <= 0:
     problems.append(f"config.diffusion.tasks={tasks} must be non-negative with a positive sum")
+  if c.tokenizer.warmup_steps >= c.tokenizer.steps > 0:
+    problems.append(f"config.tokenizer.warmup_steps={c.tokenizer.warmup_steps} must be < "
+                    f"config.tokenizer.steps={c.tokenizer.steps}")
   if c.optim.warmup_steps >= c.train.steps > 0:
     problems.append(f"config.optim.warmup_steps={c.optim.warmup_steps} must be < config.train.steps={c.train.steps}")
   if len(c.mesh.shape) != 3:

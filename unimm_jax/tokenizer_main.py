@@ -29,7 +29,7 @@ def main(argv):
   except configuration.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  main_lib._split_cpu(config.mesh.cpu_devices)  # pylint: disable=protected-access
+  configuration.split_cpu_devices(config.mesh.cpu_devices)
   # pylint: disable=g-import-not-at-top
   import jax
   from unimm_jax import sharding, tokenizer_train
