@@ -60,7 +60,13 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def main(argv):
+def start(argv):
+  """The start-up every entry point with these flags shares (``main`` and ``tokenizer_main``); returns the config.
+
+  Rejects stray arguments; validates the config (one message and exit 2 for a user error, before anything
+  compiles); splits the CPU (before JAX starts its backend); joins the distributed run when asked; quiets the
+  processes other than 0.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
@@ -79,6 +85,18 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  return config
+
+
+def workdir() -> str:
+  """The ``--workdir`` flag's value (for entry points sharing these flags)."""
+  return _WORKDIR.value
+
+
+def main(argv):
+  config = start(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm_jax import sharding  # pylint: disable=g-import-not-at-top
   if _DRY_RUN.value:
     from unimm_jax import dry_run
     try:
