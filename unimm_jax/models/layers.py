@@ -14,7 +14,6 @@ import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
-_dense_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
 class RMSNorm(nn.Module):
@@ -66,7 +65,8 @@ def apply_rope_2d(x, positions, theta: float):
 
 
 class Attention(nn.Module):
-  """Bidirectional multi-head self-attention through ``jax.nn.dot_product_attention``."""
+  """Bidirectional multi-head self-attention: :func:`heads_first_attention` (XLA), or ``jax.nn.dot_product_attention``
+  with ``implementation='cudnn'`` on GPU."""
 
   num_heads: int
   head_dim: int
@@ -107,23 +107,66 @@ class Attention(nn.Module):
       rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    if self.cross_modal_rope or not r:
+    if self.implementation is not None:
+      if not self.cross_modal_rope and r:
+        raise ValueError("Attention(cross_modal_rope=False) computes its scores itself; it has no "
+                         f"implementation={self.implementation!r}")
       out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
+    elif self.cross_modal_rope or not r:
+      out = heads_first_attention(q, k, v)
     else:
       if modality is None:
         raise ValueError("Attention(cross_modal_rope=False) needs the modality of each position")
       same = (modality[:, None] == modality[None, :])[None, None]                      # [1, 1, S, S]
-      scores = jnp.where(same, jnp.einsum("bqnh,bknh->bnqk", q, k), jnp.einsum("bqnh,bknh->bnqk", q_raw, k_raw))
-      probs = jax.nn.softmax(scores.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1).astype(v.dtype)
-      out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+      out = heads_first_attention(q, k, v, q_raw, k_raw, same)
     return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
+
+
+def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
+  """Softmax attention of [B, S, N, H] q, k, v computed in the [B, N, S, H] layout -> [B, S, N, H].
+
+  The XLA path on every backend (``model.attention='xla'``). ``jax.nn.dot_product_attention``'s XLA fallback
+  contracts [B, S, N, H] operands directly; with the heads moved next to the batch first, the score and value
+  matmuls are batched over contiguous [S, H] blocks, and the transposes fuse into the producers (the rotary
+  embedding): the attention layer's gradient at the ``bench_cpu`` sizes took 105 ms instead of 129 ms
+  (BENCHMARKS.md). Scores and the softmax are float32 whatever the compute dtype.
+
+  With ``q_raw``, ``k_raw`` and a boolean ``rotated_where`` [1, 1, S, S], the score of a pair is ``q . k`` where
+  it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``).
+  """
+  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+  q = heads_first(q) * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  scores = jnp.einsum("bnqh,bnkh->bnqk", q, heads_first(k), preferred_element_type=jnp.float32)
+  if rotated_where is not None:
+    q_raw = heads_first(q_raw) * jnp.asarray(1.0 / np.sqrt(q_raw.shape[-1]), q_raw.dtype)
+    raw = jnp.einsum("bnqh,bnkh->bnqk", q_raw, heads_first(k_raw), preferred_element_type=jnp.float32)
+    scores = jnp.where(rotated_where, scores, raw)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return heads_first(jnp.einsum("bnqk,bnkh->bnqh", probs, heads_first(v)))
+
+
+def matmul_2d(x, kernel, n_in: int):
+  """x [..., *in] times kernel [*in, *out] -> [..., *out], as ONE 2-D matmul [M, K] @ [K, N].
+
+  Contracting the same dimensions with a multi-dimensional ``dot_general`` is the same maths, but XLA:CPU then
+  computes the weight gradient (which contracts over batch *and* length) and some of the input gradients far
+  below its matmul rate: a gated MLP at the ``bench_cpu`` sizes took 154 ms for its gradient in 3-D against
+  111 ms in 2-D (BENCHMARKS.md, performance issue). Row-major reshapes are free (no copy) on every backend, and
+  a batch dimension sharded over a mesh axis stays the leading, sharded one after the merge.
+  """
+  lead, ins, outs = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+  k, n = int(np.prod(ins)), int(np.prod(outs))
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, n))
+  return y.reshape(lead + outs)
 
 
 class Projection(nn.Module):
   """A bias-free linear map from the last ``len(in_shape)`` dims of x to ``out_shape``, kernel ``in + out``.
 
   Written out (not ``nn.DenseGeneral``) because DenseGeneral initialises a flattened 2-D kernel, which breaks
-  the logical partitioning of a 3-D one under a mesh. Fan-in initialisation over all input dims.
+  the logical partitioning of a 3-D one under a mesh. Fan-in initialisation over all input dims (for a 2-D
+  kernel the same as ``nn.Dense``'s ``variance_scaling(1, 'fan_in', 'truncated_normal')``). Applied as one
+  2-D matmul (:func:`matmul_2d`).
   """
 
   in_shape: tuple[int, ...]
@@ -131,17 +174,16 @@ class Projection(nn.Module):
   axes: tuple[str, ...]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer | None = None  # default: fan-in variance scaling
 
   @nn.compact
   def __call__(self, x):
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
-                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.in_shape + self.out_shape,
                         self.param_dtype)
-    x = x.astype(self.dtype)
-    return jax.lax.dot_general(x, kernel.astype(self.dtype),
-                               ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    return matmul_2d(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
 
 
 class GatedMLP(nn.Module):
@@ -153,14 +195,12 @@ class GatedMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):  # [B, S, D] -> [B, S, D]
-    def dense(features, axes, name):
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(_dense_init, axes), name=name)
-
-    gate = dense(self.hidden, ("embed", "mlp"), "wi_0")(x)
-    up = dense(self.hidden, ("embed", "mlp"), "wi_1")(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d = x.shape[-1]
+    gate = Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_0", **kw)(x)
+    up = Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_1", **kw)(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(x.shape[-1], ("mlp", "embed"), "wo")(h)
+    return Projection((self.hidden,), (d,), ("mlp", "embed"), name="wo", **kw)(h)
 
 
 class Block(nn.Module):

@@ -173,9 +173,8 @@ class Transformer(nn.Module):
     x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
-    logits = nn.Dense(vocab, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
-                      name="head")(x)
+    logits = layers.Projection((cfg.d_model,), (vocab,), ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=nn.initializers.zeros, name="head")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
     logits = logits[..., :layout.size] if vocab != layout.size else logits
     return jnp.where(jnp.asarray(layout.allowed_ids())[None], logits, NEG_INF)
@@ -202,7 +201,7 @@ def modality_nll(config: TransformerConfig, params, features, targets):
   out = []
   for seg, lo, hi in ((slice(0, split), layout.text_offset, layout.image_offset),
                       (slice(split, None), layout.image_offset, layout.mask_id)):
-    logits = jnp.dot(features[:, seg].astype(dtype), kernel[:, lo:hi].astype(dtype))
+    logits = layers.matmul_2d(features[:, seg].astype(dtype), kernel[:, lo:hi].astype(dtype), 1)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
     local = jnp.clip(targets[:, seg] - lo, 0, hi - lo - 1)
     target_logit = jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
