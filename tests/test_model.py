@@ -82,6 +82,23 @@ def test_within_modality_rope_scores_cross_modal_pairs_unrotated():
   assert np.abs(np.asarray(within.apply(params, x, even_only, alt) - base)).max() > 1e-3
 
 
+def test_heads_first_attention_and_2d_matmul_equal_the_library_computations():
+  """The XLA attention path and the 2-D projections are layouts of the same maths: they must agree with
+  ``jax.nn.dot_product_attention`` and a multi-dimensional einsum, values and gradients."""
+  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 4, 8))
+  np.testing.assert_allclose(layers.heads_first_attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
+                             rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  got = jax.grad(loss(layers.heads_first_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 4))
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 4, 2, 6))
+  np.testing.assert_allclose(layers.matmul_2d(x, kernel, 2), jnp.einsum("bsij,ijkl->bskl", x, kernel),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_bidirectional_every_position_sees_every_other():
   model, params, tokens = _random_model()
   f = lambda tok: model.apply({"params": params}, tok)
