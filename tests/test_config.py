@@ -112,3 +112,37 @@ def test_main_stops_on_a_bad_field_before_compiling(tmp_path):
   assert out.returncode == 2
   assert "config.model.num_layer is not a known field; did you mean model.num_layers?" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+_FAULTS_SCRIPT = r"""
+import ctypes, resource, sys
+from unimm_jax import configuration
+applied = configuration.retain_host_memory(sys.argv[1] == "on")
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20                                   # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+def faults_of_one_allocation():                   # malloc itself, as XLA:CPU does (numpy would madvise huge pages)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_allocation()                        # the first one faults in either case
+print(applied, min(faults_of_one_allocation() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator is what is tuned")
+def test_retained_host_memory_is_reused_without_page_faults():
+  """mesh.retain_host_memory: a freed 64 MiB block is reused by the next allocation of that size (no fresh pages,
+  so almost no page faults); by default glibc unmaps it and the next one faults in all 16k pages again."""
+  def run(mode):
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+  applied, retained = run("on")
+  if not applied:
+    pytest.skip("the C library is not glibc: retain_host_memory is a no-op here")
+  _, default = run("off")
+  pages = (64 << 20) // 4096
+  assert default > pages // 2, default        # unmapped on free, faulted in again
+  assert retained < pages // 20, retained     # reused

@@ -420,6 +420,7 @@ def _cli():
     if cfg is not None:
       configuration.validate(cfg)
       configuration.split_cpu_devices(cfg.mesh.cpu_devices)   # before JAX starts its backend, as main does
+      configuration.retain_host_memory(cfg.mesh.retain_host_memory)
     unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint"}
     if unknown:
       raise app.UsageError(f"unknown --what: {sorted(unknown)}")

@@ -64,7 +64,7 @@ def start(argv):
   """The start-up every entry point with these flags shares (``main`` and ``tokenizer_main``); returns the config.
 
   Rejects stray arguments; validates the config (one message and exit 2 for a user error, before anything
-  compiles); splits the CPU (before JAX starts its backend); joins the distributed run when asked; quiets the
+  compiles); splits the CPU and tunes the host allocator (before JAX starts its backend); joins the distributed run when asked; quiets the
   processes other than 0.
   """
   if len(argv) > 1:
@@ -78,6 +78,7 @@ def start(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   configuration.split_cpu_devices(config.mesh.cpu_devices)
+  configuration.retain_host_memory(config.mesh.retain_host_memory)
   # pylint: disable=g-import-not-at-top  (imported here so --help and config errors are fast)
   import jax
   from unimm_jax import sharding
