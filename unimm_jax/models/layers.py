@@ -129,7 +129,7 @@ def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
   contracts [B, S, N, H] operands directly; with the heads moved next to the batch first, the score and value
   matmuls are batched over contiguous [S, H] blocks, and the transposes fuse into the producers (the rotary
   embedding): the attention layer's gradient at the ``bench_cpu`` sizes took 105 ms instead of 129 ms
-  (BENCHMARKS.md). Scores and the softmax are float32 whatever the compute dtype.
+  (BENCHMARKS.md). Scores, the softmax and the weighted sum accumulate in float32 whatever the compute dtype.
 
   With ``q_raw``, ``k_raw`` and a boolean ``rotated_where`` [1, 1, S, S], the score of a pair is ``q . k`` where
   it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``).
@@ -141,8 +141,11 @@ def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
     q_raw = heads_first(q_raw) * jnp.asarray(1.0 / np.sqrt(q_raw.shape[-1]), q_raw.dtype)
     raw = jnp.einsum("bnqh,bnkh->bnqk", q_raw, heads_first(k_raw), preferred_element_type=jnp.float32)
     scores = jnp.where(rotated_where, scores, raw)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return heads_first(jnp.einsum("bnqk,bnkh->bnqh", probs, heads_first(v)))
+  # Normalised after the value matmul, as flash attention does: one divide per output [.., S, H] instead of per
+  # score [.., S, S]. The max is a constant shift (softmax ignores it), so it takes no gradient.
+  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+  out = jnp.einsum("bnqk,bnkh->bnqh", weights.astype(v.dtype), heads_first(v), preferred_element_type=jnp.float32)
+  return heads_first(out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def matmul_2d(x, kernel, n_in: int):
