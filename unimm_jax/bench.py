@@ -419,8 +419,7 @@ def _cli():
       raise app.UsageError("--config=FILE is needed (only --what=sample with --workdir can do without)")
     if cfg is not None:
       configuration.validate(cfg)
-      configuration.split_cpu_devices(cfg.mesh.cpu_devices)   # before JAX starts its backend, as main does
-      configuration.retain_host_memory(cfg.mesh.retain_host_memory)
+      configuration.prepare_host(cfg)   # before JAX starts its backend, as main does
     unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint"}
     if unknown:
       raise app.UsageError(f"unknown --what: {sorted(unknown)}")

@@ -482,6 +482,13 @@ def split_cpu_devices(n: int) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags_).strip()
 
 
+def prepare_host(config: ConfigDict) -> None:
+  """What the config asks of the host before JAX starts its backend: the CPU split (``mesh.cpu_devices``) and the
+  allocator (``mesh.retain_host_memory``). Every entry point that trains or times calls this one function."""
+  split_cpu_devices(config.mesh.cpu_devices)
+  retain_host_memory(config.mesh.retain_host_memory)
+
+
 def retain_host_memory(enabled: bool = True) -> bool:
   """``mesh.retain_host_memory``: glibc's allocator keeps freed memory for reuse instead of returning it to the OS.
 

@@ -64,8 +64,8 @@ def start(argv):
   """The start-up every entry point with these flags shares (``main`` and ``tokenizer_main``); returns the config.
 
   Rejects stray arguments; validates the config (one message and exit 2 for a user error, before anything
-  compiles); splits the CPU and tunes the host allocator (before JAX starts its backend); joins the distributed run when asked; quiets the
-  processes other than 0.
+  compiles); splits the CPU and tunes the host allocator (``configuration.prepare_host``, before JAX starts
+  its backend); joins the distributed run when asked; quiets the processes other than 0.
   """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -77,8 +77,7 @@ def start(argv):
     # One clear message, before anything is compiled; no traceback for a user error.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  configuration.split_cpu_devices(config.mesh.cpu_devices)
-  configuration.retain_host_memory(config.mesh.retain_host_memory)
+  configuration.prepare_host(config)
   # pylint: disable=g-import-not-at-top  (imported here so --help and config errors are fast)
   import jax
   from unimm_jax import sharding

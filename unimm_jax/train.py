@@ -375,11 +375,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       raise configuration.ConfigError(f"config.{name}={config[group][field]} is not divisible by the "
                                       f"{batch_shards} batch shards of the mesh (data x fsdp of {dict(mesh.shape)})")
   code_features = toks.image.code_features() if config.model.image_code_features else None
-  if code_features is not None and code_features.shape[1] != configuration.image_code_feature_dim(config):
+  if code_features is not None and code_features.shape[1] != (want := configuration.image_code_feature_dim(config)):
     raise configuration.ConfigError(
         f"config.model.image_code_features: the image tokenizer's codes have {code_features.shape[1]} numbers "
-        f"each, the config implies {configuration.image_code_feature_dim(config)} (for a learned tokenizer, set "
-        "config.tokenizer.fsq_levels / vq_dim to the tokenizer's)")
+        f"each, the config implies {want} (for a learned tokenizer, set config.tokenizer.fsq_levels / vq_dim to "
+        "the tokenizer's)")
   method = make_method(config, layout, code_features)
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",

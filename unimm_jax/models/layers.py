@@ -135,12 +135,12 @@ def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
   it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``).
   """
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
-  q = heads_first(q) * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
-  scores = jnp.einsum("bnqh,bnkh->bnqk", q, heads_first(k), preferred_element_type=jnp.float32)
+  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+  score = lambda q, k: jnp.einsum("bnqh,bnkh->bnqk", heads_first(q) * scale, heads_first(k),
+                                  preferred_element_type=jnp.float32)
+  scores = score(q, k)
   if rotated_where is not None:
-    q_raw = heads_first(q_raw) * jnp.asarray(1.0 / np.sqrt(q_raw.shape[-1]), q_raw.dtype)
-    raw = jnp.einsum("bnqh,bnkh->bnqk", q_raw, heads_first(k_raw), preferred_element_type=jnp.float32)
-    scores = jnp.where(rotated_where, scores, raw)
+    scores = jnp.where(rotated_where, scores, score(q_raw, k_raw))
   # Normalised after the value matmul, as flash attention does: one divide per output [.., S, H] instead of per
   # score [.., S, S]. The max is a constant shift (softmax ignores it), so it takes no gradient.
   weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
