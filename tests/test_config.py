@@ -79,6 +79,9 @@ def test_inconsistent_sizes_name_the_fields():
   config = configuration.base_config()
   config.train.batch_size = 0
   assert "config.train.batch_size=0 must be > 0" in _problems(config)
+  config = configuration.base_config()
+  config.model.directional_heads = 3   # 6 directional heads of the base config's 4
+  assert "config.model.directional_heads=3 takes 6 heads" in _problems(config)
 
 
 def test_saved_tokenizer_that_disagrees_with_the_config_is_an_error():

@@ -82,6 +82,38 @@ def test_within_modality_rope_scores_cross_modal_pairs_unrotated():
   assert np.abs(np.asarray(within.apply(params, x, even_only, alt) - base)).max() > 1e-3
 
 
+def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
+  """directional_heads=1 of 3 heads: head 0 sees the same or earlier caption words, head 1 the same or later ones,
+  head 2 everything; every head sees every image token and image queries see everything (checked through the
+  Jacobian of each head's output with respect to each input position)."""
+  modality = jnp.asarray([0, 0, 0, 0, 1, 1, 1])
+  positions = jnp.asarray([[0, 0], [1, 1], [2, 2], [3, 3], [0, 0], [0, 1], [1, 0]])
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 7, 12))
+  attn = layers.Attention(3, 8, 10_000.0, 1.0, cross_modal_rope=False, directional_heads=1)
+  params = attn.init(jax.random.PRNGKey(1), x, positions, modality)
+  q, k, v = (jax.random.normal(key, (1, 7, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  allowed = attn._directional_mask(modality)                                     # [1, 3, 7, 7]
+  # Jacobian of the output at (query i, head n) with respect to the value at key j.
+  jac = jax.jacobian(lambda v: layers.heads_first_attention(q, k, v, allowed=allowed))(v)  # [1,7,3,8, 1,7,3,8]
+  dep = np.abs(np.asarray(jac)[0, :, :, :, 0, :, :, :]).sum(axis=(2, 5))        # [query, head, key, head']
+  dep = np.stack([dep[:, n, :, n] for n in range(3)])                            # [head, query, key]
+  text = np.arange(4)
+  for i in text:
+    assert np.all(dep[0, i, i + 1:4] == 0) and np.all(dep[0, i, :i + 1] > 0)    # left-looking
+    assert np.all(dep[1, i, :i] == 0) and np.all(dep[1, i, i:4] > 0)            # right-looking
+    assert np.all(dep[:, i, 4:] > 0)                                            # the image, from every head
+  assert np.all(dep[2] > 0) and np.all(dep[:, 4:, :] > 0)                       # head 2 and image queries: all
+  # The module applies that mask: with only head 0 reaching the output (the out projection of heads 1, 2 zeroed),
+  # a later caption word's change leaves the earlier words' outputs exactly unchanged; an earlier one's does not.
+  only_left = jax.tree.map(lambda a: a, nn.meta.unbox(params))
+  only_left["params"]["out"]["kernel"] = only_left["params"]["out"]["kernel"].at[1:].set(0.0)
+  out = lambda x: attn.apply(only_left, x, positions, modality)
+  assert np.all(np.asarray(out(x.at[0, 3].add(1.0)) - out(x))[0, :3] == 0)
+  assert np.all(np.abs(np.asarray(out(x.at[0, 0].add(1.0)) - out(x)))[0, 1:4].max(axis=-1) > 0)
+  with np.testing.assert_raises(ValueError):
+    layers.Attention(2, 8, 10_000.0, 1.0, directional_heads=2).init(jax.random.PRNGKey(1), x, positions, modality)
+
+
 def test_heads_first_attention_and_2d_matmul_equal_the_library_computations():
   """The XLA attention path and the 2-D projections are layouts of the same maths: they must agree with
   ``jax.nn.dot_product_attention`` and a multi-dimensional einsum, values and gradients."""

@@ -53,7 +53,7 @@ POSITIVE = (
     "tokenizer.steps", "tokenizer.batch_size", "tokenizer.learning_rate", "tokenizer.log_every",
     "tokenizer.eval_every", "tokenizer.encode_batch",
 )
-NON_NEGATIVE = ("mesh.cpu_devices", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
+NON_NEGATIVE = ("mesh.cpu_devices", "model.directional_heads", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
                 "data.num_threads", "text.max_vocab", "seed", "data.seed", "tokenizer.warmup_steps",
                 "tokenizer.grad_clip", "tokenizer.weight_decay", "tokenizer.vq_commitment",
@@ -140,6 +140,7 @@ def base_config() -> ConfigDict:
   c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
   c.model.image_code_features = False  # add a learned projection of each image code's appearance to its embedding
   c.model.cross_modal_rope = True  # False: rotary offsets within a modality only; text<->image pairs unrotated
+  c.model.directional_heads = 0  # P: per block, P heads see only earlier caption words and P only later ones
   c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
   c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
 
@@ -368,6 +369,13 @@ def validate(config: ConfigDict) -> ConfigDict:
   if not c.model.cross_modal_rope and c.model.attention == "cudnn":
     problems.append("config.model.cross_modal_rope=False computes attention scores itself (two score matmuls); "
                     "it cannot use config.model.attention='cudnn'")
+  if c.model.directional_heads and c.model.attention == "cudnn":
+    problems.append("config.model.directional_heads > 0 computes attention scores itself; it cannot use "
+                    "config.model.attention='cudnn'")
+  if 2 * c.model.directional_heads > c.model.num_heads:
+    problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
+                    f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "
+                    f"config.model.num_heads is {c.model.num_heads}")
   if not 0.0 <= c.model.rope_fraction <= 1.0:
     problems.append(f"config.model.rope_fraction={c.model.rope_fraction} must be in [0, 1]")
   if not 0.0 <= c.train.ema_decay < 1.0:

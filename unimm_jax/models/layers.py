@@ -75,6 +75,7 @@ class Attention(nn.Module):
   implementation: str | None = None   # None (XLA) or 'cudnn'
   fused_qkv: bool = True     # one [D, 3, N, H] projection (one matmul) instead of three
   cross_modal_rope: bool = True  # False: text<->image pairs score with the unrotated q, k (see __call__)
+  directional_heads: int = 0  # P > 0: P heads see only earlier caption words, P only later ones (see __call__)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -87,6 +88,13 @@ class Attention(nn.Module):
     with the unrotated ones over the whole head, so that a caption word finds its grid cell by content and
     absolute position alone. Across modalities a rotary offset (text index i against grid cell (r, c)) means
     nothing and only adds noise to those scores. This takes a second score matmul, done here by XLA (no cuDNN).
+
+    With ``directional_heads=P``, between caption words the first P heads attend only to the same or earlier
+    words and the next P heads only to the same or later ones (every other pair, and every other head, as before).
+    A bidirectional attention can tell left from right only through rotary phases, which over a caption's length
+    are nearly flat at the low frequencies and wrap at the high ones; a left-looking head that finds the word
+    "and" says at once which phrase of a caption a word belongs to, which binding each phrase to its own grid
+    cell needs (BENCHMARKS.md, generation issue).
     """
     d, shape = x.shape[-1], (self.num_heads, self.head_dim)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -107,22 +115,40 @@ class Attention(nn.Module):
       rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    own_scores = (not self.cross_modal_rope and r) or self.directional_heads
+    if own_scores and modality is None:
+      raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the modality of each "
+                       "position")
     if self.implementation is not None:
-      if not self.cross_modal_rope and r:
-        raise ValueError("Attention(cross_modal_rope=False) computes its scores itself; it has no "
-                         f"implementation={self.implementation!r}")
+      if own_scores:
+        raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) computes its scores itself; "
+                         f"it has no implementation={self.implementation!r}")
       out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
     elif self.cross_modal_rope or not r:
-      out = heads_first_attention(q, k, v)
+      out = heads_first_attention(q, k, v, allowed=self._directional_mask(modality))
     else:
-      if modality is None:
-        raise ValueError("Attention(cross_modal_rope=False) needs the modality of each position")
       same = (modality[:, None] == modality[None, :])[None, None]                      # [1, 1, S, S]
-      out = heads_first_attention(q, k, v, q_raw, k_raw, same)
+      out = heads_first_attention(q, k, v, q_raw, k_raw, same, allowed=self._directional_mask(modality))
     return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
 
+  def _directional_mask(self, modality):
+    """bool [1, N, S, S], True where a query may attend a key, or None (every pair) without directional heads."""
+    p = self.directional_heads
+    if not p:
+      return None
+    if 2 * p > self.num_heads:
+      raise ValueError(f"directional_heads={p} needs at least {2 * p} heads, got {self.num_heads}")
+    s = modality.shape[0]
+    text = modality == 0
+    text_pair = text[:, None] & text[None, :]                                          # [S, S]
+    idx = jnp.arange(s)
+    left = ~text_pair | (idx[None, :] <= idx[:, None])
+    right = ~text_pair | (idx[None, :] >= idx[:, None])
+    every = jnp.ones((s, s), bool)
+    return jnp.stack([left] * p + [right] * p + [every] * (self.num_heads - 2 * p))[None]
 
-def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
+
+def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None, allowed=None):
   """Softmax attention of [B, S, N, H] q, k, v computed in the [B, N, S, H] layout -> [B, S, N, H].
 
   The XLA path on every backend (``model.attention='xla'``). ``jax.nn.dot_product_attention``'s XLA fallback
@@ -132,7 +158,8 @@ def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
   (BENCHMARKS.md). Scores, the softmax and the weighted sum accumulate in float32 whatever the compute dtype.
 
   With ``q_raw``, ``k_raw`` and a boolean ``rotated_where`` [1, 1, S, S], the score of a pair is ``q . k`` where
-  it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``).
+  it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``). A boolean ``allowed``
+  [1 or B, N, S, S] leaves out the pairs where it is False (every query must keep at least one key).
   """
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
@@ -141,6 +168,8 @@ def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None):
   scores = score(q, k)
   if rotated_where is not None:
     scores = jnp.where(rotated_where, scores, score(q_raw, k_raw))
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, -1e30)
   # Normalised after the value matmul, as flash attention does: one divide per output [.., S, H] instead of per
   # score [.., S, S]. The max is a constant shift (softmax ignores it), so it takes no gradient.
   weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
@@ -217,6 +246,7 @@ class Block(nn.Module):
   rope_fraction: float = 1.0
   fused_qkv: bool = True
   cross_modal_rope: bool = True
+  directional_heads: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -225,7 +255,8 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
-                      self.fused_qkv, self.cross_modal_rope, name="attn", **kw)(h, positions, modality)
+                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, name="attn",
+                      **kw)(h, positions, modality)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
