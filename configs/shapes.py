@@ -8,11 +8,12 @@ Run::
 become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width
 128 with 8 heads of 16 (about 0.9M parameters).
 
-Measured (BENCHMARKS.md, fourth round; 2-core AMD EPYC, 2026-11-24), seeds 0 and 1: the whole command takes
-13 min 1 s and 13 min 49 s; val bits/token of the caption given the image 0.23 / 0.27 and of the image given the
-caption 0.028 / 0.035; text->image accuracy 0.68 / 0.59 and image->text 0.56 / 0.57 (one-shape scenes 99-100 %
-right both ways in both seeds; two shapes 0.19-0.40), joint consistency 0.98-0.99 on 512 val examples: short of the
-0.90 bar, which two-shape scenes (binding each phrase to its grid cell) keep out of reach at this training length.
+Measured (BENCHMARKS.md, fifth round; 2-core AMD EPYC, 2026-11-24), seeds 0 and 1: the whole command takes
+13 min 0 s and 13 min 11 s; val bits/token of the caption given the image 0.23 / 0.24 and of the image given the
+caption 0.021 / 0.018; text->image accuracy 0.72 / 0.76 and image->text 0.63 / 0.63 (one-shape scenes 99-100 %
+right both ways in both seeds; two shapes 0.31-0.55), joint consistency 0.99-1.00 on 512 val examples: short of the
+0.90 bar. A shape's attributes now stay together; which grid cell each phrase names is what two-shape scenes
+still get wrong.
 """
 
 from unimm_jax.configuration import base_config
