@@ -82,6 +82,12 @@ def test_inconsistent_sizes_name_the_fields():
   config = configuration.base_config()
   config.model.directional_heads = 3   # 6 directional heads of the base config's 4
   assert "config.model.directional_heads=3 takes 6 heads" in _problems(config)
+  config.model.directional_heads = 1
+  config.model.cross_modal_rope = False
+  config.model.attention = "cudnn"
+  msg = _problems(config)
+  assert "config.model.cross_modal_rope=False computes attention scores itself" in msg
+  assert "config.model.directional_heads > 0 computes attention scores itself" in msg
 
 
 def test_saved_tokenizer_that_disagrees_with_the_config_is_an_error():

@@ -366,11 +366,11 @@ def validate(config: ConfigDict) -> ConfigDict:
     if need > c.model.max_len:
       problems.append(f"config.model.max_len={c.model.max_len} is smaller than config.text.max_len "
                       f"({c.text.max_len}) + image tokens ({h}x{w}={h * w}) = {need}")
-  if not c.model.cross_modal_rope and c.model.attention == "cudnn":
-    problems.append("config.model.cross_modal_rope=False computes attention scores itself (two score matmuls); "
-                    "it cannot use config.model.attention='cudnn'")
-  if c.model.directional_heads and c.model.attention == "cudnn":
-    problems.append("config.model.directional_heads > 0 computes attention scores itself; it cannot use "
+  # Both compute their attention scores themselves (layers.Attention), which the cuDNN kernel cannot take.
+  own_scores = {"cross_modal_rope=False": not c.model.cross_modal_rope,
+                "directional_heads > 0": c.model.directional_heads > 0}
+  for setting in (name for name, on in own_scores.items() if on and c.model.attention == "cudnn"):
+    problems.append(f"config.model.{setting} computes attention scores itself; it cannot use "
                     "config.model.attention='cudnn'")
   if 2 * c.model.directional_heads > c.model.num_heads:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
