@@ -95,6 +95,16 @@ def test_remaining_masked_schedules():
   np.testing.assert_array_equal(got, [[7, 0, 2], [5, 0, 1], [2, 0, 0], [0, 0, 0]])
   got = np.asarray(sampling.remaining_masked(jnp.array([100]), 2, "cosine"))
   np.testing.assert_array_equal(got[:, 0], [70, 0])   # floor(100 cos(pi/4)) = 70
+  # As many steps as masked tokens: exactly one revealed per step, whatever float32 makes of N (1 - k/K).
+  for n in (16, 24, 36, 256, 1024):
+    got = np.asarray(sampling.remaining_masked(jnp.array([n]), n, "linear"))[:, 0]
+    np.testing.assert_array_equal(got, np.arange(n - 1, -1, -1))
+  # Half as many steps as tokens: exactly two per step.
+  got = np.asarray(sampling.remaining_masked(jnp.array([48]), 24, "linear"))[:, 0]
+  np.testing.assert_array_equal(got, np.arange(46, -1, -2))
+  # The cosine schedule where the product is whole: N = 2, K = 3 keeps floor(2 cos(pi/3)) = 1 after step 2 (float32
+  # makes 2 cos(pi/3) 0.99999994).
+  np.testing.assert_array_equal(np.asarray(sampling.remaining_masked(jnp.array([2]), 3, "cosine"))[:, 0], [1, 1, 0])
 
 
 def test_guidance_formula_and_zero_scale(pipe):
