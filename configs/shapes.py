@@ -74,7 +74,6 @@ def get_config():
   # Sampler of the report: argmax tokens, revealed at a constant rate (BENCHMARKS: +10 points over T=1, cosine).
   config.sample.temperature = 0.0
   config.sample.reveal_schedule = "linear"
-  config.sample.confidence_noise = 0.0     # reveal in pure confidence order (image->text +0.02: BENCHMARKS)
   config.sample.joint_order = "text_first"   # joint pairs: a caption from p(text), then its image
   config.ckpt.every_steps = 500
   config.eval.every_steps = 500
