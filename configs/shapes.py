@@ -8,12 +8,13 @@ Run::
 become at most 21 word tokens plus PAD (24 positions); one sequence is 60 tokens. The model is 4 layers of width
 128 with 8 heads of 16 (about 0.9M parameters).
 
-Measured (BENCHMARKS.md, fifth round; 2-core AMD EPYC, 2026-11-24), seeds 0 and 1: the whole command takes
-13 min 0 s and 13 min 11 s; val bits/token of the caption given the image 0.23 / 0.24 and of the image given the
-caption 0.021 / 0.018; text->image accuracy 0.72 / 0.76 and image->text 0.63 / 0.63 (one-shape scenes 99-100 %
-right both ways in both seeds; two shapes 0.31-0.55), joint consistency 0.99-1.00 on 512 val examples: short of the
-0.90 bar. A shape's attributes now stay together; which grid cell each phrase names is what two-shape scenes
-still get wrong.
+Measured (BENCHMARKS.md, sixth round; 2-core AMD EPYC, 2026-11-24), seeds 0 and 1: the whole command takes
+14 min 42 s and 14 min 7 s on a machine 7-12 % slower than in the morning (a thin margin under 15 minutes);
+val bits/token of the caption given the image 0.20 / 0.21 and of the image given the caption 0.025 / 0.020;
+text->image accuracy 0.72 / 0.71 and image->text 0.68 / 0.70 on 512 val examples (one-shape scenes right both ways
+in every case; two shapes 0.40-0.48), joint consistency 1.00: short of the 0.90 bar. What is missing is binding
+each phrase to its grid cell, which this model learns late and suddenly: at twice the steps (not within 15
+minutes) it reaches text->image 0.95 and image->text 0.87.
 """
 
 from unimm_jax.configuration import base_config
@@ -46,7 +47,7 @@ def get_config():
   # 5,200 steps (BENCHMARKS, fifth round).
   config.model.directional_heads = 1
   config.model.rope_theta = 100.0
-  config.train.steps = 5_400             # about 142 ms a step on 2 cores (BENCHMARKS): the whole job fits 15 min
+  config.train.steps = 5_400             # 142-156 ms a step on 2 cores (BENCHMARKS): the whole job fits 15 min
   config.train.batch_size = 64
   config.train.log_every = 100
   config.optim.learning_rate = 3e-3

@@ -67,7 +67,7 @@ def remaining_masked(num_masked, steps: int, reveal_schedule: str = "cosine"):
   if reveal_schedule == "linear":
     # Integer arithmetic, floor(N (K - k) / K): in float32, 24 * (1 - 7/24) is 16.99999 and floors to 16, so
     # K = N steps revealed two tokens at some steps and none at others instead of exactly one each (the image->text
-    # report lost 0.07 accuracy to it: BENCHMARKS.md, sixth round).
+    # report lost 0.05 accuracy to it: BENCHMARKS.md, sixth round).
     return (num_masked[None, :] * (steps - k)[:, None]) // steps
   gamma = jnp.cos(0.5 * math.pi * k.astype(jnp.float32) / steps)
   gamma = gamma.at[-1].set(0.0)   # cos(pi/2) is 6e-17 in float32, not 0
