@@ -114,6 +114,29 @@ def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
     layers.Attention(2, 8, 10_000.0, 1.0, directional_heads=2).init(jax.random.PRNGKey(1), x, positions, modality)
 
 
+def test_qk_norm_makes_scores_independent_of_query_and_key_scale():
+  """qk_norm=True: scaling the query and key projections (what weight decay and learning rate act on) leaves the
+  output unchanged, and the learned gains of the norms scale the scores; without it the same scaling changes it."""
+  positions = jnp.stack([jnp.arange(6) // 3, jnp.arange(6) % 3], -1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 12))
+  for qk_norm in (True, False):
+    attn = layers.Attention(2, 8, 100.0, 1.0, qk_norm=qk_norm)
+    params = nn.meta.unbox(attn.init(jax.random.PRNGKey(1), x, positions))["params"]
+    scaled = jax.tree.map(lambda a: a, params)
+    scaled["qkv"]["kernel"] = params["qkv"]["kernel"].at[:, :2].multiply(7.0)       # q and k, not v
+    moved = np.abs(np.asarray(attn.apply({"params": scaled}, x, positions) - attn.apply({"params": params}, x,
+                                                                                         positions))).max()
+    if qk_norm:
+      assert moved < 1e-4, moved
+      assert set(params) == {"qkv", "out", "query_norm", "key_norm"}
+      sharper = jax.tree.map(lambda a: a, params)
+      sharper["query_norm"]["scale"] = params["query_norm"]["scale"] * 3.0
+      assert np.abs(np.asarray(attn.apply({"params": sharper}, x, positions)
+                               - attn.apply({"params": params}, x, positions))).max() > 1e-2
+    else:
+      assert moved > 1e-2, moved
+
+
 def test_heads_first_attention_and_2d_matmul_equal_the_library_computations():
   """The XLA attention path and the 2-D projections are layouts of the same maths: they must agree with
   ``jax.nn.dot_product_attention`` and a multi-dimensional einsum, values and gradients."""

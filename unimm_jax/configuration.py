@@ -140,6 +140,7 @@ def base_config() -> ConfigDict:
   c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
   c.model.image_code_features = False  # add a learned projection of each image code's appearance to its embedding
   c.model.cross_modal_rope = True  # False: rotary offsets within a modality only; text<->image pairs unrotated
+  c.model.qk_norm = False        # RMS-normalise each head's queries and keys (learned gain) before scoring
   c.model.directional_heads = 0  # P: per block, P heads see only earlier caption words and P only later ones
   c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
   c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch

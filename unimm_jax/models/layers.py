@@ -20,12 +20,13 @@ class RMSNorm(nn.Module):
   """Root-mean-square norm (no mean subtraction, no bias), computed in float32."""
 
   eps: float = 1e-6
+  axis_name: str = "embed"   # logical axis of the scale (the normalised, last axis of x)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):  # [..., D] -> [..., D]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -76,6 +77,7 @@ class Attention(nn.Module):
   fused_qkv: bool = True     # one [D, 3, N, H] projection (one matmul) instead of three
   cross_modal_rope: bool = True  # False: text<->image pairs score with the unrotated q, k (see __call__)
   directional_heads: int = 0  # P > 0: P heads see only earlier caption words, P only later ones (see __call__)
+  qk_norm: bool = False      # RMS-normalise each head's query and key (learned scale) before the rotary embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -106,6 +108,11 @@ class Attention(nn.Module):
     else:
       q, k, v = (Projection((d,), shape, ("embed", "heads", "kv"), name=n, **kw)(x)
                  for n in ("query", "key", "value"))
+    if self.qk_norm:
+      # Query-key normalisation (ViT-22B, OLMo 2, Gemma 3): score scale set by a learned per-dimension gain rather
+      # than by the growth of the projection weights, which weight decay holds back.
+      q = RMSNorm(name="query_norm", axis_name="kv", **kw)(q)
+      k = RMSNorm(name="key_norm", axis_name="kv", **kw)(k)
     q_raw, k_raw = q, k
     r = 0
     if self.rope_theta is not None:
@@ -247,6 +254,7 @@ class Block(nn.Module):
   fused_qkv: bool = True
   cross_modal_rope: bool = True
   directional_heads: int = 0
+  qk_norm: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -255,7 +263,7 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
-                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, name="attn",
+                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, name="attn",
                       **kw)(h, positions, modality)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)

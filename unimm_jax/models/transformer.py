@@ -68,6 +68,7 @@ class TransformerConfig:
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
   cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within the caption
+  qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
 
   @classmethod
@@ -158,7 +159,7 @@ class Transformer(nn.Module):
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv,
-                  cfg.cross_modal_rope, cfg.directional_heads)
+                  cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm)
     modality = jnp.asarray(layout.modality_ids())
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
