@@ -38,6 +38,44 @@ def test_score_of_real_pairs_is_lower_than_of_mismatched_pairs(workdir):
   np.testing.assert_array_equal(real["text"], pipe.score(captions, images, seed=0)["text"])   # deterministic
 
 
+def test_conditional_scores_keep_the_condition_clean(workdir):
+  """given='text' scores the image with the caption clean, given='image' the caption with the image clean: a
+  matching condition beats another example's, and a clean condition helps over a noised one (the joint bound)."""
+  pipe = Pipeline.load(workdir)
+  examples = [shapes.sample_example("val", 0, i) for i in range(48)]
+  captions = [e[2] for e in examples]
+  images = np.stack([e[1] for e in examples])
+  other = captions[1:] + captions[:1]
+  joint = pipe.score(captions, images, seed=0)
+  image_given = pipe.score(captions, images, seed=0, given="text")
+  text_given = pipe.score(captions, images, seed=0, given="image")
+  assert set(image_given) == {"image"} and set(text_given) == {"text"}
+  assert image_given["image"].mean() < pipe.score(other, images, seed=0, given="text")["image"].mean()
+  assert text_given["text"].mean() < pipe.score(other, images, seed=0, given="image")["text"].mean()
+  assert text_given["text"].mean() < joint["text"].mean()
+  with pytest.raises(ValueError, match="given"):
+    pipe.score(captions, images, given="caption")
+
+
+def test_caption_candidates_keep_the_one_that_makes_the_image_likeliest(workdir):
+  """image_to_text(candidates=K): candidate 0 is the plain call's caption, the K draw differently, the one kept has
+  the fewest image-given-caption bits, and the choice is the same whatever the batch it is in."""
+  pipe = Pipeline.load(workdir)
+  images = np.stack([shapes.sample_example("val", 0, i)[1] for i in range(6)])
+  kw = dict(steps=8, temperature=1.0, seed=3)
+  drawn, bits = pipe._caption_candidates(images, 4, kw["seed"], steps=8, temperature=1.0, guidance_scale=0.0,
+                                         method="confidence")
+  assert drawn.shape == (4, 6, pipe.layout.seq_len) and bits.shape == (4, 6) and np.all(np.isfinite(bits))
+  captions = [pipe.tokenizers.decode(d)[0] for d in drawn]
+  assert captions[0] == pipe.image_to_text(images, **kw)
+  assert len({tuple(c) for c in captions}) > 1                                   # the candidates differ
+  chosen = pipe.image_to_text(images, candidates=4, **kw)
+  assert chosen == [captions[k][i] for i, k in enumerate(bits.argmin(axis=0))]
+  assert chosen[:2] == pipe.image_to_text(images[:2], candidates=4, **kw)
+  with pytest.raises(ValueError, match="candidates"):
+    pipe.image_to_text(images, candidates=0)
+
+
 def _sample(workdir, out, *args):
   cmd = [sys.executable, "-m", "unimm_jax.sample", f"--workdir={workdir}", f"--out={out}", "--steps=4", *args]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -49,7 +49,7 @@ POSITIVE = (
     "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
-    "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks", "tokenizer.vq_codebook_size", "tokenizer.vq_dim",
+    "sample.i2t_candidates", "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks", "tokenizer.vq_codebook_size", "tokenizer.vq_dim",
     "tokenizer.steps", "tokenizer.batch_size", "tokenizer.learning_rate", "tokenizer.log_every",
     "tokenizer.eval_every", "tokenizer.encode_batch",
 )
@@ -208,6 +208,7 @@ def base_config() -> ConfigDict:
   c.sample.method = "confidence" # confidence (MaskGIT) | ancestral (MDLM)
   c.sample.t2i_steps = 16
   c.sample.i2t_steps = 24
+  c.sample.i2t_candidates = 1     # K > 1: K captions per image, the one that makes the image likeliest kept
   c.sample.joint_steps = 32
   c.sample.temperature = 1.0     # 0 = argmax
   c.sample.confidence_noise = 1.0  # confidence: Gumbel noise on the confidences at the first step, annealed to 0

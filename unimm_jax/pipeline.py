@@ -10,6 +10,7 @@
     images = pipe.inpaint(images, mask, prompts=None)          # mask: bool [N, H, W], True = redraw
     texts = pipe.infill(["a <mask> red circle at the top left"])   # each "<mask>" is one token to fill
     bits = pipe.score(prompts, images)                         # {'text': [N], 'image': [N]} bits per token
+    bits = pipe.score(prompts, images, given="text")           # {'image': [N]}: the image given the caption
 
 Every call builds the starting sequences (MASK where something is to be generated, the given tokens elsewhere)
 and runs the one jitted sampling loop of :mod:`unimm_jax.diffusion.sampling` over batches padded to a fixed
@@ -47,6 +48,8 @@ def sampler_kwargs(config, task: str) -> dict:
             confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
   if task == "joint":
     kw["order"] = s.joint_order
+  if task == "i2t":
+    kw["candidates"] = s.i2t_candidates
   return kw
 
 
@@ -65,7 +68,7 @@ class Pipeline:
     self.schedule = get_schedule(config.diffusion.schedule, config.diffusion.poly_power)
     self.batch_size = batch_size
     self._samplers = {}
-    self._score_fn = jax.jit(self._score_batch)
+    self._score_fns = {}
 
   # ---- loading -------------------------------------------------------------------------------------------------
   @classmethod
@@ -145,9 +148,10 @@ class Pipeline:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
 
   def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int,
-           order: str = "together") -> np.ndarray:
+           order: str = "together", keys=None) -> np.ndarray:
     """int32 [N, S] with MASKs -> int32 [N, S] without."""
-    return self._batched(self._sampler(cfg, guide, order), tokens, self._example_keys(seed, tokens.shape[0]))
+    keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
+    return self._batched(self._sampler(cfg, guide, order), tokens, keys)
 
   # ---- inputs --------------------------------------------------------------------------------------------------
   def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
@@ -207,12 +211,41 @@ class Pipeline:
     return self.tokenizers.decode(self._run(tokens, cfg, (False, True), seed))[1]
 
   def image_to_text(self, images, steps: int = 24, guidance_scale: float = 0.0, temperature: float = 1.0,
-                    seed: int = 0, method: str = "confidence", **options) -> list[str]:
-    """Captions written for the images (uint8 [N, H, W, C])."""
+                    seed: int = 0, method: str = "confidence", candidates: int = 1, **options) -> list[str]:
+    """Captions written for the images (uint8 [N, H, W, C]).
+
+    ``candidates=K > 1``: K captions are drawn for each image (the first with the key ``candidates=1`` would use,
+    the others from keys folded from it) and the one kept is the caption under which the model finds the image
+    most likely: the lowest ELBO bits of the image given the caption (:meth:`score` with ``given='text'``, every
+    candidate scored with the same times and masks). By Bayes, p(caption | image) is proportional to
+    p(image | caption) p(caption), and a unified model has both directions: on ``shapes`` its drawing direction
+    learns to bind each phrase to its grid cell well before its captioning direction does (BENCHMARKS.md,
+    seventh round), so the captions whose objects sit in the wrong cells, equally likely to the captioning
+    direction, are told apart by the drawing one. Costs K sampling loops and K scoring passes.
+    """
+    drawn, bits = self._caption_candidates(images, candidates, seed, steps=steps, temperature=temperature,
+                                           guidance_scale=guidance_scale, method=method, **options)
+    best = drawn[bits.argmin(axis=0), np.arange(drawn.shape[1])]
+    return self.tokenizers.decode(best)[0]
+
+  def _caption_candidates(self, images, candidates: int, seed: int, *, steps, temperature, guidance_scale, method,
+                          **options) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [K, N, S] sequences with the K captions drawn for each image, float [K, N] bits per token of the
+    image given each; zeros when K = 1, which is not scored). Candidate 0 uses the key of a plain call."""
+    if candidates < 1:
+      raise ValueError(f"candidates={candidates} must be >= 1")
     image = self._image_ids(images)
     tokens = self._pack(self._unknown(len(image), self.layout.text_len), image)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    return self.tokenizers.decode(self._run(tokens, cfg, (True, False), seed))[0]
+    keys = self._example_keys(seed, len(image))
+    fold = lambda k: keys if k == 0 else jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
+    drawn = np.stack([self._run(tokens, cfg, (True, False), seed, keys=fold(k)) for k in range(candidates)])
+    if candidates == 1:
+      return drawn, np.zeros((1, len(image)), np.float32)
+    # One set of times and masks for every candidate of an example: the comparison is of the captions alone.
+    score = self._score_fn((False, True))
+    bits = np.stack([self._batched(score, d, fold(candidates))[:, 1] for d in drawn])
+    return drawn, bits
 
   def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
                method: str = "confidence", order: str = "together", **options) -> tuple[list[str], np.ndarray]:
@@ -286,18 +319,28 @@ class Pipeline:
     return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
-  def _score_batch(self, params, tokens, keys, num_samples: int = 16):
+  def _score_fn(self, noised: tuple[bool, bool]):
+    """The jitted :meth:`_score_batch` for one pattern of noised modalities (text, image)."""
+    if noised not in self._score_fns:
+      self._score_fns[noised] = jax.jit(lambda params, tokens, keys: self._score_batch(params, tokens, keys, noised))
+    return self._score_fns[noised]
+
+  def _score_batch(self, params, tokens, keys, noised: tuple[bool, bool] = (True, True), num_samples: int = 16):
     """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, 2].
 
-    Each example's times and masks come from its own key, so its score does not depend on its batch.
+    Only the ``noised`` modalities are masked (the others stay clean: a conditional bound); the columns of the
+    clean ones are 0. Each example's times and masks come from its own key, so its score does not depend on its
+    batch.
     """
+    noised_row = jnp.asarray(noised)
     def one(tok, key):
       k_u, k_mask = jax.random.split(key)
       u = jax.random.uniform(k_u, (2,))
       j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
       t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), self.config.diffusion.t_min, 1.0)             # [n, 2]
-      c = loss_lib.Corruption(t=t, mask_prob=self.schedule.mask_prob(t), noised=jnp.ones_like(t, bool),
-                              task=jnp.zeros(num_samples, jnp.int32))
+      is_noised = jnp.broadcast_to(noised_row, t.shape)
+      c = loss_lib.Corruption(t=t, mask_prob=jnp.where(is_noised, self.schedule.mask_prob(t), 0.0),
+                              noised=is_noised, task=jnp.zeros(num_samples, jnp.int32))
       rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
       noisy, masked = loss_lib.corrupt(k_mask, rep, c, self.layout)
       return rep, noisy, masked, t
@@ -305,12 +348,20 @@ class Pipeline:
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
     logits = self.model.apply({"params": params}, flat(noisy))
     bits = loss_lib.elbo_bits(logits, flat(rep), flat(masked), flat(t), self.layout, self.schedule)
-    return bits.reshape(tokens.shape[0], num_samples, 2).mean(axis=1)
+    return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, 2).mean(axis=1), 0.0)
 
-  def score(self, prompts: Sequence[str], images, seed: int = 0) -> dict[str, np.ndarray]:
-    """Per-example negative ELBO (an upper bound on -log p), bits per token: {'text': [N], 'image': [N]}."""
+  def score(self, prompts: Sequence[str], images, seed: int = 0, given: str | None = None) -> dict[str, np.ndarray]:
+    """Per-example negative ELBO (an upper bound on -log p), bits per token.
+
+    ``given=None``: both modalities noised, {'text': [N], 'image': [N]} (each modality's bits with the other
+    noised too); ``given='text'``: the caption clean, {'image': [N]} the bits of the image given the caption;
+    ``given='image'``: {'text': [N]} the bits of the caption given the image.
+    """
+    if given not in (None, "text", "image"):
+      raise ValueError(f"given={given!r} must be None, 'text' or 'image'")
     text, image = self._text_ids(prompts), self._image_ids(images)
     self._check_pairs(len(text), len(image))
     tokens = self._pack(text, image)
-    bits = self._batched(self._score_fn, tokens, self._example_keys(seed, len(tokens)))
-    return {"text": bits[:, 0], "image": bits[:, 1]}
+    noised = (given != "text", given != "image")
+    bits = self._batched(self._score_fn(noised), tokens, self._example_keys(seed, len(tokens)))
+    return {name: bits[:, m] for m, name in enumerate(("text", "image")) if noised[m]}

@@ -33,6 +33,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's 
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (default: config).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: config).")
 _METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral"], "Sampler (default: config).")
+_CANDIDATES = flags.DEFINE_integer("candidates", None, "i2t: captions drawn per image, the one that makes the "
+                                   "image likeliest kept (default: config.sample.i2t_candidates).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same output.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights of a training workdir.")
 
@@ -59,6 +61,10 @@ def main(argv):
   kw.update(seed=_SEED.value, steps=_STEPS.value or kw["steps"], method=_METHOD.value or kw["method"])
   if _TEMPERATURE.value is not None:
     kw["temperature"] = _TEMPERATURE.value
+  if _CANDIDATES.value is not None:
+    if task != "i2t":
+      raise app.UsageError("--candidates is for --task=i2t")
+    kw["candidates"] = _CANDIDATES.value
   guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
   size, _, channels = pipe.tokenizers.image.image_shape
   out = epath.Path(_OUT.value)
