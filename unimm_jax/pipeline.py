@@ -243,7 +243,10 @@ class Pipeline:
     if candidates == 1:
       return drawn, np.zeros((1, len(image)), np.float32)
     # One set of times and masks for every candidate of an example: the comparison is of the captions alone.
-    score = self._score_fn((False, True))
+    # 8 times, not score()'s 16: a caption with the objects in the wrong cells costs the image about 1 bit a
+    # token against 0.001 (BENCHMARKS.md, seventh round), far beyond the noise of 8; the scoring is then about
+    # a third of each candidate's cost.
+    score = self._score_fn((False, True), num_samples=8)
     bits = np.stack([self._batched(score, d, fold(candidates))[:, 1] for d in drawn])
     return drawn, bits
 
@@ -319,11 +322,13 @@ class Pipeline:
     return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
-  def _score_fn(self, noised: tuple[bool, bool]):
+  def _score_fn(self, noised: tuple[bool, bool], num_samples: int = 16):
     """The jitted :meth:`_score_batch` for one pattern of noised modalities (text, image)."""
-    if noised not in self._score_fns:
-      self._score_fns[noised] = jax.jit(lambda params, tokens, keys: self._score_batch(params, tokens, keys, noised))
-    return self._score_fns[noised]
+    key = (noised, num_samples)
+    if key not in self._score_fns:
+      self._score_fns[key] = jax.jit(
+          lambda params, tokens, keys: self._score_batch(params, tokens, keys, noised, num_samples))
+    return self._score_fns[key]
 
   def _score_batch(self, params, tokens, keys, noised: tuple[bool, bool] = (True, True), num_samples: int = 16):
     """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, 2].
