@@ -97,8 +97,12 @@ def test_sample_cli_writes_pngs_and_a_json_for_every_task(workdir, tmp_path):
 
   image_file = tmp_path / "val0.png"
   Image.fromarray(shapes.sample_example("val", 0, 0)[1]).save(image_file)
-  got, _ = _sample(workdir, tmp_path / "i2t", "--task=i2t", f"--image={image_file}")
+  got, _ = _sample(workdir, tmp_path / "i2t", "--task=i2t", f"--image={image_file}", "--candidates=3")
   assert got["samples"][0]["image"] == str(image_file) and isinstance(got["samples"][0]["caption"], str)
+  assert got["candidates"] == 3
+  settings = {k: v for k, v in got.items() if k not in ("task", "samples")}   # candidates=3 among them
+  image = np.asarray(Image.open(image_file))[None]
+  assert got["samples"][0]["caption"] == Pipeline.load(workdir).image_to_text(image, **settings)[0]
 
   got, _ = _sample(workdir, tmp_path / "joint", "--task=joint", "--num=2")
   assert len(got["samples"]) == 2 and (tmp_path / "joint" / got["samples"][1]["image"]).exists()
