@@ -49,9 +49,9 @@ POSITIVE = (
     "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
-    "sample.i2t_candidates", "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks", "tokenizer.vq_codebook_size", "tokenizer.vq_dim",
-    "tokenizer.steps", "tokenizer.batch_size", "tokenizer.learning_rate", "tokenizer.log_every",
-    "tokenizer.eval_every", "tokenizer.encode_batch",
+    "sample.i2t_candidates", "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks",
+    "tokenizer.vq_codebook_size", "tokenizer.vq_dim", "tokenizer.steps", "tokenizer.batch_size",
+    "tokenizer.learning_rate", "tokenizer.log_every", "tokenizer.eval_every", "tokenizer.encode_batch",
 )
 NON_NEGATIVE = ("mesh.cpu_devices", "model.directional_heads", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",

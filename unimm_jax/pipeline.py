@@ -330,7 +330,7 @@ class Pipeline:
           lambda params, tokens, keys: self._score_batch(params, tokens, keys, noised, num_samples))
     return self._score_fns[key]
 
-  def _score_batch(self, params, tokens, keys, noised: tuple[bool, bool] = (True, True), num_samples: int = 16):
+  def _score_batch(self, params, tokens, keys, noised: tuple[bool, bool], num_samples: int):
     """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, 2].
 
     Only the ``noised`` modalities are masked (the others stay clean: a conditional bound); the columns of the
