@@ -12,6 +12,7 @@ import pytest
 
 from unimm_jax import configuration, export, tokenizer_train, train
 from unimm_jax.data import learned_tokenizer, shapes, tokenizers
+from unimm_jax.models import autoencoder
 from unimm_jax.pipeline import Pipeline
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
@@ -182,3 +183,36 @@ def test_tokenizer_main_command_line_trains_and_reports(tmp_path):
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / "report.json").exists() and (workdir / "report.html").exists()
+
+
+@pytest.mark.parametrize("encoder", ["conv", "patch"])
+def test_a_patch_encoders_codes_depend_on_its_own_pixels_only(encoder):
+  """encoder='patch': changing one 4x4 patch changes that token's latent and no other; the conv encoder's
+  receptive field and GroupNorm reach further (the reason the patch encoder exists)."""
+  spec = learned_tokenizer.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": encoder}))
+  params = learned_tokenizer.init_params(spec, jax.random.key(0))
+  images = np.asarray(jax.random.randint(jax.random.key(1), (1, 24, 24, 3), 0, 256), np.uint8)
+  edited = images.copy()
+  edited[0, 8:12, 12:16] = 255 - edited[0, 8:12, 12:16]   # the patch of token (2, 3) of the 6x6 grid
+  net = autoencoder.Autoencoder(spec.net)
+  z0, z1 = (np.asarray(net.apply({"params": params}, autoencoder.to_unit(x), method=autoencoder.Autoencoder.encode))
+            for x in (images, edited))
+  changed = np.abs(z1 - z0).max(-1)[0] > 1e-6
+  assert changed[2, 3]
+  if encoder == "patch":
+    assert changed.sum() == 1
+  else:
+    assert changed.sum() > 1
+
+
+def test_the_encoder_kind_is_saved_with_the_tokenizer(tmp_path):
+  config = tiny_tokenizer_config(**{"tokenizer.encoder": "patch", "tokenizer.steps": 10, "tokenizer.eval_every": 10})
+  report = tokenizer_train.train_and_evaluate(config, tmp_path)
+  tok = learned_tokenizer.from_workdir(tmp_path)
+  assert tok.spec.net.encoder == "patch"
+  val = shapes.ShapesSource("val", 8)
+  images = np.stack([val[i]["image"] for i in range(8)])
+  np.testing.assert_array_equal(tok.decode(tok.encode(images)).shape, images.shape)
+  assert np.isfinite(report["val"]["psnr"])
+  with pytest.raises(configuration.ConfigError, match="tokenizer.encoder"):
+    tiny_tokenizer_config(**{"tokenizer.encoder": "vit"})

@@ -106,6 +106,7 @@ def base_config() -> ConfigDict:
   c.tokenizer = ConfigDict()
   c.tokenizer.widths = (16, 32, 64)   # channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens
   c.tokenizer.res_blocks = 1     # residual blocks per resolution
+  c.tokenizer.encoder = "conv"   # conv | patch: a token's code from its own pixels only (models/autoencoder.py)
   c.tokenizer.fsq_levels = (8, 5, 5, 5)  # fsq: levels per latent channel; codebook = product (1,000)
   c.tokenizer.vq_codebook_size = 1024    # vq: codes
   c.tokenizer.vq_dim = 8         # vq: dimension of a code
@@ -355,6 +356,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.tokenizer.widths={tuple(c.tokenizer.widths)} must be positive channel counts")
   if not c.tokenizer.fsq_levels or any(not isinstance(l, int) or l < 2 for l in c.tokenizer.fsq_levels):
     problems.append(f"config.tokenizer.fsq_levels={tuple(c.tokenizer.fsq_levels)} must be integers >= 2")
+  if c.tokenizer.encoder not in ("conv", "patch"):
+    problems.append(f"config.tokenizer.encoder={c.tokenizer.encoder!r} must be 'conv' or 'patch'")
   if not 0.0 <= c.tokenizer.vq_decay < 1.0:
     problems.append(f"config.tokenizer.vq_decay={c.tokenizer.vq_decay} must be in [0, 1)")
   if c.image.tokenizer == "patch" and c.image.patch > 0 and c.image.size % c.image.patch:

@@ -65,13 +65,13 @@ class TokenizerSpec:
 
   def to_dict(self) -> dict[str, Any]:
     return {"kind": self.kind, "size": self.size, "channels": self.net.channels, "widths": list(self.net.widths),
-            "res_blocks": self.net.res_blocks, "latent_dim": self.net.latent_dim,
+            "res_blocks": self.net.res_blocks, "latent_dim": self.net.latent_dim, "encoder": self.net.encoder,
             "fsq_levels": list(self.fsq_levels), "vq_codebook_size": self.vq_codebook_size}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TokenizerSpec":
     net = AutoencoderConfig(channels=d["channels"], widths=tuple(d["widths"]), res_blocks=d["res_blocks"],
-                            latent_dim=d["latent_dim"])
+                            latent_dim=d["latent_dim"], encoder=d.get("encoder", "conv"))  # saved before it existed
     return cls(d["kind"], d["size"], net, tuple(d["fsq_levels"]), d["vq_codebook_size"])
 
 
@@ -83,7 +83,7 @@ def spec_from_config(config) -> TokenizerSpec:
     raise ValueError(f"config.image.tokenizer={kind!r}: the learned tokenizer trainer needs 'fsq' or 'vq'")
   latent = len(t.fsq_levels) if kind == "fsq" else t.vq_dim
   net = AutoencoderConfig(channels=config.image.channels, widths=tuple(t.widths), res_blocks=t.res_blocks,
-                          latent_dim=latent)
+                          latent_dim=latent, encoder=t.encoder)
   return TokenizerSpec(kind, config.image.size, net, tuple(t.fsq_levels) if kind == "fsq" else (),
                        t.vq_codebook_size if kind == "vq" else 0)
 

@@ -6,6 +6,19 @@ resolutions in the encoder and nearest-neighbour upsampling + 3x3 conv in the de
 channel count of stage i; there are ``len(widths) - 1`` halvings, so a 24x24 image with three widths becomes a
 6x6 grid of ``latent_dim`` channels (one token each), and a 256x256 one with five widths a 16x16 grid.
 
+Two encoders (``AutoencoderConfig.encoder``):
+
+* ``conv``: the convolutional stack above. Its receptive field spans neighbouring tokens and its GroupNorm
+  statistics span the whole image, so the code of a patch depends on what surrounds it: the same 4x4 patch gets
+  different codes in different images.
+* ``patch``: each token's latent is computed from its own ``f x f`` pixels only (space-to-depth, then residual
+  MLP blocks with a per-position LayerNorm; MLP-Mixer's token-wise half, ViT's patch embedding made deep). A code
+  is then a function of its patch alone, as the patch codebook's are, which keeps the image tokens a generative
+  model has to predict as deterministic as the pixels allow. On ``shapes`` that is what the unified model needs:
+  with the ``conv`` encoder its image-given-caption bits stayed above 1.2 per token (BENCHMARKS.md, "Learned
+  image tokenizer") for data in which a caption fixes every pixel. The decoder is convolutional either way: it
+  may look at neighbours, since it is a deterministic function of the whole code grid.
+
 Images enter as float32 in [-1, 1] and the decoder returns the same range (``to_unit`` / ``to_uint8`` convert).
 Parameters are not given logical axis names: they are replicated on every device (a tokenizer is a few million
 parameters) and only the batch is split, which is the data parallelism the tokenizer trainer needs.
@@ -19,6 +32,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
+ENCODERS = ("conv", "patch")
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoencoderConfig:
   """Sizes of the network; hashable, so it can be a static field of jitted code."""
@@ -27,8 +43,11 @@ class AutoencoderConfig:
   widths: tuple[int, ...] = (32, 64, 128)
   res_blocks: int = 1             # residual blocks per stage
   latent_dim: int = 4             # channels of one token's vector (FSQ: len(levels); VQ: the code dimension)
+  encoder: str = "conv"           # conv | patch (a token's latent from its own pixels only; module docstring)
 
   def __post_init__(self):
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"autoencoder encoder {self.encoder!r} is not one of {ENCODERS}")
     object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
     if not self.widths or any(w < 1 for w in self.widths):
       raise ValueError(f"autoencoder widths {self.widths} must be a non-empty tuple of positive channel counts")
@@ -85,6 +104,28 @@ class Encoder(nn.Module):
     return nn.Conv(c.latent_dim, (1, 1))(x)
 
 
+class PatchEncoder(nn.Module):
+  """Each token's latent from its own ``f x f`` pixels: space-to-depth, then per-position residual MLP blocks.
+
+  As deep as the ``conv`` encoder (``res_blocks`` blocks per entry of ``widths``), at width ``widths[-1]``.
+  Nothing mixes positions, so a patch's code does not depend on the rest of the image (a test checks it).
+  """
+
+  config: AutoencoderConfig
+
+  @nn.compact
+  def __call__(self, x):  # float32 [B, H, W, C] in [-1, 1] -> [B, H/f, W/f, latent_dim]
+    c = self.config
+    f = c.downsample
+    b, height, width, ch = x.shape
+    x = x.reshape(b, height // f, f, width // f, f, ch).transpose(0, 1, 3, 2, 4, 5)
+    x = nn.Dense(c.widths[-1])(x.reshape(b, height // f, width // f, f * f * ch))
+    for _ in range(len(c.widths) * c.res_blocks):
+      h = nn.Dense(c.widths[-1])(nn.swish(nn.LayerNorm()(x)))
+      x = x + nn.Dense(c.widths[-1])(nn.swish(nn.LayerNorm()(h)))
+    return nn.Dense(c.latent_dim)(nn.swish(nn.LayerNorm()(x)))
+
+
 class Decoder(nn.Module):
   config: AutoencoderConfig
 
@@ -110,7 +151,7 @@ class Autoencoder(nn.Module):
   config: AutoencoderConfig
 
   def setup(self):
-    self.encoder = Encoder(self.config)
+    self.encoder = (PatchEncoder if self.config.encoder == "patch" else Encoder)(self.config)
     self.decoder = Decoder(self.config)
 
   def encode(self, x):
