@@ -114,10 +114,16 @@ def test_unified_model_on_fsq_tokens_trains_generates_and_exports(fsq_workdir, t
   pipe = Pipeline.load(tmp_path / "run")
   tok = pipe.tokenizers.image
   assert isinstance(tok, learned_tokenizer.LearnedImageTokenizer)
-  # Image codes embed their quantized latents (model.image_code_features): the FSQ grid, one vector per code.
+  # Image codes embed their look and their quantized latents (model.image_code_features): 4x4x3 decoded pixels,
+  # then the FSQ grid point, one distinct vector per code.
   features = tok.code_features()
-  assert features.shape == (75, 3) and len(np.unique(features, axis=0)) == 75 and np.abs(features).max() <= 1.0
-  np.testing.assert_array_equal(np.asarray(pipe.params["image_code_features"]), features)
+  assert features.shape == (75, 48 + 3) and np.abs(features).max() <= 1.0
+  latents = features[:, 48:]
+  assert len(np.unique(latents, axis=0)) == 75
+  drawn = tok.decode(np.full((1, 36), 7, np.int32))[0]           # a grid of code 7 alone
+  np.testing.assert_allclose(features[7, :48], drawn[12:16, 12:16].reshape(-1) / 255.0 - 0.5, atol=1e-6)
+  # The pipeline holds the EMA weights: decay * x + (1 - decay) * x of a never-trained array is x to an ulp or two.
+  np.testing.assert_allclose(np.asarray(pipe.params["image_code_features"]), features, rtol=0, atol=1e-7)
   decoded = []
   original = tok._decode  # pylint: disable=protected-access
   tok._decode = lambda ids: decoded.append((ids, original(ids))) or decoded[-1][1]  # pylint: disable=protected-access

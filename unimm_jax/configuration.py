@@ -234,9 +234,11 @@ def image_code_feature_dim(config) -> int:
     return config.image.patch ** 2 * config.image.channels
   if config.image.tokenizer == "pixel":
     return config.image.channels
+  # learned: a code's decoded patch (LearnedImageTokenizer.code_features), then its latent
+  pixels = tokenizer_downsample(config) ** 2 * config.image.channels
   if config.image.tokenizer == "fsq":
-    return len(config.tokenizer.fsq_levels)
-  return config.tokenizer.vq_dim     # vq
+    return pixels + len(config.tokenizer.fsq_levels)
+  return pixels + config.tokenizer.vq_dim     # vq
 
 
 def from_dict(saved: dict) -> ConfigDict:

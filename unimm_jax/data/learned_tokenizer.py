@@ -158,9 +158,21 @@ class LearnedImageTokenizer(tokenizers.ImageTokenizer):
     return self.spec.vocab_size
 
   def code_features(self) -> np.ndarray:
-    """Each code's quantized latent, the vector the decoder reads: float32 [vocab, latent_dim] (FSQ: in [-1, 1])."""
-    idx = jnp.arange(self.vocab_size)
-    return np.asarray(indexes_to_latents(self.spec, idx, self._codebook), np.float32)
+    """What each code looks like, then the vector the decoder reads: float32 [vocab, f*f*C + latent_dim].
+
+    The look is the centre patch of the image the decoder draws from a grid holding that code alone, in pixels
+    centred to [-0.5, 0.5] as the patch tokenizer's features are; the latent follows (FSQ: in [-1, 1]). A linear
+    map of the latent alone (a handful of quantized numbers) says little about a code's colour and shape, which
+    is what the model needs to read a code by (``model.image_code_features``); its pixels say it linearly.
+    """
+    h, w = self.spec.grid
+    f = self.spec.net.downsample
+    idx = np.arange(self.vocab_size, dtype=np.int32)
+    drawn = self._decode(np.repeat(idx[:, None], h * w, axis=1))                       # uint8 [V, H, W, C]
+    r, c = h // 2 * f, w // 2 * f
+    look = drawn[:, r:r + f, c:c + f].reshape(self.vocab_size, -1).astype(np.float32) / 255.0 - 0.5
+    latent = np.asarray(indexes_to_latents(self.spec, jnp.asarray(idx), self._codebook), np.float32)
+    return np.concatenate([look, latent], axis=1)
 
   def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
     b, out = self.encode_batch, []
