@@ -12,7 +12,7 @@ then train the unified model on its tokens (pre-tokenized, so no image is encode
 
 The tokenizer: the patch encoder (``tokenizer.encoder='patch'``: a token's code from its own 4x4 pixels only), a
 convolutional decoder of widths (64, 32, 16), FSQ levels (8, 5, 5, 5). Measured (BENCHMARKS.md, "Learned image
-tokenizer"; 2-core AMD EPYC, 2026-11-24): the command takes 1 min 14 s and ends at val PSNR 35.64 dB, 102 of the
+tokenizer"; 2-core AMD EPYC, 2026-11-24): the command takes about 67 s and ends at val PSNR 35.64 dB, 102 of the
 1,000 codes used, code perplexity 3.4. The convolutional encoder reached 35.80 dB with 401 codes (perplexity 106),
 but its codes depend on a patch's surroundings, and the unified model then found 1.2-1.6 bits per image token left
 given the caption against 0.02-0.03 with the patch encoder.
