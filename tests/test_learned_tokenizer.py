@@ -222,3 +222,11 @@ def test_the_encoder_kind_is_saved_with_the_tokenizer(tmp_path):
   assert np.isfinite(report["val"]["psnr"])
   with pytest.raises(configuration.ConfigError, match="tokenizer.encoder"):
     tiny_tokenizer_config(**{"tokenizer.encoder": "vit"})
+
+
+def test_a_tokenizer_saved_before_the_encoder_choice_loads_as_conv():
+  spec = learned_tokenizer.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": "patch"}))
+  saved = spec.to_dict()
+  assert learned_tokenizer.TokenizerSpec.from_dict(saved) == spec
+  del saved["encoder"]   # what image_tokenizer.json held before tokenizer.encoder existed
+  assert learned_tokenizer.TokenizerSpec.from_dict(saved).net.encoder == "conv"
