@@ -60,6 +60,7 @@ NON_NEGATIVE = ("mesh.cpu_devices", "model.directional_heads", "sample.temperatu
                 "tokenizer.vq_dead_threshold", "tokenizer.report_images")
 # The learned image tokenizers (trained by ``python -m unimm_jax.tokenizer_main``, config group ``tokenizer``).
 LEARNED_IMAGE_TOKENIZERS = ("fsq", "vq")
+TOKENIZER_ENCODERS = ("conv", "patch")   # tokenizer.encoder (models/autoencoder.py)
 
 
 def base_config() -> ConfigDict:
@@ -358,8 +359,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.tokenizer.widths={tuple(c.tokenizer.widths)} must be positive channel counts")
   if not c.tokenizer.fsq_levels or any(not isinstance(l, int) or l < 2 for l in c.tokenizer.fsq_levels):
     problems.append(f"config.tokenizer.fsq_levels={tuple(c.tokenizer.fsq_levels)} must be integers >= 2")
-  if c.tokenizer.encoder not in ("conv", "patch"):
-    problems.append(f"config.tokenizer.encoder={c.tokenizer.encoder!r} must be 'conv' or 'patch'")
+  if c.tokenizer.encoder not in TOKENIZER_ENCODERS:
+    problems.append(f"config.tokenizer.encoder={c.tokenizer.encoder!r} must be one of {TOKENIZER_ENCODERS}")
   if not 0.0 <= c.tokenizer.vq_decay < 1.0:
     problems.append(f"config.tokenizer.vq_decay={c.tokenizer.vq_decay} must be in [0, 1)")
   if c.image.tokenizer == "patch" and c.image.patch > 0 and c.image.size % c.image.patch:

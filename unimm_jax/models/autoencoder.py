@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-
-ENCODERS = ("conv", "patch")
+from unimm_jax.configuration import TOKENIZER_ENCODERS as ENCODERS
 
 
 @dataclasses.dataclass(frozen=True)
