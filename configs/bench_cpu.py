@@ -5,6 +5,9 @@ tokens of an 8,192-code vocabulary (what a learned tokenizer gives), so a sequen
 The bench feeds random tokens (timing does not depend on them); every feature of the real model is on: per-modality
 output restriction, per-modality times, 2-D rotary plus learned positions, EMA. The same sizes as
 ``../shared/bench/ref_jax.py --config cpu``, the plain-JAX yardstick.
+
+The step runs as two concurrent sub-batches of 4 (``train.concurrent_chunks=2``: the same update, and 4-7 % faster
+on a 2-core CPU, whose thunk executor then overlaps one sub-batch's serial operations with the other's work).
 """
 
 from unimm_jax.configuration import base_config
@@ -28,5 +31,6 @@ def get_config():
   config.model.max_len = 320
   config.model.vocab_multiple = 1
   config.train.batch_size = 8
+  config.train.concurrent_chunks = 2
   config.eval.batch_size = 8
   return config

@@ -82,6 +82,10 @@ def losses(out):
   _, result["losses"]["scan(2, 4, 1)"] = run_steps(state, step_fn, mesh, data)
   mesh, rules, _, _, step_fn = setup(None, method_s, config_s)
   _, result["losses"]["scan None"] = run_steps(train.init_state(method_s, 0, mesh, rules), step_fn, mesh, data)
+  # train.concurrent_chunks on a mesh whose data and fsdp axes split the batch: the same losses as one device.
+  config_c, method_c = tiny_method(**{"train.concurrent_chunks": 2})
+  mesh, rules, _, _, step_fn = setup((2, 4, 1), method_c, config_c)
+  _, result["losses"]["chunks(2, 4, 1)"] = run_steps(train.init_state(method_c, 0, mesh, rules), step_fn, mesh, data)
   json.dump(result, open(out, "w"))
 
 

@@ -53,6 +53,11 @@ def test_scanned_layers_shard_and_train_like_the_single_device_run(loss_runs):
                              atol=2e-6)
 
 
+def test_concurrent_chunks_on_a_mesh_train_like_one_device(loss_runs):
+  np.testing.assert_allclose(loss_runs["losses"]["chunks(2, 4, 1)"], loss_runs["losses"]["None"], rtol=2e-5,
+                             atol=2e-6)
+
+
 def test_checkpoint_restores_onto_another_mesh_and_one_device(tmp_path):
   out = tmp_path / "out.json"
   _run(8, "restore", out, tmp_path / "ckpt")

@@ -154,3 +154,33 @@ def test_image_code_features_are_the_codebook_kept_fixed_and_restored(tmp_path):
   fresh = train.init_state(train.make_method(config, toks.layout, features), config.seed)
   assert np.abs(np.asarray(pipe.params["code_projection"]["kernel"])
                 - np.asarray(fresh.params["code_projection"]["kernel"])).max() > 0    # the projection trained
+
+
+def test_concurrent_map_keeps_the_order_of_the_rows():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+  y = jnp.arange(8, dtype=jnp.int32)[:, None] * 10
+  fn = lambda x, y: x * 2.0 + y + x.sum(axis=-1, keepdims=True)    # per-row
+  for chunks in (1, 2, 4, 8):
+    np.testing.assert_array_equal(train.concurrent_map(fn, chunks, x, y), fn(x, y))
+  with pytest.raises(ValueError, match="does not divide the batch of 8"):
+    train.concurrent_map(fn, 3, x, y)
+
+
+def test_a_step_in_concurrent_chunks_is_the_same_update():
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm_jax.data.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
+  layout = VocabLayout(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
+  rng = np.random.default_rng(0)
+  tokens = layout.pack(rng.integers(0, 40, (16, 8)), rng.integers(0, 64, (16, 16))).astype(np.int32)
+  results = []
+  for chunks in (1, 2):
+    method = train.make_method(tiny_config(**{"train.concurrent_chunks": chunks}), layout)
+    state = train.init_state(method, 0)
+    state, metrics = jax.jit(lambda s, b, m=method: train.train_step(m, s, b))(state, {"tokens": tokens})
+    results.append((float(metrics["loss"]), state.params))
+  assert np.isfinite(results[0][0])
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[1][1], results[0][1])
+  with pytest.raises(configuration.ConfigError, match="concurrent_chunks"):
+    tiny_config(**{"train.concurrent_chunks": 3})

@@ -46,7 +46,7 @@ CHOICES = {
 POSITIVE = (
     "model.d_model", "model.num_layers", "model.vocab_multiple", "model.num_heads", "model.head_dim", "model.mlp_dim", "model.max_len",
     "text.max_len", "image.size", "image.channels", "image.patch", "image.codebook_size", "train.steps",
-    "train.batch_size", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
+    "train.batch_size", "train.concurrent_chunks", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
     "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
     "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
     "sample.i2t_candidates", "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks",
@@ -168,6 +168,7 @@ def base_config() -> ConfigDict:
   c.train.log_every = 50
   c.train.ema_decay = 0.999
   c.train.on_nonfinite = "stop"  # a NaN/inf loss: stop (last good checkpoint kept) | skip the step
+  c.train.concurrent_chunks = 1  # forward/backward as N independent sub-batches in one program (CPU: see train.py)
 
   c.optim = ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -386,6 +387,9 @@ def validate(config: ConfigDict) -> ConfigDict:
                     f"config.model.num_heads is {c.model.num_heads}")
   if not 0.0 <= c.model.rope_fraction <= 1.0:
     problems.append(f"config.model.rope_fraction={c.model.rope_fraction} must be in [0, 1]")
+  if c.train.concurrent_chunks > 0 and c.train.batch_size % c.train.concurrent_chunks:
+    problems.append(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+                    f"config.train.concurrent_chunks={c.train.concurrent_chunks}")
   if not 0.0 <= c.train.ema_decay < 1.0:
     problems.append(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1)")
   if not 0.0 < c.diffusion.t_min < 0.5:

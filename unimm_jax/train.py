@@ -51,6 +51,7 @@ class Method:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
   skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)   # train.on_nonfinite == 'skip'
+  concurrent_chunks: int = flax.struct.field(pytree_node=False, default=1)      # train.concurrent_chunks
   image_code_features: Any = flax.struct.field(pytree_node=False, default=None)  # np [V_img, F] for a fresh init
 
   @property
@@ -86,7 +87,7 @@ def make_method(config, layout: VocabLayout, image_code_features=None) -> Method
   fills the parameter of ``model.image_code_features`` when a run starts; restores take it from the checkpoint."""
   return Method(model=make_model(config, layout), layout=layout, diffusion=config.diffusion.copy_and_resolve_references(),
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay,
-                skip_nonfinite=config.train.on_nonfinite == "skip",
+                skip_nonfinite=config.train.on_nonfinite == "skip", concurrent_chunks=config.train.concurrent_chunks,
                 image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32))
 
 
@@ -142,6 +143,32 @@ def param_count(params) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Update step
 # ---------------------------------------------------------------------------------------------------------------
+def concurrent_map(fn, chunks: int, *batch: jax.Array) -> jax.Array:
+  """``fn(*batch)`` for a per-example ``fn``, computed as ``chunks`` independent sub-batches in one program.
+
+  ``train.concurrent_chunks``. Each sub-batch's forward and backward is a chain of its own, with no data flowing
+  between the chains until their gradients are summed, so XLA:CPU's thunk executor, which runs whatever operations
+  are ready on its thread pool, fills one core with one chain's work while the other waits on the next
+  operation of the other chain. One chain is a strict sequence of operations, many of them too small or too
+  serial (softmax, norms, layout changes, reductions) to keep two cores busy: the ``bench_cpu`` step, whose
+  two-thread time was 1.63x faster than one thread on a matmul peak that doubles, ran 4-7 % faster with two
+  chunks (BENCHMARKS.md, performance issue). The maths is the same (the model holds no batch statistics), up to
+  the order of float sums in the weight gradients. Accelerators run one operation at a time and gain nothing.
+
+  Chunk i takes rows i, i + chunks, i + 2 chunks, ... so that each chunk has an equal share of every device's
+  rows when the batch is split over a mesh; the outputs are put back in the input's order.
+  """
+  if chunks <= 1:
+    return fn(*batch)
+  rows = batch[0].shape[0]
+  if rows % chunks:
+    raise ValueError(f"train.concurrent_chunks={chunks} does not divide the batch of {rows}")
+  split = lambda x: x.reshape((rows // chunks, chunks) + x.shape[1:])
+  parts = [fn(*(split(x)[:, i] for x in batch)) for i in range(chunks)]
+  out = jnp.stack(parts, axis=1)
+  return out.reshape((rows,) + out.shape[2:])
+
+
 def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
   """One AdamW update on the diffusion loss of a batch.
 
@@ -160,8 +187,9 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
 
   def loss_fn(params):
-    features = method.model.apply({"params": params}, noisy, hidden=True)
-    nll = modality_nll(method.model.config, params, features, tokens)
+    nll = concurrent_map(lambda noisy, tokens: modality_nll(
+        method.model.config, params, method.model.apply({"params": params}, noisy, hidden=True), tokens),
+                         method.concurrent_chunks, noisy, tokens)
     return loss_lib.loss_from_nll(nll, masked, corruption, method.layout, method.schedule,
                                   d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
 
