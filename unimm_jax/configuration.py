@@ -532,5 +532,9 @@ def retain_host_memory(enabled: bool = True) -> bool:
   except (OSError, AttributeError):   # musl and other C libraries: nothing to tune
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # <malloc.h>
-  ok = mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_arena_max, 1)
+  # A trim threshold of -1: glibc stores mallopt's int as a size_t, so this is SIZE_MAX, "never trim". The
+  # largest positive int (2 GiB) is not enough: a bench_cpu step sometimes needs 1.4 GiB more heap than the
+  # step before, the free top of the heap then passes 2 GiB, glibc hands 2.8 GiB back to the OS, and the next
+  # steps fault all of it in again (366,000 page faults, 2-3 s added to a 1.6 s step, every few steps).
+  ok = mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, -1) and mallopt(m_arena_max, 1)
   return bool(ok)
