@@ -223,7 +223,7 @@ def _train_setup(config):
   return c, method, mesh, rules, abstract, shardings
 
 
-def bench_train(config, steps: int = 10, warmup: int = 2, peak: dict | None = None) -> dict:
+def bench_train(config, steps: int = 10, warmup: int = 3, peak: dict | None = None) -> dict:
   """The train step's compile time, step times, throughput, model FLOPs, MFU and peak memory."""
   from unimm_jax import sharding, train  # pylint: disable=g-import-not-at-top
   c, method, mesh, rules, abstract, shardings = _train_setup(config)
@@ -403,7 +403,8 @@ def _cli():
   workdir = flags.DEFINE_string("workdir", None, "sample: a trained workdir (else random weights of --config).")
   what = flags.DEFINE_list("what", ["train"], "train, sample, data, scaling, compile, checkpoint.")
   steps = flags.DEFINE_integer("steps", 10, "train: timed steps (after --warmup).")
-  warmup = flags.DEFINE_integer("warmup", 2, "train: untimed steps first.")
+  warmup = flags.DEFINE_integer(
+      "warmup", 3, "train: untimed steps first (XLA:CPU's host heap grows over the first 2-3 steps).")
   layers = flags.DEFINE_list("layers", ["4", "8", "16", "32"], "compile: depths to time.")
   sample_batches = flags.DEFINE_list("sample_batches", ["1", "8", "64"], "sample: batch sizes.")
   repeats = flags.DEFINE_integer("repeats", 5, "sample: timed repeats (median).")
