@@ -131,7 +131,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.malloc.argtypes = [ctypes.c_size_t]
-size = int(sys.argv[2]) << 20                     # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+size = int(sys.argv[2]) << 20                     # MiB (64: above glibc's largest mmap threshold, 32)
 def faults_of_one_allocation():                   # malloc itself, as XLA:CPU does (numpy would madvise huge pages)
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)

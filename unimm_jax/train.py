@@ -187,9 +187,10 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
 
   def loss_fn(params):
-    nll = concurrent_map(lambda noisy, tokens: modality_nll(
-        method.model.config, params, method.model.apply({"params": params}, noisy, hidden=True), tokens),
-                         method.concurrent_chunks, noisy, tokens)
+    def nll_of(noisy, tokens):   # per example: [B, S] -> [B, S]
+      features = method.model.apply({"params": params}, noisy, hidden=True)
+      return modality_nll(method.model.config, params, features, tokens)
+    nll = concurrent_map(nll_of, method.concurrent_chunks, noisy, tokens)
     return loss_lib.loss_from_nll(nll, masked, corruption, method.layout, method.schedule,
                                   d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
 
