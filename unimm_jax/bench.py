@@ -44,6 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from unimm_jax.data import shapes
+from unimm_jax.models import params as params_lib
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -251,7 +252,7 @@ def bench_train(config, steps: int = 10, warmup: int = 3, peak: dict | None = No
   achieved = flops / median
   out = {
       "batch": batch, "seq_len": layout.seq_len, "devices": len(devices), "mesh": dict(mesh.shape),
-      "params": train.param_count(abstract.params), "matmul_params": matmul_param_count(abstract.params),
+      "params": params_lib.param_count(abstract.params), "matmul_params": matmul_param_count(abstract.params),
       "compile_s": compile_s, "step_s_median": median, "step_s_p90": _percentile(times, 90), "steps_timed": steps,
       "tokens_per_s": batch * layout.seq_len / median, "examples_per_s": batch / median,
       "model_flops_per_step": flops, "achieved_flops_per_s": achieved,

@@ -24,6 +24,7 @@ from unimm_jax import configuration, train
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline, tokenizers
 from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.models import params as params_lib
 
 
 def planned_layout(config) -> VocabLayout:
@@ -76,7 +77,7 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
                      "per_device_shape": list(sh.shard_shape(leaf.shape))})
   leaves.sort(key=lambda r: -r["bytes"])
   return {
-      "param_count": train.param_count(abstract.params),
+      "param_count": params_lib.param_count(abstract.params),
       "mesh": dict(zip(sharding_lib.AXES, shape)),
       "devices": n,
       "abstract_mesh": n != jax.device_count(),

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from unimm_jax import pipeline as pipeline_lib
+from unimm_jax import pipeline as pipeline_lib, storage
 from unimm_jax.data import pretokenized, shapes
 
 ATTRIBUTES = ("colour", "kind", "size", "cell")
@@ -176,8 +176,7 @@ def shapes_seed(config) -> int | None:
 
 def evaluate_workdir(workdir, config=None) -> dict:
   """Scores the newest checkpoint in ``workdir`` and writes report.json (merged) and report.html."""
-  from unimm_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = train.absolute_path(workdir)
+  workdir = storage.absolute_path(workdir)
   pipe = pipeline_lib.Pipeline.load(workdir)
   config = config or pipe.config
   report_path = workdir / "report.json"

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import checkpointing, configuration, sharding
+from unimm_jax import checkpointing, configuration, sharding, storage
 from unimm_jax.data import pipeline as data_pipeline
 from unimm_jax.diffusion import loss as loss_lib
 from unimm_jax.diffusion import sampling
@@ -76,7 +76,7 @@ class Pipeline:
     """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``), or from
     a bundle written by ``python -m unimm_jax.export`` (its one set of weights; ``weights``/``step`` unused)."""
     from unimm_jax import export, train  # pylint: disable=g-import-not-at-top
-    path = train.absolute_path(path)
+    path = storage.absolute_path(path)
     if (path / export.MODEL_FILE).exists():
       meta = json.loads((path / export.MODEL_FILE).read_text())
       config = configuration.from_dict(meta["config"])

@@ -14,10 +14,17 @@ config, report and export writers use epath directly. Two libraries need help:
 from __future__ import annotations
 
 import io
+import os
 
 from etils import epath
 
 REMOTE_SCHEMES = ("gs", "s3", "az")
+
+
+def absolute_path(path) -> epath.Path:
+  """Local paths made absolute (Orbax requires it); ``gs://`` and other URLs unchanged."""
+  text = str(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 class EpathRecordWriter:

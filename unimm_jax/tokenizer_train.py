@@ -36,12 +36,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from unimm_jax import checkpointing, configuration, evaluate
+from unimm_jax import checkpointing, configuration, evaluate, storage, train_loop
 from unimm_jax import sharding as sharding_lib
-from unimm_jax import train
 from unimm_jax.data import learned_tokenizer, pipeline
 from unimm_jax.data.learned_tokenizer import TokenizerSpec
-from unimm_jax.models import quantizers
+from unimm_jax.models import params as params_lib, quantizers
 from unimm_jax.models.autoencoder import Autoencoder, to_unit
 
 REPORT_FILE = "report.json"
@@ -245,7 +244,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                                     "tokenizer on the source the tokens were made from")
   t = config.tokenizer
   mesh = sharding_lib.make_mesh(config.mesh.shape)
-  workdir = train.absolute_path(workdir)
+  workdir = storage.absolute_path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +267,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   method = make_method(config)
   spec = method.spec
   abstract, shardings = state_shardings(method, mesh)
-  n_params = train.param_count(abstract.params)
+  n_params = params_lib.param_count(abstract.params)
   logging.info("tokenizer: %s, %s codes, %dx%d -> %dx%d tokens, %s parameters; data %s: %d train / %d val images",
                spec.kind, f"{spec.vocab_size:,}", spec.size, spec.size, *spec.grid, f"{n_params:,}",
                config.data.source, len(train_source), len(val_source))
@@ -292,7 +291,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Compiled steps ----------------------------------------------------------------------------------------
   step_fn, eval_fn = compile_steps(method, mesh, shardings)
   batch_sh = sharding_lib.batch_sharding(mesh, 4)
-  writer = train.Writer(workdir)
+  writer = train_loop.Writer(workdir)
   loop_start = time.perf_counter()
 
   def run_eval(step, keep=0):
@@ -332,7 +331,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         logging.info("step %d/%d | loss %.5f | train PSNR %.2f dB | batch code usage %.1f%%%s | %.1f steps/s, "
                      "%s images/s | ETA %s", done, t.steps, means["loss"], means["psnr"], 100 * means["batch_usage"],
                      f" | restarted {sum(int(m['restarted']) for m in fetched)} codes" if spec.kind == "vq" else "",
-                     rate, f"{rate * t.batch_size:,.0f}", train.format_duration((t.steps - done) / rate))
+                     rate, f"{rate * t.batch_size:,.0f}", train_loop.format_duration((t.steps - done) / rate))
         writer.scalars(done, {**{f"train/{k}": v for k, v in means.items()}, "perf/steps_per_s": rate,
                               "perf/images_per_s": rate * t.batch_size})
         window_steps = 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import os
 import time
 from typing import Any
 
@@ -20,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 from flax import linen as nn
 
-from unimm_jax import checkpointing, configuration, storage
+from unimm_jax import checkpointing, configuration, storage, train_loop
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.diffusion import loss as loss_lib
 from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.models import params as params_lib
 from unimm_jax.models.transformer import Transformer, TransformerConfig, modality_nll
 
 
@@ -134,10 +132,6 @@ def init_state(method: Method, seed: int, mesh=None, rules=()) -> TrainState:
   _, shardings = state_shardings(method, mesh, rules)
   init = _initialiser(method, seed)
   return jax.jit(sharding_lib.in_scope(lambda: init()[1], mesh, rules), out_shardings=shardings)()
-
-
-def param_count(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,87 +265,6 @@ def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Logging helpers
-# ---------------------------------------------------------------------------------------------------------------
-class Writer:
-  """TensorBoard events from process 0 (tensorboardX; ``gs://`` through epath, see storage.py); a no-op elsewhere."""
-
-  def __init__(self, workdir):
-    self._tb = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      storage.register_tensorboard_backends()
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if self._tb is not None:
-      for name, value in values.items():
-        self._tb.add_scalar(name, value, step)
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def absolute_path(path) -> epath.Path:
-  """Local paths made absolute (Orbax requires it); ``gs://`` and other URLs unchanged."""
-  text = str(path)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _check_finite(first_step: int, metrics, skip: bool, directory) -> int:
-  """Raises FloatingPointError at the first step of ``metrics`` (steps first_step, first_step + 1, ...) whose loss,
-  gradient or update was not finite, unless ``skip``; returns how many were. Called before every checkpoint save,
-  so a bad state is never written and the newest checkpoint on disk is the last good one."""
-  bad = [first_step + i for i, m in enumerate(metrics) if m["nonfinite"] > 0 or not math.isfinite(float(m["loss"]))]
-  if bad and not skip:
-    raise FloatingPointError(f"non-finite loss, gradient or update at step {bad[0]}: stopping; the last good checkpoint in {directory} "
-                             "is kept. Lower optim.learning_rate, check the data, or set "
-                             "train.on_nonfinite='skip' to skip such steps.")
-  return len(bad)
-
-
-class _Preemption:
-  """SIGTERM (what a spot / preemptible VM gets) asks for a checkpoint at the next step boundary, then exit.
-
-  One process: a signal handler sets a flag. Several: JAX's preemption sync point, so every process stops at the
-  same step (the distributed runtime catches the signal itself).
-  """
-
-  def __init__(self):
-    import signal  # pylint: disable=g-import-not-at-top
-    import threading  # pylint: disable=g-import-not-at-top
-    self._flag, self._multi = False, jax.process_count() > 1
-    self._previous = None
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
-
-  def requested(self, step: int) -> bool:
-    if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:   # no preemption service in this runtime
-        return False
-    return self._flag
-
-  def close(self) -> None:
-    if self._previous is not None:
-      import signal  # pylint: disable=g-import-not-at-top
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The main job
 # ---------------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
@@ -364,7 +277,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   configuration.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh.shape)   # a shape that does not fit the devices fails here, first
   rules = sharding_lib.rules_of(config)
-  workdir = absolute_path(workdir)
+  workdir = storage.absolute_path(workdir)
   is_main = jax.process_index() == 0
   saved_config = workdir / "config.json"
   if saved_config.exists() and checkpointing.has_checkpoints(workdir):
@@ -412,7 +325,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   method = make_method(config, layout, code_features)
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",
-               dict(mesh.shape), mesh.size, jax.process_count(), f"{param_count(abstract.params):,}")
+               dict(mesh.shape), mesh.size, jax.process_count(), f"{params_lib.param_count(abstract.params):,}")
 
   # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
@@ -442,7 +355,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Compiled steps ----------------------------------------------------------------------------------------
   step_fn, eval_fn = compile_steps(method, mesh, rules, shardings)
   batch_sh = sharding_lib.batch_sharding(mesh)
-  writer = Writer(workdir)
+  writer = train_loop.Writer(workdir)
   loop_start = time.perf_counter()
 
   def run_eval(step):
@@ -463,14 +376,14 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   tokens_per_step = config.train.batch_size * layout.seq_len
   history, pending, bits = [], [], None
   train_time, window_start, window_steps, unk = 0.0, time.perf_counter(), 0, 0   # steps only, not the eval above
-  skipped, preemption = 0, _Preemption()
+  skipped, preemption = 0, train_loop.Preemption()
 
   def flush(first_step):
     """Host-fetches the pending metrics (one sync) and checks them; returns them."""
     nonlocal skipped
     fetched = jax.device_get(pending)
     history.extend(float(m["loss"]) for m in fetched)
-    skipped += _check_finite(first_step, fetched, method.skip_nonfinite, ckpt.directory)
+    skipped += train_loop.check_finite(first_step, fetched, method.skip_nonfinite, ckpt.directory)
     pending.clear()
     return fetched
 
@@ -496,7 +409,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         steps_per_s = window_steps / elapsed
         logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
                      "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
-                     f"{steps_per_s * tokens_per_step:,.0f}", unk, format_duration((total - done) / steps_per_s))
+                     f"{steps_per_s * tokens_per_step:,.0f}", unk,
+                     train_loop.format_duration((total - done) / steps_per_s))
         if means["nonfinite"] > 0:
           logging.warning("skipped %d non-finite steps so far (train.on_nonfinite='skip')", skipped)
         lr = float(learning_rate_schedule(config)(done))
@@ -542,7 +456,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       "train_tokens_per_s": round(total * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
       "val_bits_per_token_initial": meta.get("val_bits_initial"),
       "val_curve": meta["val_curve"],   # [[step, text, image], ...] bits/token of every validation
-      "param_count": param_count(state.params),
+      "param_count": params_lib.param_count(state.params),
       "data_skipped": {split: dict(getattr(src, "skipped", {}))
                        for split, src in (("train", train_source), ("val", val_source))},
       "sequence": {"text": layout.text_len, "image": list(layout.image_grid), "vocab": layout.size},
