@@ -91,7 +91,7 @@ def test_inconsistent_sizes_name_the_fields():
 
 
 def test_saved_tokenizer_that_disagrees_with_the_config_is_an_error():
-  from unimm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   config = configuration.base_config()
   images = np.zeros((4, 24, 24, 3), np.uint8)

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm_jax import configuration, export, tokenizer_train, train
-from unimm_jax.data import learned_tokenizer, shapes, tokenizers
+from unimm_jax import configuration, export, tokenizer_train, tokenizers, train
+from unimm_jax.data import pipeline, shapes
 from unimm_jax.models import autoencoder
 from unimm_jax.pipeline import Pipeline
+from unimm_jax.tokenizers import learned
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
 
@@ -59,7 +60,7 @@ def test_training_improves_psnr_and_writes_report_and_tokenizer(fsq_workdir):
   assert (workdir / "report.html").read_text().count("<img") == 2 * 4
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   # The saved tokenizer reproduces the trainer's validation figure exactly.
-  tok = learned_tokenizer.from_workdir(workdir)
+  tok = learned.from_workdir(workdir)
   assert tok.kind == "fsq" and tok.vocab_size == 75 and tok.grid_shape == (6, 6)
   val = shapes.ShapesSource("val", 48)
   images = np.stack([val[i]["image"] for i in range(48)])
@@ -113,7 +114,7 @@ def test_unified_model_on_fsq_tokens_trains_generates_and_exports(fsq_workdir, t
   assert saved.kind == "fsq"
   pipe = Pipeline.load(tmp_path / "run")
   tok = pipe.tokenizers.image
-  assert isinstance(tok, learned_tokenizer.LearnedImageTokenizer)
+  assert isinstance(tok, learned.LearnedImageTokenizer)
   # Image codes embed their look and their quantized latents (model.image_code_features): 4x4x3 decoded pixels,
   # then the FSQ grid point, one distinct vector per code.
   features = tok.code_features()
@@ -135,7 +136,7 @@ def test_unified_model_on_fsq_tokens_trains_generates_and_exports(fsq_workdir, t
   # An export bundle carries the tokenizer's parameters and decodes the same.
   bundle = tmp_path / "bundle"
   export.export(tmp_path / "run", bundle)
-  assert (bundle / "tokenizers" / learned_tokenizer.PARAMS_FILE).exists()
+  assert (bundle / "tokenizers" / learned.PARAMS_FILE).exists()
   ids = decoded[0][0]
   np.testing.assert_array_equal(Pipeline.load(bundle).tokenizers.image.decode(ids), images)
 
@@ -195,8 +196,8 @@ def test_tokenizer_main_command_line_trains_and_reports(tmp_path):
 def test_a_patch_encoders_codes_depend_on_its_own_pixels_only(encoder):
   """encoder='patch': changing one 4x4 patch changes that token's latent and no other; the conv encoder's
   receptive field and GroupNorm reach further (the reason the patch encoder exists)."""
-  spec = learned_tokenizer.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": encoder}))
-  params = learned_tokenizer.init_params(spec, jax.random.key(0))
+  spec = learned.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": encoder}))
+  params = learned.init_params(spec, jax.random.key(0))
   images = np.asarray(jax.random.randint(jax.random.key(1), (1, 24, 24, 3), 0, 256), np.uint8)
   edited = images.copy()
   edited[0, 8:12, 12:16] = 255 - edited[0, 8:12, 12:16]   # the patch of token (2, 3) of the 6x6 grid
@@ -214,7 +215,7 @@ def test_a_patch_encoders_codes_depend_on_its_own_pixels_only(encoder):
 def test_the_encoder_kind_is_saved_with_the_tokenizer(tmp_path):
   config = tiny_tokenizer_config(**{"tokenizer.encoder": "patch", "tokenizer.steps": 10, "tokenizer.eval_every": 10})
   report = tokenizer_train.train_and_evaluate(config, tmp_path)
-  tok = learned_tokenizer.from_workdir(tmp_path)
+  tok = learned.from_workdir(tmp_path)
   assert tok.spec.net.encoder == "patch"
   val = shapes.ShapesSource("val", 8)
   images = np.stack([val[i]["image"] for i in range(8)])
@@ -225,8 +226,8 @@ def test_the_encoder_kind_is_saved_with_the_tokenizer(tmp_path):
 
 
 def test_a_tokenizer_saved_before_the_encoder_choice_loads_as_conv():
-  spec = learned_tokenizer.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": "patch"}))
+  spec = learned.spec_from_config(tiny_tokenizer_config(**{"tokenizer.encoder": "patch"}))
   saved = spec.to_dict()
-  assert learned_tokenizer.TokenizerSpec.from_dict(saved) == spec
+  assert learned.TokenizerSpec.from_dict(saved) == spec
   del saved["encoder"]   # what image_tokenizer.json held before tokenizer.encoder existed
-  assert learned_tokenizer.TokenizerSpec.from_dict(saved).net.encoder == "conv"
+  assert learned.TokenizerSpec.from_dict(saved).net.encoder == "conv"

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from unimm_jax import configuration
-from unimm_jax.data import pipeline, shapes, tokenizers
+from unimm_jax import configuration, tokenizers
+from unimm_jax.data import pipeline, shapes
 
 
 def _toks(text_len=24):

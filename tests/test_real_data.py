@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from unimm_jax import configuration, evaluate, pretokenize, train
-from unimm_jax.data import learned_tokenizer, pipeline, pretokenized, shapes, tfds_shapes, tfds_source, tokenizers
+from unimm_jax import configuration, evaluate, pretokenize, tokenizers, train
+from unimm_jax.data import pipeline, pretokenized, shapes, tfds_shapes, tfds_source
+from unimm_jax.tokenizers import learned
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
 
@@ -36,7 +37,7 @@ def test_sentencepiece_train_save_load_round_trip(tmp_path, model_type):
   # A given .model file (config.text.sentencepiece_model) is used as it is, not retrained.
   config = tiny_config(**{"text.tokenizer": "sentencepiece",
                           "text.sentencepiece_model": str(tmp_path / tokenizers.SENTENCEPIECE_FILE)})
-  given = pipeline._fit_text_tokenizer(config, ["entirely different words"])  # pylint: disable=protected-access
+  given = tokenizers.make_text_tokenizer(config, ["entirely different words"])
   np.testing.assert_array_equal(given.encode(val_caps[0], 40), tok.encode(val_caps[0], 40))
 
 
@@ -49,9 +50,9 @@ def _random_fsq_tokenizer(directory) -> None:
   c.image.tokenizer = "fsq"
   c.tokenizer.widths = (8, 16, 16)
   c.tokenizer.fsq_levels = (5, 5, 3)
-  spec = learned_tokenizer.spec_from_config(c)
-  params = jax.jit(lambda key: learned_tokenizer.init_params(spec, key))(jax.random.PRNGKey(0))
-  learned_tokenizer.LearnedImageTokenizer(spec, params, encode_batch=16).save(directory)
+  spec = learned.spec_from_config(c)
+  params = jax.jit(lambda key: learned.init_params(spec, key))(jax.random.PRNGKey(0))
+  learned.LearnedImageTokenizer(spec, params, encode_batch=16).save(directory)
 
 
 @pytest.mark.parametrize("image_tokenizer", ["patch", "fsq"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from unimm_jax import configuration
+from unimm_jax import configuration, tokenizers
 from unimm_jax.data import pipeline as data_pipeline
-from unimm_jax.data import shapes, tokenizers
+from unimm_jax.data import shapes
 from unimm_jax.diffusion import sampling
 from unimm_jax.diffusion.schedules import get_schedule
 from unimm_jax.models.transformer import Transformer, TransformerConfig

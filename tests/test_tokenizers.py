@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from unimm_jax.data import tokenizers as tk
+from unimm_jax import tokenizers as tk
 
 
 def _quantized_images(rng, n, size, channels, levels):
@@ -171,7 +171,7 @@ def test_patch_remembered_nearest_codes_change_nothing():
   tok = tk.PatchTokenizer.fit(train, 24, 3, 4, 4, codebook_size=1024)
   # Unseen images: a good share of their patches miss the codebook.
   codes = set(map(np.ndarray.tobytes, tok.codebook))
-  hit = np.mean([r.tobytes() in codes for r in tk._patchify(tk.quantize(fresh[0], 4), 4)])
+  hit = np.mean([r.tobytes() in codes for r in tk.patchify(tk.quantize(fresh[0], 4), 4)])
   assert 0.3 < hit < 0.95, hit
   for batch in fresh:
     cold = tk.PatchTokenizer(24, 3, 4, 4, tok.codebook).encode(batch)   # empty memo

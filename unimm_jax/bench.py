@@ -310,8 +310,8 @@ def random_pipeline(config):
   Text is the config's byte or word tokenizer (a word vocabulary from the shapes captions); the image tokenizer
   is a patch codebook of random distinct patches, as large as ``image.codebook_size``.
   """
-  from unimm_jax import pipeline as pipeline_lib, train  # pylint: disable=g-import-not-at-top
-  from unimm_jax.data import pipeline as data_pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+  from unimm_jax import pipeline as pipeline_lib, tokenizers, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   c = config
   if c.text.tokenizer == "byte":
     text = tokenizers.ByteTokenizer()

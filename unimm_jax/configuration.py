@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from unimm_jax import tokenizers   # no JAX: the registry of tokenizer kinds and their geometry
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -59,8 +61,8 @@ NON_NEGATIVE = ("mesh.cpu_devices", "model.directional_heads", "sample.temperatu
                 "tokenizer.grad_clip", "tokenizer.weight_decay", "tokenizer.vq_commitment",
                 "tokenizer.vq_dead_threshold", "tokenizer.report_images")
 # The learned image tokenizers (trained by ``python -m unimm_jax.tokenizer_main``, config group ``tokenizer``).
-LEARNED_IMAGE_TOKENIZERS = ("fsq", "vq")
-TOKENIZER_ENCODERS = ("conv", "patch")   # tokenizer.encoder (models/autoencoder.py)
+LEARNED_IMAGE_TOKENIZERS = tuple(name for name, kind in tokenizers.IMAGE_KINDS.items() if kind.learned)
+TOKENIZER_ENCODERS = tokenizers.TOKENIZER_ENCODERS   # tokenizer.encoder (models/autoencoder.py)
 
 
 def base_config() -> ConfigDict:
@@ -232,15 +234,11 @@ def image_code_feature_dim(config) -> int:
   """F of ``model.image_code_features`` (0 when off): numbers per image code, from the image tokenizer's kind."""
   if not config.model.image_code_features:
     return 0
-  if config.image.tokenizer == "patch":
-    return config.image.patch ** 2 * config.image.channels
-  if config.image.tokenizer == "pixel":
-    return config.image.channels
-  # learned: a code's decoded patch (LearnedImageTokenizer.code_features), then its latent
-  pixels = tokenizer_downsample(config) ** 2 * config.image.channels
-  if config.image.tokenizer == "fsq":
-    return pixels + len(config.tokenizer.fsq_levels)
-  return pixels + config.tokenizer.vq_dim     # vq
+  kind = _image_kind(config)
+  if kind.code_feature_dim is None:
+    raise ConfigError(f"config.model.image_code_features=True, but the {kind.name!r} image tokenizer has no code "
+                      "features; set config.model.image_code_features=False")
+  return kind.code_feature_dim(config)
 
 
 def from_dict(saved: dict) -> ConfigDict:
@@ -295,17 +293,20 @@ def _type_ok(value: Any, default: Any) -> bool:
 
 def image_token_grid(config: ConfigDict) -> tuple[int, int]:
   """(h, w) of the image token grid that the configured image tokenizer produces."""
-  side = config.image.size // tokenizer_downsample(config)
-  return side, side
+  return _image_kind(config).grid(config)
 
 
 def tokenizer_downsample(config: ConfigDict) -> int:
   """Image pixels per token side: 1 (pixel), image.patch (patch), 2 ** (len(tokenizer.widths) - 1) (fsq, vq)."""
-  if config.image.tokenizer == "patch":
-    return config.image.patch
-  if config.image.tokenizer in LEARNED_IMAGE_TOKENIZERS:
-    return 2 ** max(len(config.tokenizer.widths) - 1, 0)
-  return 1
+  return _image_kind(config).downsample(config)
+
+
+def _image_kind(config: ConfigDict) -> tokenizers.ImageKind:
+  """The registry's record of ``config.image.tokenizer`` (each kind's geometry is defined there, once)."""
+  if config.image.tokenizer not in tokenizers.IMAGE_KINDS:
+    raise ConfigError(f"config.image.tokenizer={config.image.tokenizer!r} is not one of "
+                      f"{tuple(tokenizers.IMAGE_KINDS)}")
+  return tokenizers.IMAGE_KINDS[config.image.tokenizer]
 
 
 def flat_field_names() -> set[str]:
@@ -469,20 +470,14 @@ def check_tokenizers(config: ConfigDict, text_tokenizer, image_tokenizer) -> Non
     problems.append(f"config.text.tokenizer={config.text.tokenizer!r} but the workdir's saved text tokenizer "
                     f"is {text_tokenizer.kind!r}")
   img = image_tokenizer.config_dict()
-  want = {"kind": config.image.tokenizer, "size": config.image.size, "channels": config.image.channels,
-          "levels": config.image.levels}
-  if config.image.tokenizer == "patch":
-    want["patch"] = config.image.patch
-  if config.image.tokenizer in LEARNED_IMAGE_TOKENIZERS:
-    del want["levels"]   # the learned tokenizers' own settings (widths, levels, codebook) travel with them
+  kind = _image_kind(config)
+  want = {"kind": kind.name, **{field: config.image[field] for field in kind.config_fields}}
   for key, value in want.items():
     field = "tokenizer" if key == "kind" else key
     if img.get(key) != value:
       problems.append(f"config.image.{field}={value!r} but the workdir's saved image tokenizer has "
                       f"{key}={img.get(key)!r}")
-  if config.image.tokenizer == "patch" and image_tokenizer.vocab_size > config.image.codebook_size:
-    problems.append(f"config.image.codebook_size={config.image.codebook_size} is smaller than the saved "
-                    f"tokenizer's {image_tokenizer.vocab_size} codes")
+  problems += kind.check_saved(config, image_tokenizer)
   if problems:
     raise ConfigError("the config does not match the tokenizers saved in the workdir (use a new --workdir, "
                       "or restore the config it was trained with):\n  " + "\n  ".join(problems))

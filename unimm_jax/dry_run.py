@@ -20,32 +20,23 @@ import numpy as np
 from etils import epath
 from jax.sharding import AbstractMesh
 
-from unimm_jax import configuration, train
+from unimm_jax import configuration, tokenizers, train
 from unimm_jax import sharding as sharding_lib
-from unimm_jax.data import pipeline, tokenizers
+from unimm_jax.data import pipeline
 from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.models import params as params_lib
 
 
 def planned_layout(config) -> VocabLayout:
-  """The token layout the config asks for, from its sizes alone (no data, no fitted tokenizer)."""
-  if config.text.tokenizer == "byte":
-    text_vocab = tokenizers.ByteTokenizer().vocab_size
-  elif config.text.tokenizer == "sentencepiece":
-    text_vocab = config.text.vocab_size + 1        # + PAD (tokenizers.SentencePieceTokenizer)
-  elif config.text.max_vocab > 0:
-    text_vocab = config.text.max_vocab + 2          # + PAD, UNK
-  else:
-    raise configuration.ConfigError("a dry run without fitted tokenizers needs config.text.max_vocab > 0 for the "
-                                    "word tokenizer (or a workdir that has them)")
-  if config.image.tokenizer == "pixel":
-    image_vocab = config.image.levels ** config.image.channels
-  elif config.image.tokenizer == "fsq":
-    image_vocab = math.prod(config.tokenizer.fsq_levels)
-  elif config.image.tokenizer == "vq":
-    image_vocab = config.tokenizer.vq_codebook_size
-  else:
-    image_vocab = config.image.codebook_size
+  """The token layout the config asks for, from its sizes alone (no data, no fitted tokenizer): each tokenizer
+  kind's ``vocab_bound``."""
+  text_kind = tokenizers.text_kind(config.text.tokenizer)
+  try:
+    text_vocab = text_kind.vocab_bound(config)
+  except ValueError as e:
+    raise configuration.ConfigError(f"a dry run without fitted tokenizers (or a workdir that has them) sizes the "
+                                    f"vocabulary from the config: {e}") from None
+  image_vocab = tokenizers.image_kind(config.image.tokenizer).vocab_bound(config)
   return VocabLayout(text_vocab, image_vocab, config.text.max_len, configuration.image_token_grid(config))
 
 

@@ -35,8 +35,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from ml_collections import config_flags
 
-from unimm_jax import configuration
-from unimm_jax.data import pipeline, pretokenized, tokenizers
+from unimm_jax import configuration, tokenizers
+from unimm_jax.data import pipeline, pretokenized
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Directory for the shards (new, or an unfinished one to resume).")

@@ -38,10 +38,11 @@ from absl import logging
 
 from unimm_jax import checkpointing, configuration, evaluate, storage, train_loop
 from unimm_jax import sharding as sharding_lib
-from unimm_jax.data import learned_tokenizer, pipeline
-from unimm_jax.data.learned_tokenizer import TokenizerSpec
+from unimm_jax.data import pipeline
 from unimm_jax.models import params as params_lib, quantizers
 from unimm_jax.models.autoencoder import Autoencoder, to_unit
+from unimm_jax.tokenizers import learned
+from unimm_jax.tokenizers.learned import TokenizerSpec
 
 REPORT_FILE = "report.json"
 
@@ -76,14 +77,14 @@ def make_method(config) -> TokenizerMethod:
                                                 end_value=t.learning_rate * 0.1)
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
   parts.append(optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=t.weight_decay))
-  return TokenizerMethod(spec=learned_tokenizer.spec_from_config(config), tx=optax.chain(*parts),
+  return TokenizerMethod(spec=learned.spec_from_config(config), tx=optax.chain(*parts),
                          vq_decay=t.vq_decay, vq_commitment=t.vq_commitment, vq_dead_threshold=t.vq_dead_threshold)
 
 
 def _init(method: TokenizerMethod, seed: int) -> TokenizerState:
   k_params, k_book, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
   spec = method.spec
-  params = learned_tokenizer.init_params(spec, k_params)
+  params = learned.init_params(spec, k_params)
   codebook = (quantizers.vq_init(k_book, spec.vq_codebook_size, spec.net.latent_dim) if spec.kind == "vq"
               else None)
   return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
@@ -156,8 +157,8 @@ def eval_step(method: TokenizerMethod, params, codebook, images, weight):
   """
   spec = method.spec
   books = None if codebook is None else codebook.codes
-  idx = learned_tokenizer.encode_images(spec, params, books, images)                       # [B, h*w]
-  recon = learned_tokenizer.decode_indexes(spec, params, books, idx)
+  idx = learned.encode_images(spec, params, books, images)                                 # [B, h*w]
+  recon = learned.decode_indexes(spec, params, books, idx)
   err = jnp.sum(jnp.square((recon.astype(jnp.float32) - images.astype(jnp.float32)) / 255.0), axis=(1, 2, 3))
   counts = jnp.zeros((spec.vocab_size,), jnp.float32).at[idx].add(weight[:, None])
   return err, counts, recon
@@ -360,8 +361,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   }
   if is_main:
     codebook = None if state.codebook is None else np.asarray(jax.device_get(state.codebook.codes))
-    tokenizer = learned_tokenizer.LearnedImageTokenizer(spec, jax.device_get(state.params), codebook,
-                                                        encode_batch=t.encode_batch)
+    tokenizer = learned.LearnedImageTokenizer(spec, jax.device_get(state.params), codebook,
+                                              encode_batch=t.encode_batch)
     tokenizer.save(workdir)
     (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     (workdir / "report.html").write_text(render_html(report, pairs))

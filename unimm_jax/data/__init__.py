@@ -1,1 +1,1 @@
-"""Data: sources (shapes, folder), tokenizers, the vocabulary layout and the grain pipeline."""
+"""Data: sources (shapes, folder), the vocabulary layout and the grain pipeline."""

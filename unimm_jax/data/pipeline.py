@@ -29,7 +29,8 @@ from absl import logging
 from etils import epath
 
 from unimm_jax import configuration
-from unimm_jax.data import folder, pretokenized, shapes, tfds_source, tokenizers
+from unimm_jax import tokenizers
+from unimm_jax.data import folder, pretokenized, shapes, tfds_source
 from unimm_jax.data.vocab import VocabLayout
 
 TOKENIZER_DIR = "tokenizers"
@@ -100,20 +101,10 @@ class Tokenizers:
     return texts, self.image.decode(image_ids)
 
 
-def _fit_text_tokenizer(config, texts: list[str]) -> tokenizers.TextTokenizer:
-  if config.text.tokenizer == "word":
-    return tokenizers.WordTokenizer.fit(texts, max_vocab=config.text.max_vocab or None)
-  if config.text.tokenizer == "sentencepiece":
-    if config.text.sentencepiece_model:
-      return tokenizers.SentencePieceTokenizer.from_file(config.text.sentencepiece_model)
-    return tokenizers.SentencePieceTokenizer.fit(texts, config.text.vocab_size, config.text.sentencepiece_type)
-  return tokenizers.ByteTokenizer()
-
-
 def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizers.ImageTokenizer]:
   n = min(len(source), config.data.fit_examples)
   items = [source[i] for i in range(n)]
-  text_tok = _fit_text_tokenizer(config, [item["text"] for item in items])
+  text_tok = tokenizers.make_text_tokenizer(config, [item["text"] for item in items])
   image_tok = make_image_tokenizer(config, source, items)
   logging.info("fitted tokenizers on %d training examples: text %s (%d ids), image %s (%d ids)", n,
                text_tok.kind, text_tok.vocab_size, image_tok.kind, image_tok.vocab_size)
@@ -121,25 +112,21 @@ def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizer
 
 
 def make_image_tokenizer(config, source, items: list[dict] | None = None) -> tokenizers.ImageTokenizer:
-  """The image tokenizer ``config.image`` asks for: built (pixel), fitted on the first ``data.fit_examples``
-  training ``items`` (patch), loaded from ``image.tokenizer_path`` (fsq, vq), or, for a pretokenized source,
-  the one that made its ids (never refitted)."""
+  """The image tokenizer ``config.image`` asks for (its kind's ``make``): built (pixel), fitted on the first
+  ``data.fit_examples`` training ``items`` (patch), loaded from ``image.tokenizer_path`` (fsq, vq), or, for a
+  pretokenized source, the one that made its ids (never refitted)."""
   if isinstance(source, pretokenized.PretokenizedSource):
     return source.image_tokenizer()
-  if config.image.tokenizer in configuration.LEARNED_IMAGE_TOKENIZERS:
-    from unimm_jax.data import learned_tokenizer  # pylint: disable=g-import-not-at-top  (needs JAX)
-    if not config.image.tokenizer_path:
-      raise configuration.ConfigError(
-          f"config.image.tokenizer={config.image.tokenizer!r} needs config.image.tokenizer_path: the workdir of "
-          "python -m unimm_jax.tokenizer_main that trained it")
-    return learned_tokenizer.from_workdir(config.image.tokenizer_path)
-  if config.image.tokenizer == "pixel":
-    return tokenizers.PixelTokenizer(config.image.size, config.image.channels, config.image.levels)
-  if items is None:
+  kind = tokenizers.image_kind(config.image.tokenizer)
+  if kind.learned and not config.image.tokenizer_path:
+    raise configuration.ConfigError(
+        f"config.image.tokenizer={config.image.tokenizer!r} needs config.image.tokenizer_path: the workdir of "
+        "python -m unimm_jax.tokenizer_main that trained it")
+  if not kind.fitted:
+    items = []
+  elif items is None:
     items = [source[i] for i in range(min(len(source), config.data.fit_examples))]
-  images = np.stack([item["image"] for item in items])
-  return tokenizers.PatchTokenizer.fit(images, config.image.size, config.image.channels, config.image.levels,
-                                       config.image.patch, config.image.codebook_size)
+  return kind.make(config, items)
 
 
 def fit_or_load_tokenizers(config, workdir, train_source=None) -> Tokenizers:
@@ -148,7 +135,7 @@ def fit_or_load_tokenizers(config, workdir, train_source=None) -> Tokenizers:
   Every process fits the same tokenizers (the fit is deterministic); only process 0 writes them.
   """
   directory = epath.Path(workdir) / TOKENIZER_DIR
-  if (directory / "text_tokenizer.json").exists() and (directory / "image_tokenizer.json").exists():
+  if (directory / tokenizers.TEXT_TOKENIZER_FILE).exists() and (directory / tokenizers.IMAGE_TOKENIZER_FILE).exists():
     text_tok = tokenizers.load_text_tokenizer(directory)
     image_tok = tokenizers.load_image_tokenizer(directory)
     logging.info("loaded tokenizers from %s (not refitted)", directory)

@@ -23,6 +23,8 @@ import numpy as np
 from etils import epath
 from flax import serialization
 
+from unimm_jax import tokenizers
+
 PLAN_FILE = "plan.json"
 INDEX_FILE = "pretokenized.json"
 TOKENIZER_DIR = "tokenizers"
@@ -69,7 +71,6 @@ class PretokenizedSource:
                        f"{info['num_examples']}")
 
   def image_tokenizer(self):
-    from unimm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
     return tokenizers.load_image_tokenizer(self.path / TOKENIZER_DIR)
 
   def __len__(self) -> int:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unimm_jax.configuration import TOKENIZER_ENCODERS as ENCODERS
+from unimm_jax.tokenizers.base import TOKENIZER_ENCODERS as ENCODERS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,9 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from unimm_jax.data import tokenizers
 from unimm_jax.models import quantizers
 from unimm_jax.models.autoencoder import Autoencoder, AutoencoderConfig, to_uint8, to_unit
+from unimm_jax.tokenizers import base
 
 PARAMS_FILE = "image_tokenizer_params.safetensors"
 _CODEBOOK_KEY = "vq_codebook"
@@ -133,7 +133,7 @@ def decode_indexes(spec: TokenizerSpec, params, codebook, idx) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ---------------------------------------------------------------------------------------------------------------
-class LearnedImageTokenizer(tokenizers.ImageTokenizer):
+class LearnedImageTokenizer(base.ImageTokenizer):
   """A trained FSQ / VQ autoencoder as an ImageTokenizer (module docstring)."""
 
   def __init__(self, spec: TokenizerSpec, params, codebook=None, *, encode_batch: int = 64):
@@ -227,12 +227,12 @@ def load(directory, payload: dict[str, Any]) -> LearnedImageTokenizer:
 def from_workdir(path) -> LearnedImageTokenizer:
   """The tokenizer a ``tokenizer_main`` run saved in ``path`` (clear error if it has not finished)."""
   path = epath.Path(path)
-  if not (path / tokenizers.IMAGE_TOKENIZER_FILE).exists():
+  if not (path / base.IMAGE_TOKENIZER_FILE).exists():
     raise FileNotFoundError(
-        f"no {tokenizers.IMAGE_TOKENIZER_FILE} in config.image.tokenizer_path={str(path)!r}: train the tokenizer "
+        f"no {base.IMAGE_TOKENIZER_FILE} in config.image.tokenizer_path={str(path)!r}: train the tokenizer "
         "there first (python -m unimm_jax.tokenizer_main --config=configs/tokenizer_shapes.py "
         f"--workdir={path}); it is saved when the run finishes")
-  tok = tokenizers.load_image_tokenizer(path)
+  tok = base.load_image_tokenizer(path)
   if not isinstance(tok, LearnedImageTokenizer):
-    raise ValueError(f"{path / tokenizers.IMAGE_TOKENIZER_FILE} holds a {tok.kind!r} tokenizer, not fsq or vq")
+    raise ValueError(f"{path / base.IMAGE_TOKENIZER_FILE} holds a {tok.kind!r} tokenizer, not fsq or vq")
   return tok
