@@ -1,10 +1,13 @@
 """The base config (every key the code reads, with its default) and the validation of a run's config.
 
-Every config in ``configs/`` starts from :func:`base_config` and changes values; it may not add keys.
-:func:`validate` runs before anything is compiled and raises one :class:`ConfigError` that names every bad
-field: a key the base config does not have (with the closest existing one), a wrong type, a value outside its
-choices or range, or sizes that do not fit together (text length + image tokens vs ``model.max_len``, image
-size vs patch). Sizes that depend on fitted tokenizers are checked by :func:`check_tokenizers`.
+The fields are records in ``config_schema.py`` (name, type, default, meaning, choices, bounds, state, legacy);
+this module builds and checks configs from them. Every config in ``configs/`` starts from :func:`base_config`
+and changes values; it may not add keys, except names in an open group (``diffusion.tasks``,
+``diffusion.task_roles``). :func:`validate` runs before anything is compiled and raises one :class:`ConfigError`
+that names every bad field: a key the base config does not have (with the closest existing one), a wrong type, a
+value outside its choices or range, or sizes that do not fit together (text length + image tokens vs
+``model.max_len``, image size vs patch). Sizes that depend on fitted tokenizers are checked by
+:func:`check_tokenizers`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from unimm_jax import config_schema as schema
 from unimm_jax import tokenizers   # no JAX: the registry of tokenizer kinds and their geometry
 
 ConfigDict = ml_collections.ConfigDict
@@ -26,208 +30,30 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names each bad field."""
 
 
-# Fields whose value must be one of a fixed set.
-CHOICES = {
-    "data.source": ("shapes", "folder", "tfds", "pretokenized"),
-    "text.tokenizer": ("word", "byte", "sentencepiece"),
-    "text.sentencepiece_type": ("unigram", "bpe"),
-    "image.tokenizer": ("pixel", "patch", "fsq", "vq"),
-    "diffusion.schedule": ("linear", "cosine", "polynomial"),
-    "diffusion.loss_weighting": ("elbo", "flat", "tokens"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.positions": ("rope", "learned", "rope+learned"),
-    "model.attention": ("xla", "cudnn"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "sample.method": ("confidence", "ancestral"),
-    "sample.reveal_schedule": ("cosine", "linear"),
-    "sample.joint_order": ("together", "text_first", "image_first"),
-}
-# Fields that must be > 0 (ints and floats); ">= 0" ones below.
-POSITIVE = (
-    "model.d_model", "model.num_layers", "model.vocab_multiple", "model.num_heads", "model.head_dim", "model.mlp_dim", "model.max_len",
-    "text.max_len", "image.size", "image.channels", "image.patch", "image.codebook_size", "train.steps",
-    "train.batch_size", "train.concurrent_chunks", "train.log_every", "eval.every_steps", "eval.batch_size", "ckpt.every_steps",
-    "ckpt.max_to_keep", "optim.learning_rate", "data.train_size", "data.val_size", "data.fit_examples",
-    "diffusion.poly_power", "model.rope_theta", "eval.num_generate", "sample.t2i_steps", "sample.i2t_steps",
-    "sample.i2t_candidates", "sample.joint_steps", "text.vocab_size", "tokenizer.res_blocks",
-    "tokenizer.vq_codebook_size", "tokenizer.vq_dim", "tokenizer.steps", "tokenizer.batch_size",
-    "tokenizer.learning_rate", "tokenizer.log_every", "tokenizer.eval_every", "tokenizer.encode_batch",
-)
-NON_NEGATIVE = ("mesh.cpu_devices", "model.directional_heads", "sample.temperature", "sample.confidence_noise", "sample.guidance_scale", "optim.warmup_steps",
-                "optim.weight_decay", "optim.grad_clip", "diffusion.text_loss_weight", "diffusion.image_loss_weight",
-                "data.num_threads", "text.max_vocab", "seed", "data.seed", "tokenizer.warmup_steps",
-                "tokenizer.grad_clip", "tokenizer.weight_decay", "tokenizer.vq_commitment",
-                "tokenizer.vq_dead_threshold", "tokenizer.report_images")
+# Views of the schema (unimm_jax/config_schema.py) by role.
+CHOICES = {f.name: f.choices for f in schema.FIELDS if f.choices}           # the value must be one of these
+# Fields that fix the shapes and structure of the train state: a checkpoint restores only into the same values.
+STATE_FIELDS = tuple(f.name for f in schema.FIELDS if f.state)
+# Fields that changed the parameter layout when they were added, with the value that means "as before".
+LEGACY_DEFAULTS = {f.name: f.legacy for f in schema.FIELDS if f.legacy is not None}
+describe_fields = schema.describe_fields
 # The learned image tokenizers (trained by ``python -m unimm_jax.tokenizer_main``, config group ``tokenizer``).
 LEARNED_IMAGE_TOKENIZERS = tuple(name for name, kind in tokenizers.IMAGE_KINDS.items() if kind.learned)
 TOKENIZER_ENCODERS = tokenizers.TOKENIZER_ENCODERS   # tokenizer.encoder (models/autoencoder.py)
 
 
 def base_config() -> ConfigDict:
-  """Every key the code reads, with defaults sized for the embedded ``shapes`` data on a CPU."""
+  """Every key the code reads, with defaults sized for the embedded ``shapes`` data on a CPU (from the schema)."""
   c = ConfigDict()
-  c.seed = 0                     # model: initialisation, masking noise, data order
-
-  c.data = ConfigDict()
-  c.data.source = "shapes"       # shapes | folder | tfds | pretokenized
-  c.data.path = ""               # folder: DIR with train.jsonl / val.jsonl; pretokenized: the pretokenize --out DIR
-  c.data.seed = 0                # shapes: which examples the splits hold; fixed, so every run is scored on one val set
-  c.data.train_size = 100_000    # shapes: examples in the train split (procedural, so size is free)
-  c.data.val_size = 512          # shapes: examples in the val split
-  c.data.fit_examples = 5_000    # training examples used to fit the tokenizers at the first run
-  c.data.num_threads = 1         # grain prefetch threads; 0 reads in the main thread
-  # tfds: any TFDS image dataset with captions or class labels, read through tfds.data_source (no TensorFlow)
-  c.data.tfds_name = ""          # e.g. "coco_captions", "imagenet2012", "my_dataset:1.0.0"
-  c.data.tfds_data_dir = ""      # where it was built (gs:// works); "" = TFDS's default (~/tensorflow_datasets)
-  c.data.tfds_train_split = "train"
-  c.data.tfds_val_split = "validation"
-  c.data.image_key = "image"     # feature holding the image; nested features with "/" ("image/encoded")
-  c.data.text_key = ""           # feature holding the caption (a string, or a sequence: its first) ...
-  c.data.label_key = ""          # ... or a ClassLabel, whose name goes into a template (exactly one of the two)
-  c.data.caption_templates = ("a photo of a {}.",)  # label captions; example i uses template i mod len
-
-  c.text = ConfigDict()
-  c.text.tokenizer = "word"      # word | byte | sentencepiece
-  c.text.max_len = 24            # text positions per sequence; captions are truncated / PAD-padded
-  c.text.max_vocab = 0           # word: keep the most frequent N words (0 = all)
-  c.text.vocab_size = 8_000      # sentencepiece: pieces to train (an upper bound: small corpora get fewer)
-  c.text.sentencepiece_type = "unigram"  # sentencepiece: unigram | bpe
-  c.text.sentencepiece_model = ""  # sentencepiece: a trained .model file to use instead of training one
-
-  c.image = ConfigDict()
-  c.image.tokenizer = "patch"    # pixel | patch | fsq | vq (learned: config.tokenizer, tokenizer_main)
-  c.image.tokenizer_path = ""    # fsq | vq: the tokenizer_main workdir (or any directory with image_tokenizer.json)
-  c.image.size = 24
-  c.image.channels = 3
-  c.image.levels = 4             # quantization levels per channel
-  c.image.patch = 4              # patch: side of a patch in pixels
-  c.image.codebook_size = 1024   # patch: keep at most this many distinct training patches
-
-  # The learned image tokenizer (image.tokenizer fsq | vq): network, quantizer and its own training run.
-  c.tokenizer = ConfigDict()
-  c.tokenizer.widths = (16, 32, 64)   # channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens
-  c.tokenizer.res_blocks = 1     # residual blocks per resolution
-  c.tokenizer.encoder = "conv"   # conv | patch: a token's code from its own pixels only (models/autoencoder.py)
-  c.tokenizer.fsq_levels = (8, 5, 5, 5)  # fsq: levels per latent channel; codebook = product (1,000)
-  c.tokenizer.vq_codebook_size = 1024    # vq: codes
-  c.tokenizer.vq_dim = 8         # vq: dimension of a code
-  c.tokenizer.vq_decay = 0.99    # vq: EMA decay of the codebook statistics
-  c.tokenizer.vq_commitment = 0.25       # vq: beta of the commitment loss
-  c.tokenizer.vq_dead_threshold = 0.1    # vq: restart a code whose EMA count (uses per batch) falls below this
-  c.tokenizer.steps = 1_200
-  c.tokenizer.batch_size = 64
-  c.tokenizer.learning_rate = 3e-3
-  c.tokenizer.warmup_steps = 100
-  c.tokenizer.weight_decay = 0.0
-  c.tokenizer.grad_clip = 1.0
-  c.tokenizer.log_every = 100
-  c.tokenizer.eval_every = 500   # validation (PSNR, code usage, perplexity) and checkpoint interval
-  c.tokenizer.report_images = 16 # val reconstructions shown in the tokenizer's report.html
-  c.tokenizer.encode_batch = 64  # images per compiled encode/decode call when the tokenizer is used as one
-
-  c.model = ConfigDict()
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.head_dim = 32
-  c.model.mlp_dim = 384          # hidden width of the gated MLP
-  c.model.max_len = 64           # must hold text.max_len + image tokens
-  c.model.positions = "rope+learned"  # rope (1-D text, 2-D image) | learned (absolute) | rope+learned
-  c.model.rope_theta = 10_000.0
-  c.model.rope_fraction = 0.5    # share of each head's dimensions that rotate; the rest match by content (BENCHMARKS)
-  c.model.dtype = "float32"      # compute dtype; bfloat16 keeps float32 master weights
-  c.model.param_dtype = "float32"
-  c.model.attention = "xla"      # implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)
-  c.model.vocab_multiple = 128   # embedding/head rows padded to a multiple of this (1 = no padding)
-  c.model.scan_layers = False    # nn.scan over the layers: compile time flat in depth (checkpoints differ in layout)
-  c.model.image_code_features = False  # add a learned projection of each image code's appearance to its embedding
-  c.model.cross_modal_rope = True  # False: rotary offsets within a modality only; text<->image pairs unrotated
-  c.model.qk_norm = False        # RMS-normalise each head's queries and keys (learned gain) before scoring
-  c.model.directional_heads = 0  # P: per block, P heads see only earlier caption words and P only later ones
-  c.model.fused_qkv = True       # one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)
-  c.model.remat = "none"         # rematerialise blocks: none | full | dots | dots_no_batch
-
-  c.diffusion = ConfigDict()
-  c.diffusion.schedule = "linear"        # linear | cosine | polynomial
-  c.diffusion.poly_power = 2.0           # polynomial: alpha = 1 - t^k
-  c.diffusion.shared_time = False        # one t for both modalities (UniDisc) instead of one each
-  c.diffusion.loss_weighting = "elbo"    # elbo | flat | tokens
-  c.diffusion.t_min = 1e-3
-  c.diffusion.text_loss_weight = 1.0
-  c.diffusion.image_loss_weight = 1.0
-  c.diffusion.tasks = ConfigDict()       # per-example task mixture (normalised weights)
-  c.diffusion.tasks.joint = 0.4          # both modalities noised, each at its own t
-  c.diffusion.tasks.text_to_image = 0.2  # text clean, image noised
-  c.diffusion.tasks.image_to_text = 0.2  # image clean, text noised
-  c.diffusion.tasks.image_only = 0.1     # text fully masked (null condition), image noised
-  c.diffusion.tasks.text_only = 0.1      # image fully masked (null condition), text noised
-
-  c.train = ConfigDict()
-  c.train.steps = 2_000
-  c.train.batch_size = 64        # global batch
-  c.train.log_every = 50
-  c.train.ema_decay = 0.999
-  c.train.on_nonfinite = "stop"  # a NaN/inf loss: stop (last good checkpoint kept) | skip the step
-  c.train.concurrent_chunks = 1  # forward/backward as N independent sub-batches in one program (CPU: see train.py)
-
-  c.optim = ConfigDict()
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 100
-  c.optim.end_lr_ratio = 0.1     # cosine decay ends at learning_rate * end_lr_ratio
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.grad_clip = 1.0
-
-  c.mesh = ConfigDict()
-  c.mesh.shape = (-1, 1, 1)      # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
-  c.mesh.cpu_devices = 0         # main job on CPU: split the host into N XLA devices, one thread each (0 = one)
-  c.mesh.retain_host_memory = True  # keep freed host memory in the process (glibc): see retain_host_memory()
-  # Logical axis -> mesh axes, in priority order (unimm_jax/sharding.py): a rule whose mesh axis an earlier
-  # dimension of the same array already took is skipped, so activations keep 'embed' whole.
-  c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("vocab", "tensor"),
-      ("kv", None),
-      ("length", None),
-      ("layers", None),
-  )
-
-  c.ckpt = ConfigDict()
-  c.ckpt.every_steps = 500
-  c.ckpt.max_to_keep = 3
-  c.ckpt.async_save = True
-
-  c.eval = ConfigDict()
-  c.eval.every_steps = 500
-  c.eval.batch_size = 128
-  c.eval.use_ema = True          # evaluate the EMA weights
-  c.eval.num_generate = 512      # val examples scored by generation (shapes only) at the end of the main job
-
-  c.sample = ConfigDict()        # sampler settings of the report and the sample CLI
-  c.sample.method = "confidence" # confidence (MaskGIT) | ancestral (MDLM)
-  c.sample.t2i_steps = 16
-  c.sample.i2t_steps = 24
-  c.sample.i2t_candidates = 1     # K > 1: K captions per image, the one that makes the image likeliest kept
-  c.sample.joint_steps = 32
-  c.sample.temperature = 1.0     # 0 = argmax
-  c.sample.confidence_noise = 1.0  # confidence: Gumbel noise on the confidences at the first step, annealed to 0
-  c.sample.reveal_schedule = "cosine"  # confidence: cosine | linear
-  c.sample.guidance_scale = 0.0
-  c.sample.joint_order = "together"  # joint generation: together | text_first | image_first (each stage joint_steps)
+  for f in schema.FIELDS:
+    *groups, leaf = f.name.split(".")
+    node = c
+    for g in groups:
+      if g not in node:
+        node[g] = ConfigDict()
+      node = node[g]
+    node[leaf] = ConfigDict(dict(f.default)) if f.open else f.default
   return c
-
-
-# Fields that changed the parameter layout when they were added, with the value that means "as before".
-LEGACY_DEFAULTS = {
-    "model.vocab_multiple": 1,     # embedding/head rows were the exact vocabulary
-    "model.fused_qkv": False,      # separate query/key/value projections
-}
 
 
 def image_code_feature_dim(config) -> int:
@@ -245,50 +71,85 @@ def from_dict(saved: dict) -> ConfigDict:
   """A saved config (``WORKDIR/config.json``) on top of today's base config, validated.
 
   Fields added to the base config after the run was saved take their defaults, so old workdirs stay loadable,
-  except the fields in :data:`LEGACY_DEFAULTS`, which change the parameter layout: a config saved without one
-  was trained with the layout before the field existed. A saved field that the base config does not know is an
-  error that names it.
+  except the fields with a ``legacy`` value in the schema (:data:`LEGACY_DEFAULTS`), which change the parameter
+  layout: a config saved without one was trained with the layout before the field existed. An open group
+  (``diffusion.tasks``, ``diffusion.task_roles``) is taken whole from the saved config, any names included, so
+  a task mixture comes back exactly as it was trained. Any other saved field that the base config does not know
+  is an error that names it. Lists (JSON) in tuple fields come back as tuples, nested ones included.
   """
   config = base_config()
   for name, value in LEGACY_DEFAULTS.items():
-    group, field = name.split(".")
-    if field not in saved.get(group, {}):
-      config[group][field] = value
+    if not _has(saved, name):
+      _set(config, name, value)
 
   def merge(target: ConfigDict, values: dict, prefix: str):
     for key, value in values.items():
+      name = prefix + key
       if key not in target:
-        raise ConfigError(unknown_field_message(prefix + key))
-      if isinstance(target[key], ConfigDict):
-        merge(target[key], value, f"{prefix}{key}.")
+        raise ConfigError(unknown_field_message(name))
+      if name in schema.OPEN_GROUPS:
+        if not isinstance(value, dict):
+          raise ConfigError(f"config.{name}={value!r} must be a group of names (name -> value)")
+        target[key] = ConfigDict(value)
+      elif isinstance(target[key], ConfigDict):
+        merge(target[key], value, f"{name}.")
       else:
-        target[key] = tuple(value) if isinstance(target[key], tuple) else value
+        target[key] = _tuples(value) if isinstance(target[key], tuple) else value
 
   merge(config, saved, "")
   return validate(config)
 
 
-def _flatten(cfg: ConfigDict, prefix: str = "") -> dict[str, Any]:
+def _tuples(value: Any) -> Any:
+  """Lists (as JSON returns tuples) as tuples, at every depth."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _has(saved: dict, name: str) -> bool:
+  node = saved
+  for part in name.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _get(config: ConfigDict, name: str) -> Any:
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
+def _set(config: ConfigDict, name: str, value: Any) -> None:
+  *groups, leaf = name.split(".")
+  for part in groups:
+    config = config[part]
+  config[leaf] = value
+
+
+def _flatten(cfg: ConfigDict, prefix: str = "", open_groups: bool = False) -> dict[str, Any]:
+  """{dotted name: value}; with ``open_groups`` an open group is one entry (its ConfigDict), not its names."""
   out = {}
   for key, value in cfg.items():
     name = f"{prefix}{key}"
-    if isinstance(value, ConfigDict):
-      out.update(_flatten(value, name + "."))
+    if isinstance(value, ConfigDict) and not (open_groups and name in schema.OPEN_GROUPS):
+      out.update(_flatten(value, name + ".", open_groups))
     else:
       out[name] = value
   return out
 
 
-def _type_ok(value: Any, default: Any) -> bool:
-  if isinstance(default, bool):
+def _type_ok(value: Any, type_: type) -> bool:
+  """Whether ``value`` may stand in a field of ``type_`` (an int where a float goes, a list where a tuple goes)."""
+  if type_ is bool:
     return isinstance(value, bool)
-  if isinstance(default, int):
+  if type_ is int:
     return isinstance(value, int) and not isinstance(value, bool)
-  if isinstance(default, float):
+  if type_ is float:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if isinstance(default, (tuple, list)):
+  if type_ is tuple:
     return isinstance(value, (tuple, list))
-  return isinstance(value, type(default))
+  return isinstance(value, type_)
 
 
 def image_token_grid(config: ConfigDict) -> tuple[int, int]:
@@ -321,36 +182,59 @@ def unknown_field_message(name: str) -> str:
   return f"config.{name} is not a known field{hint}"
 
 
+def _values(field: schema.Field, value: Any) -> list[tuple[str, Any]]:
+  """[(dotted name, value)] of a field: itself, or each entry of an open group."""
+  if field.open:
+    return [(f"{field.name}.{key}", v) for key, v in value.items()]
+  return [(field.name, value)]
+
+
+def _within(value: Any, bounds: str) -> bool:
+  """``value`` within a schema bound: ">0", ">=0", or an interval such as "[0, 1)" (written so NaN fails)."""
+  if bounds == ">0":
+    return value > 0
+  if bounds == ">=0":
+    return value >= 0
+  lo, hi = (float(x) for x in bounds[1:-1].split(","))
+  above = lo <= value if bounds[0] == "[" else lo < value
+  below = value <= hi if bounds[-1] == "]" else value < hi
+  return above and below
+
+
 def validate(config: ConfigDict) -> ConfigDict:
-  """Checks ``config`` against the base config; returns it, or raises one ConfigError naming every bad field."""
-  base = _flatten(base_config())
-  flat = _flatten(config)
+  """Checks ``config`` against the schema; returns it, or raises one ConfigError naming every bad field.
+
+  First each field alone: a known name, its type, then the choices and bounds of its record (in an open group,
+  any names, each value of the group's type). Then the fields together: sizes that must fit, settings that
+  exclude each other, what a data source needs.
+  """
+  flat = _flatten(config, open_groups=True)
   problems = []
   for name, value in flat.items():
-    if name not in base:
+    field = schema.BY_NAME.get(name)
+    if field is None:
       problems.append(unknown_field_message(name))
-    elif not _type_ok(value, base[name]):
-      problems.append(f"config.{name}={value!r} has type {type(value).__name__}, "
-                      f"expected {type(base[name]).__name__}")
-  for name in base:
+    elif field.open and not isinstance(value, (ConfigDict, dict)):
+      problems.append(f"config.{name}={value!r} must be a group of names (name -> {field.type.__name__})")
+    else:
+      for key, v in _values(field, value):
+        if not _type_ok(v, field.type):
+          problems.append(f"config.{key}={v!r} has type {type(v).__name__}, expected {field.type.__name__}")
+  for name in schema.BY_NAME:
     if name not in flat:
       problems.append(f"config.{name} is missing (start configs from unimm_jax.configuration.base_config())")
   if problems:  # the checks below assume known keys of the right types
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
-  for name, choices in CHOICES.items():
-    if flat[name] not in choices:
-      problems.append(f"config.{name}={flat[name]!r} is not one of {choices}")
-  for name in POSITIVE:
-    if not flat[name] > 0:
-      problems.append(f"config.{name}={flat[name]!r} must be > 0")
-  for name in NON_NEGATIVE:
-    if flat[name] < 0:
-      problems.append(f"config.{name}={flat[name]!r} must be >= 0")
+  for field in schema.FIELDS:
+    for key, value in _values(field, flat[field.name]):
+      if field.choices and value not in field.choices:
+        problems.append(f"config.{key}={value!r} is not one of {field.choices}")
+      if field.bounds and not _within(value, field.bounds):
+        wanted = {">0": "> 0", ">=0": ">= 0"}.get(field.bounds, f"in {field.bounds}")
+        problems.append(f"config.{key}={value!r} must be {wanted}")
 
   c = config
-  if not 2 <= c.image.levels <= 256:
-    problems.append(f"config.image.levels={c.image.levels} must be in [2, 256]")
   if c.image.channels not in (1, 3):
     problems.append(f"config.image.channels={c.image.channels} must be 1 (grey) or 3 (RGB)")
   if c.image.tokenizer == "pixel" and c.image.levels ** c.image.channels > 2 ** 20:
@@ -363,8 +247,6 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.tokenizer.fsq_levels={tuple(c.tokenizer.fsq_levels)} must be integers >= 2")
   if c.tokenizer.encoder not in TOKENIZER_ENCODERS:
     problems.append(f"config.tokenizer.encoder={c.tokenizer.encoder!r} must be one of {TOKENIZER_ENCODERS}")
-  if not 0.0 <= c.tokenizer.vq_decay < 1.0:
-    problems.append(f"config.tokenizer.vq_decay={c.tokenizer.vq_decay} must be in [0, 1)")
   if c.image.tokenizer == "patch" and c.image.patch > 0 and c.image.size % c.image.patch:
     problems.append(f"config.image.size={c.image.size} is not a multiple of config.image.patch={c.image.patch}")
   elif learned and c.tokenizer.widths and c.image.size % tokenizer_downsample(c):
@@ -386,17 +268,9 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
                     f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "
                     f"config.model.num_heads is {c.model.num_heads}")
-  if not 0.0 <= c.model.rope_fraction <= 1.0:
-    problems.append(f"config.model.rope_fraction={c.model.rope_fraction} must be in [0, 1]")
   if c.train.concurrent_chunks > 0 and c.train.batch_size % c.train.concurrent_chunks:
     problems.append(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
                     f"config.train.concurrent_chunks={c.train.concurrent_chunks}")
-  if not 0.0 <= c.train.ema_decay < 1.0:
-    problems.append(f"config.train.ema_decay={c.train.ema_decay} must be in [0, 1)")
-  if not 0.0 < c.diffusion.t_min < 0.5:
-    problems.append(f"config.diffusion.t_min={c.diffusion.t_min} must be in (0, 0.5)")
-  if not 0.0 <= c.optim.end_lr_ratio <= 1.0:
-    problems.append(f"config.optim.end_lr_ratio={c.optim.end_lr_ratio} must be in [0, 1]")
   tasks = dict(c.diffusion.tasks)
   if any(w < 0 for w in tasks.values()) or sum(tasks.values()) <= 0:
     problems.append(f"config.diffusion.tasks={tasks} must be non-negative with a positive sum")
@@ -436,28 +310,20 @@ def validate(config: ConfigDict) -> ConfigDict:
   return config
 
 
-# Fields that fix the shapes and structure of the train state: a checkpoint restores only into the same values.
-STATE_FIELDS = ("model.d_model", "model.num_layers", "model.num_heads", "model.head_dim", "model.mlp_dim",
-                "model.positions", "model.vocab_multiple", "model.scan_layers", "model.fused_qkv", "model.param_dtype",
-                "model.image_code_features",
-                "text.max_len", "image.size", "image.channels", "image.patch", "image.tokenizer", "text.tokenizer",
-                "optim.grad_clip")
-
-
 def check_resumable(config: ConfigDict, saved: ConfigDict) -> None:
   """ConfigError naming every field (both values) that makes ``saved``'s checkpoints unrestorable into ``config``.
 
   Checked before anything is built or compiled, so a resumed run with, say, another width fails in one message
-  instead of deep inside Orbax. (``optim.grad_clip`` between 0 and > 0 changes the optimizer state's structure.)
+  instead of deep inside Orbax. The fields are the schema's ``state=True`` ones (:data:`STATE_FIELDS`).
+  (``optim.grad_clip`` between 0 and > 0 changes the optimizer state's structure; any other change keeps it.)
   """
   problems = []
   for name in STATE_FIELDS:
-    group, field = name.split(".")
-    new, old = config[group][field], saved[group][field]
+    new, old = _get(config, name), _get(saved, name)
     if name == "optim.grad_clip":
       new, old = new > 0, old > 0
     if new != old:
-      problems.append(f"config.{name}: {config[group][field]!r} here, {saved[group][field]!r} in the checkpoint")
+      problems.append(f"config.{name}: {_get(config, name)!r} here, {_get(saved, name)!r} in the checkpoint")
   if problems:
     raise ConfigError("this config cannot resume the checkpoints in the workdir (use a new --workdir, or the "
                       "config it was trained with):\n  " + "\n  ".join(problems))
