@@ -1,5 +1,6 @@
 """Configs: every file in configs/ validates and traces one step; bad fields stop with a message naming them."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as cf
 
-from unimm_jax import configuration
+from unimm_jax import config_schema, configuration
 from unimm_jax.data.vocab import VocabLayout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,6 +89,110 @@ def test_inconsistent_sizes_name_the_fields():
   msg = _problems(config)
   assert "config.model.cross_modal_rope=False computes attention scores itself" in msg
   assert "config.model.directional_heads > 0 computes attention scores itself" in msg
+
+
+def _leaves(config, prefix=""):
+  """{dotted name: value} with an open group as one leaf (its dict of names)."""
+  out = {}
+  for key, value in config.items():
+    name = prefix + key
+    if isinstance(value, configuration.ConfigDict) and name not in config_schema.OPEN_GROUPS:
+      out.update(_leaves(value, name + "."))
+    else:
+      out[name] = value.to_dict() if isinstance(value, configuration.ConfigDict) else value
+  return out
+
+
+def test_every_schema_field_has_a_doc_and_a_default_of_its_declared_type():
+  for f in config_schema.FIELDS:
+    assert f.doc.strip(), f"config.{f.name} has no doc"
+    values = f.default.values() if f.open else [f.default]
+    assert not f.open or isinstance(f.default, dict), f.name
+    for value in values:
+      assert type(value) is f.type, f"config.{f.name}: default {value!r} is not a {f.type.__name__}"
+    if f.legacy is not None:
+      assert type(f.legacy) is f.type, f"config.{f.name}: legacy value {f.legacy!r} is not a {f.type.__name__}"
+  assert len({f.name for f in config_schema.FIELDS}) == len(config_schema.FIELDS), "a field is declared twice"
+  assert [row[0] for row in configuration.describe_fields()] == [f.name for f in config_schema.FIELDS]
+
+
+def test_base_config_is_the_schema():
+  leaves = _leaves(configuration.base_config())
+  assert sorted(leaves) == sorted(f.name for f in config_schema.FIELDS)
+  for f in config_schema.FIELDS:
+    assert leaves[f.name] == f.default and type(leaves[f.name]) is type(f.default), f.name
+  configuration.validate(configuration.base_config())   # every default within its own choices and bounds
+  assert "model.d_model" in configuration.STATE_FIELDS and "model.max_len" not in configuration.STATE_FIELDS
+  assert configuration.LEGACY_DEFAULTS == {"model.vocab_multiple": 1, "model.fused_qkv": False}
+
+
+def _bad_value(f):
+  """A value of f's type just outside its choices or bounds."""
+  if f.choices:
+    return "not-a-choice"
+  if f.bounds in (">0", ">=0"):
+    return f.type(0 if f.bounds == ">0" else -1)
+  lo, hi = (float(x) for x in f.bounds[1:-1].split(","))
+  if f.bounds[0] == "(":
+    return f.type(lo)
+  return f.type(hi) if f.bounds[-1] == ")" else f.type(lo - 1)
+
+
+@pytest.mark.parametrize("f", [f for f in config_schema.FIELDS if f.choices or f.bounds], ids=lambda f: f.name)
+def test_a_value_outside_a_fields_choices_or_bounds_is_rejected(f):
+  config = configuration.base_config()
+  value = _bad_value(f)
+  *groups, leaf = f.name.split(".")
+  node = config
+  for g in groups:
+    node = node[g]
+  node[leaf] = value
+  want = {">0": "must be > 0", ">=0": "must be >= 0"}.get(f.bounds, f"must be in {f.bounds}")
+  want = "is not one of" if f.choices else want
+  assert f"config.{f.name}={value!r} {want}" in _problems(config)
+
+
+def test_open_groups_take_any_name_and_round_trip_through_a_saved_config():
+  config = configuration.base_config()
+  config.diffusion.tasks.edit = 0.3
+  config.diffusion.task_roles.edit = "text:clean image:noised"
+  config.sequence.segments = (("caption", "text", 24), ("image", "image"))
+  configuration.validate(config)
+  again = configuration.from_dict(json.loads(config.to_json_best_effort()))
+  assert again.to_dict() == config.to_dict()
+  assert again.sequence.segments == (("caption", "text", 24), ("image", "image"))   # tuples, not JSON lists
+  configuration.check_resumable(config, again)
+  # A saved group comes back whole: names it does not hold do not reappear with their defaults.
+  config.diffusion.tasks = configuration.ConfigDict({"edit": 1.0})
+  again = configuration.from_dict(json.loads(config.to_json_best_effort()))
+  assert again.diffusion.tasks.to_dict() == {"edit": 1.0}
+  # Values are still checked: weights are numbers with a positive sum, roles are strings.
+  config.diffusion.tasks.edit = 0.0
+  config.diffusion.task_roles.other = 3
+  msg = _problems(config)
+  assert "config.diffusion.task_roles.other=3 has type int, expected str" in msg
+  config.diffusion.task_roles = configuration.ConfigDict()
+  assert "config.diffusion.tasks={'edit': 0.0} must be non-negative with a positive sum" in _problems(config)
+
+
+def test_an_unknown_key_in_a_closed_group_is_still_rejected_with_the_closest_field():
+  config = configuration.base_config()
+  with config.unlocked():
+    config.diffusion.schedul = "cosine"
+  assert "config.diffusion.schedul is not a known field; did you mean diffusion.schedule?" in _problems(config)
+  with pytest.raises(configuration.ConfigError, match="config.model.num_layer is not a known field; did you mean "
+                                                      "model.num_layers"):
+    configuration.from_dict({"model": {"num_layer": 2}})
+
+
+def test_a_saved_config_without_a_legacy_field_gets_the_layout_from_before_it():
+  saved = json.loads(configuration.base_config().to_json_best_effort())
+  del saved["model"]["fused_qkv"], saved["sequence"], saved["diffusion"]["task_roles"]
+  config = configuration.from_dict(saved)
+  assert config.model.fused_qkv is False and config.model.vocab_multiple == 128
+  assert config.sequence.segments == () and config.diffusion.task_roles.to_dict() == {}
+  with pytest.raises(configuration.ConfigError, match=r"config.model.fused_qkv: True here, False in the checkpoint"):
+    configuration.check_resumable(configuration.base_config(), config)
 
 
 def test_saved_tokenizer_that_disagrees_with_the_config_is_an_error():
