@@ -21,23 +21,23 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from unimm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unimm_jax.data.vocab import VocabLayout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimm_jax.sequence import SequenceLayout  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
-LAYOUT = VocabLayout(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
+LAYOUT = SequenceLayout.two_segment(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
 
 
 def tiny_method(**overrides):
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"model.head_dim": 8, "model.num_heads": 4, "model.mlp_dim": 64, **overrides})
-  return config, train.make_method(config, LAYOUT)
+  return config, train.make_step_inputs(config, LAYOUT)
 
 
 def batches(n, batch=16, seed=0):
   rng = np.random.default_rng(seed)
-  text = rng.integers(0, LAYOUT.text_vocab, (n, batch, LAYOUT.text_len))
-  image = rng.integers(0, LAYOUT.image_vocab, (n, batch, LAYOUT.image_len))
-  return [LAYOUT.pack(t, i).astype(np.int32) for t, i in zip(text, image)]
+  text = rng.integers(0, LAYOUT.text_vocab, (n, batch, 8))
+  image = rng.integers(0, LAYOUT.image_vocab, (n, batch, 16))
+  return [LAYOUT.pack({"text": t, "image": i}).astype(np.int32) for t, i in zip(text, image)]
 
 
 def setup(mesh_shape, method, config, devices=None):

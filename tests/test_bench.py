@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm_jax import bench, configuration, sharding, train
-from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.sequence import SequenceLayout
 
 
 def _matmul_heavy_config():
@@ -25,8 +25,8 @@ def _matmul_heavy_config():
 
 def test_flops_formula_equals_a_hand_count():
   c = _matmul_heavy_config()
-  layout = VocabLayout(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
-  method = train.make_method(c, layout)
+  layout = SequenceLayout.two_segment(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
+  method = train.make_step_inputs(c, layout)
   abstract, _ = train.state_shardings(method, sharding.single_device_mesh(), ())
   d, heads, hd, mlp, L, V = 128, 4, 32, 384, 2, layout.size
   per_layer = 4 * d * heads * hd + 3 * d * mlp          # q, k, v, out; gate, up, down
@@ -39,8 +39,8 @@ def test_flops_formula_equals_a_hand_count():
 
 def test_flops_formula_is_within_15_percent_of_xla_cost_analysis():
   c = _matmul_heavy_config()
-  layout = VocabLayout(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
-  method = train.make_method(c, layout)
+  layout = SequenceLayout.two_segment(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
+  method = train.make_step_inputs(c, layout)
   mesh = sharding.single_device_mesh()
   abstract, shardings = train.state_shardings(method, mesh, ())
   step_fn, _ = train.compile_steps(method, mesh, (), shardings)

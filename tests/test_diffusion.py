@@ -7,10 +7,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm_jax.data.vocab import VocabLayout
-from unimm_jax.diffusion import loss as loss_lib
-from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.method import diffusion as loss_lib
+from unimm_jax.method import tasks as tasks_lib
+from unimm_jax.method.diffusion import MaskedDiffusion, token_nll
+from unimm_jax.method.schedules import get_schedule
 from unimm_jax.models.transformer import NEG_INF
+from unimm_jax.sequence import SequenceLayout
+
+
+def _method(layout, schedule, weighting="elbo", modality_weights=(1.0, 1.0), tasks=None, shared_time=False):
+  names, weights, roles = tasks_lib.mixture(tasks or {n: 0.2 for n in tasks_lib.BUILTIN}, layout)
+  return MaskedDiffusion(layout, schedule, names, tuple(float(w) for w in weights), tuple(map(tuple, roles.tolist())),
+                         weighting, 1e-3, shared_time, (("text", modality_weights[0]), ("image", modality_weights[1])))
+
+
+def _loss(logits, tokens, masked, c, layout, schedule, weighting, modality_weights=(1.0, 1.0)):
+  return _method(layout, schedule, weighting, modality_weights).loss(token_nll(logits, tokens), masked, c)
+
+
+def _elbo_bits(logits, tokens, masked, t, layout, schedule):
+  """Every segment noised at times t."""
+  c = loss_lib.Corruption(t=t, mask_prob=jnp.zeros_like(t), noised=jnp.ones(t.shape, bool),
+                          task=jnp.zeros(t.shape[0], jnp.int32))
+  return _method(layout, schedule).elbo_bits(token_nll(logits, tokens), masked, c)
 
 SCHEDULES = [("linear", {}), ("cosine", {}), ("polynomial", {"poly_power": 3.0})]
 
@@ -33,7 +52,8 @@ def test_low_discrepancy_times_cover_the_interval():
   assert t.min() >= 1e-3 and t.max() <= 1.0
 
 
-LAYOUT = VocabLayout(text_vocab=11, image_vocab=7, text_len=16, image_grid=(8, 8))
+LAYOUT = SequenceLayout.two_segment(text_vocab=11, image_vocab=7, text_len=16, image_grid=(8, 8))
+TEXT_LEN, IMAGE_LEN = 16, 64
 
 
 @pytest.mark.parametrize("name,kw", SCHEDULES)
@@ -45,9 +65,9 @@ def test_masking_rate_matches_one_minus_alpha(name, kw, t):
   prob = schedule.mask_prob(jnp.float32(t))
   c = loss_lib.Corruption(t=jnp.full((batch, 2), t), mask_prob=jnp.full((batch, 2), prob),
                           noised=jnp.ones((batch, 2), bool), task=jnp.zeros(batch, jnp.int32))
-  noisy, masked = loss_lib.corrupt(jax.random.PRNGKey(0), tokens, c, LAYOUT)
+  noisy, masked = _method(LAYOUT, schedule).corrupt(jax.random.PRNGKey(0), tokens, c)
   assert bool(jnp.all((noisy == LAYOUT.mask_id) == masked))
-  for seg in (slice(0, LAYOUT.text_len), slice(LAYOUT.text_len, None)):
+  for seg in (slice(0, TEXT_LEN), slice(TEXT_LEN, None)):
     n = masked[:, seg].size
     rate = float(masked[:, seg].mean())
     sigma = math.sqrt(float(prob) * (1 - float(prob)) / n)
@@ -57,13 +77,15 @@ def test_masking_rate_matches_one_minus_alpha(name, kw, t):
 def test_tasks_clean_and_null_modalities():
   batch = 4096
   schedule = get_schedule("linear")
-  c = loss_lib.sample_corruption(jax.random.PRNGKey(1), batch, schedule, [0.2, 0.2, 0.2, 0.2, 0.2])
+  m = _method(LAYOUT, schedule)
+  c = m.sample_corruption(jax.random.PRNGKey(1), batch)
   tokens = jnp.zeros((batch, LAYOUT.seq_len), jnp.int32)
-  _, masked = loss_lib.corrupt(jax.random.PRNGKey(2), tokens, c, LAYOUT)
-  text_m = np.asarray(masked[:, : LAYOUT.text_len])
-  image_m = np.asarray(masked[:, LAYOUT.text_len:])
+  _, masked = m.corrupt(jax.random.PRNGKey(2), tokens, c)
+  text_m = np.asarray(masked[:, : TEXT_LEN])
+  image_m = np.asarray(masked[:, TEXT_LEN:])
   task = np.asarray(c.task)
-  names = loss_lib.TASKS
+  names = m.task_names
+  assert names == tasks_lib.BUILTIN
   assert not text_m[task == names.index("text_to_image")].any()      # text given
   assert not image_m[task == names.index("image_to_text")].any()     # image given
   assert text_m[task == names.index("image_only")].all()             # null text condition
@@ -74,12 +96,12 @@ def test_tasks_clean_and_null_modalities():
   np.testing.assert_allclose(freq, 0.2, atol=0.03)
   t = np.asarray(c.t)
   assert not np.allclose(t[:, 0], t[:, 1]), "independent times by default"
-  shared = loss_lib.sample_corruption(jax.random.PRNGKey(1), 64, schedule, [1, 0, 0, 0, 0], shared_time=True)
+  shared = _method(LAYOUT, schedule, shared_time=True).sample_corruption(jax.random.PRNGKey(1), 64, [1, 0, 0, 0, 0])
   np.testing.assert_array_equal(shared.t[:, 0], shared.t[:, 1])
 
 
 # ---- the loss on a hand-made batch ---------------------------------------------------------------------------
-TINY = VocabLayout(text_vocab=3, image_vocab=2, text_len=2, image_grid=(1, 1))  # S = 3, V = 6, MASK = 5
+TINY = SequenceLayout.two_segment(text_vocab=3, image_vocab=2, text_len=2, image_grid=(1, 1))  # S = 3, V = 6, MASK = 5
 
 
 def _logits_from_probs(rows):
@@ -108,22 +130,22 @@ def test_loss_on_hand_made_batch_equals_hand_computation():
   #   image: ex 0: w(0.25) * log 8 / 1 = 4 * 3 log 2 = 12 log 2;  ex 1: w(0.8) * log 2 = 1.25 log 2
   #          mean over the two = 6.625 log 2
   ln2 = math.log(2)
-  total, parts = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "elbo", (1.0, 0.5))
+  total, parts = _loss(logits, tokens, masked, c, TINY, lin, "elbo", (1.0, 0.5))
   np.testing.assert_allclose(parts["loss_text"], 3 * ln2, rtol=1e-6)
   np.testing.assert_allclose(parts["loss_image"], 6.625 * ln2, rtol=1e-6)
   np.testing.assert_allclose(total, 3 * ln2 + 0.5 * 6.625 * ln2, rtol=1e-6)
   # flat: text: (log 2 + log 4) / 2 = 1.5 log 2; image: (log 8 + log 2) / 2 = 2 log 2
-  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "flat")
+  _, flat = _loss(logits, tokens, masked, c, TINY, lin, "flat")
   np.testing.assert_allclose(flat["loss_text"], 1.5 * ln2, rtol=1e-6)
   np.testing.assert_allclose(flat["loss_image"], 2 * ln2, rtol=1e-6)
   # tokens: one mean over all masked image tokens of the batch, (log 8 + log 2) / 2, the same as flat here
   # (one masked token per example); the next test tells them apart.
-  _, tok = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "tokens")
+  _, tok = _loss(logits, tokens, masked, c, TINY, lin, "tokens")
   np.testing.assert_allclose(tok["loss_text"], 1.5 * ln2, rtol=1e-6)
   np.testing.assert_allclose(tok["loss_image"], 2 * ln2, rtol=1e-6)
   # The validation ELBO in bits: ex 0 text 3, image 12 (the clean text of ex 1 is scored as if noised at t=0.0
   # only when the caller says so; elbo_bits treats every modality as noised).
-  bits = loss_lib.elbo_bits(logits[:1], tokens[:1], masked[:1], c.t[:1], TINY, lin)
+  bits = _elbo_bits(logits[:1], tokens[:1], masked[:1], c.t[:1], TINY, lin)
   np.testing.assert_allclose(bits, [[3.0, 12.0]], rtol=1e-6)
 
 
@@ -138,8 +160,8 @@ def test_tokens_weighting_weighs_examples_by_their_masked_count():
   c = loss_lib.Corruption(t=jnp.array([[0.5, 0.0], [0.5, 0.0]]), mask_prob=jnp.zeros((2, 2)),
                           noised=jnp.array([[True, False], [True, False]]), task=jnp.array([2, 2]))
   lin, ln2 = get_schedule("linear"), math.log(2)
-  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "flat")
-  _, tok = loss_lib.diffusion_loss(logits, tokens, masked, c, TINY, lin, "tokens")
+  _, flat = _loss(logits, tokens, masked, c, TINY, lin, "flat")
+  _, tok = _loss(logits, tokens, masked, c, TINY, lin, "tokens")
   np.testing.assert_allclose(flat["loss_text"], (1.5 + 3) / 2 * ln2, rtol=1e-6)   # mean of per-example means
   np.testing.assert_allclose(tok["loss_text"], (1 + 2 + 3) / 3 * ln2, rtol=1e-6)   # mean over the 3 tokens
   assert float(tok["loss_image"]) == 0.0   # no image is noised
@@ -148,12 +170,13 @@ def test_tokens_weighting_weighs_examples_by_their_masked_count():
 def _batch(batch, seed=0, schedule="linear"):
   key = jax.random.PRNGKey(seed)
   k1, k2, k3 = jax.random.split(key, 3)
-  text = jax.random.randint(k1, (batch, LAYOUT.text_len), 0, LAYOUT.text_vocab)
-  image = jax.random.randint(k2, (batch, LAYOUT.image_len), 0, LAYOUT.image_vocab) + LAYOUT.image_offset
+  text = jax.random.randint(k1, (batch, TEXT_LEN), 0, LAYOUT.text_vocab)
+  image = jax.random.randint(k2, (batch, IMAGE_LEN), 0, LAYOUT.image_vocab) + LAYOUT.image_offset
   tokens = jnp.concatenate([text, image], axis=1)
   s = get_schedule(schedule)
-  c = loss_lib.sample_corruption(k3, batch, s, [1, 0, 0, 0, 0])
-  _, masked = loss_lib.corrupt(jax.random.fold_in(key, 9), tokens, c, LAYOUT)
+  m = _method(LAYOUT, s)
+  c = m.sample_corruption(k3, batch, [1, 0, 0, 0, 0])
+  _, masked = m.corrupt(jax.random.fold_in(key, 9), tokens, c)
   return tokens, masked, c, s
 
 
@@ -163,7 +186,7 @@ def test_perfect_model_has_zero_loss(weighting):
   allowed = jnp.asarray(LAYOUT.allowed_ids())[None]
   logits = jnp.where(allowed, 0.0, NEG_INF)
   logits = logits + 1e4 * jax.nn.one_hot(tokens, LAYOUT.size)   # all mass on the true token
-  total, parts = loss_lib.diffusion_loss(logits, tokens, masked, c, LAYOUT, s, weighting)
+  total, parts = _loss(logits, tokens, masked, c, LAYOUT, s, weighting)
   assert float(total) == 0.0 and float(parts["loss_text"]) == 0.0 and float(parts["loss_image"]) == 0.0
 
 
@@ -174,12 +197,12 @@ def test_uniform_model_gets_the_analytic_loss(schedule):
   logits = jnp.broadcast_to(logits, tokens.shape + (LAYOUT.size,))
   log_v = np.log([LAYOUT.text_vocab, LAYOUT.image_vocab])
   # flat: every masked token costs exactly log V of its modality.
-  _, flat = loss_lib.diffusion_loss(logits, tokens, masked, c, LAYOUT, s, "flat")
+  _, flat = _loss(logits, tokens, masked, c, LAYOUT, s, "flat")
   np.testing.assert_allclose([flat["loss_text"], flat["loss_image"]], log_v, rtol=1e-5)
   # elbo, per example exactly w(t) * (#masked) * log V / N ...
-  bits = np.asarray(loss_lib.elbo_bits(logits, tokens, masked, c.t, LAYOUT, s))
-  count = np.stack([masked[:, :LAYOUT.text_len].sum(1), masked[:, LAYOUT.text_len:].sum(1)], 1)
-  n = np.array([LAYOUT.text_len, LAYOUT.image_len])
+  bits = np.asarray(_elbo_bits(logits, tokens, masked, c.t, LAYOUT, s))
+  count = np.stack([masked[:, :TEXT_LEN].sum(1), masked[:, TEXT_LEN:].sum(1)], 1)
+  n = np.array([TEXT_LEN, IMAGE_LEN])
   expect = np.asarray(s.weight(c.t)) * count * log_v / n / math.log(2)
   np.testing.assert_allclose(bits, expect, rtol=1e-5)
   # ... whose expectation over t is log V (E[w(t)(1 - alpha(t))] = alpha(t_min) - alpha(1) ~ 1).

@@ -147,8 +147,7 @@ def test_float32_safetensors_export_gives_identical_logits_and_images(workdir, t
   tensors = load_file(str(out / export.SAFETENSORS_FILE))
   assert set(tensors) == set(export.flatten(trained.params)) and "block_0/attn/qkv/kernel" in tensors
   np.testing.assert_array_equal(tensors["head/kernel"], np.asarray(trained.params["head"]["kernel"]))
-  tokens = trained._pack(trained._text_ids(["a small red circle at the top left"] * 2),
-                         trained._unknown(2, trained.layout.image_len))
+  tokens = trained.layout.pack({"text": trained._text_ids(["a small red circle at the top left"] * 2)})
   np.testing.assert_array_equal(_logits(exported, tokens), _logits(trained, tokens))
   prompts = [shapes.sample_example("val", 0, i)[2] for i in range(4)]
   np.testing.assert_array_equal(exported.text_to_image(prompts, steps=4, seed=3),
@@ -167,8 +166,8 @@ def test_bfloat16_orbax_export_stays_within_tolerance(workdir, tmp_path):
   meta = json.loads((out / export.MODEL_FILE).read_text())
   assert {t["dtype"] for t in meta["tensors"].values()} == {"bfloat16"}
   trained, exported = Pipeline.load(workdir), Pipeline.load(out)
-  tokens = trained._pack(trained._unknown(3, trained.layout.text_len),
-                         trained._image_ids(np.stack([shapes.sample_example("val", 0, i)[1] for i in range(3)])))
+  tokens = trained.layout.pack(
+      {"image": trained._image_ids(np.stack([shapes.sample_example("val", 0, i)[1] for i in range(3)]))})
   a, b = _logits(trained, tokens), _logits(exported, tokens)
   allowed = np.asarray(trained.layout.allowed_ids())[None] & np.ones(a.shape, bool)
   # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per weight): logits within 2 % of their spread.

@@ -40,7 +40,7 @@ def test_nonfinite_update_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     train.train_and_evaluate(config, tmp_path)
   ckpt = checkpointing.Checkpointer(tmp_path, every_steps=3, max_to_keep=5)
   assert ckpt.latest_step() == 6 and ckpt.all_steps() == [3, 6]     # step 9 (bad) was never written
-  method = train.make_method(config, _layout(tmp_path, config))
+  method = train.make_step_inputs(config, _layout(tmp_path, config))
   abstract, _ = train.state_shardings(method, sharding_lib.single_device_mesh(), ())
   state = ckpt.restore(abstract)
   ckpt.close()
@@ -57,7 +57,7 @@ def test_skip_mode_skips_bad_steps_and_keeps_training(tmp_path, nan_from_update_
 
 def _layout(workdir, config):
   from unimm_jax.data import pipeline   # pylint: disable=g-import-not-at-top
-  return pipeline.load_tokenizers(workdir, config.text.max_len).layout
+  return pipeline.load_tokenizers(workdir, config).layout
 
 
 def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tmp_path):

@@ -1,4 +1,5 @@
-"""The network: output restricted to each position's modality, rotary positions, dtypes, the vocab layout."""
+"""The network: output restricted to each position's modality, rotary positions, attention options per segment,
+dtypes."""
 
 import dataclasses
 
@@ -7,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.sequence import SequenceLayout
 from unimm_jax.models import layers
-from unimm_jax.diffusion import loss as loss_lib
-from unimm_jax.models.transformer import Transformer, TransformerConfig, modality_nll, token_positions
+from unimm_jax.method import diffusion as loss_lib
+from unimm_jax.models.transformer import Transformer, TransformerConfig, segment_nll, token_positions
 
-LAYOUT = VocabLayout(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
+LAYOUT = SequenceLayout.two_segment(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
+TEXT_LEN, IMAGE_LEN = 5, 12
 
 
 def _random_model(dtype="float32", positions="rope", rope_fraction=1.0, cross_modal_rope=True):
@@ -31,7 +33,7 @@ def test_model_never_gives_probability_to_other_modality_or_mask():
                                      ("rope+learned", 0.5, True), ("rope+learned", 1.0, False)):
     model, params, tokens = _random_model(positions=positions, rope_fraction=fraction, cross_modal_rope=cross)
     probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, tokens), axis=-1))
-    text, image = probs[:, : LAYOUT.text_len], probs[:, LAYOUT.text_len:]
+    text, image = probs[:, : TEXT_LEN], probs[:, TEXT_LEN:]
     assert np.all(text[..., LAYOUT.text_vocab:] == 0.0)            # image ids and MASK
     assert np.all(image[..., : LAYOUT.image_offset] == 0.0)        # text ids
     assert np.all(image[..., LAYOUT.mask_id] == 0.0)
@@ -43,15 +45,15 @@ def test_per_modality_head_equals_restricted_full_logits_and_their_gradient():
   """The training loss's per-modality head (only each modality's own columns) is the full restricted head."""
   model, params, _ = _random_model()
   rng = np.random.default_rng(0)
-  clean = LAYOUT.pack(rng.integers(0, LAYOUT.text_vocab, (4, LAYOUT.text_len)),
-                      rng.integers(0, LAYOUT.image_vocab, (4, LAYOUT.image_len))).astype(np.int32)
+  clean = LAYOUT.pack({"text": rng.integers(0, LAYOUT.text_vocab, (4, TEXT_LEN)),
+                      "image": rng.integers(0, LAYOUT.image_vocab, (4, IMAGE_LEN))}).astype(np.int32)
   noisy = np.where(rng.random(clean.shape) < 0.5, LAYOUT.mask_id, clean)
 
   def full(p):
     return loss_lib.token_nll(model.apply({"params": p}, noisy), clean)
 
   def sliced(p):
-    return modality_nll(model.config, p, model.apply({"params": p}, noisy, hidden=True), clean)
+    return segment_nll(model.config, p, model.apply({"params": p}, noisy, hidden=True), clean)
 
   np.testing.assert_allclose(sliced(params), full(params), rtol=1e-5, atol=1e-5)
   g_full = jax.grad(lambda p: full(p).mean())(params)
@@ -68,12 +70,12 @@ def test_within_modality_rope_scores_cross_modal_pairs_unrotated():
   plain = layers.Attention(2, 8, 10_000.0, 1.0)
   within = layers.Attention(2, 8, 10_000.0, 1.0, cross_modal_rope=False)
   params = plain.init(jax.random.PRNGKey(1), x, positions)
-  one = jnp.zeros(6, jnp.int32)
+  one = (jnp.zeros(6, jnp.int32), jnp.ones(6, bool))      # (segment of each position, is it text)
   np.testing.assert_allclose(within.apply(params, x, positions, one), plain.apply(params, x, positions),
                              rtol=1e-5, atol=1e-5)
   # Alternating modalities: moving every position by the same offset keeps same-modality offsets (rotary is
   # relative) and cross-modal pairs are unrotated, so the output is unchanged; a shift of odd positions only is not.
-  alt = jnp.asarray([0, 1, 0, 1, 0, 1])
+  alt = (jnp.asarray([0, 1, 0, 1, 0, 1]), jnp.asarray([0, 1, 0, 1, 0, 1]) == 0)
   base = within.apply(params, x, positions, alt)
   np.testing.assert_allclose(within.apply(params, x, positions + 7, alt), base, rtol=1e-4, atol=1e-5)
   odd_shift = positions + jnp.asarray([0, 3, 0, 3, 0, 3])[:, None]
@@ -86,7 +88,8 @@ def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
   """directional_heads=1 of 3 heads: head 0 sees the same or earlier caption words, head 1 the same or later ones,
   head 2 everything; every head sees every image token and image queries see everything (checked through the
   Jacobian of each head's output with respect to each input position)."""
-  modality = jnp.asarray([0, 0, 0, 0, 1, 1, 1])
+  segment = jnp.asarray([0, 0, 0, 0, 1, 1, 1])
+  modality = (segment, segment == 0)              # (segment of each position, is it text)
   positions = jnp.asarray([[0, 0], [1, 1], [2, 2], [3, 3], [0, 0], [0, 1], [1, 0]])
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 7, 12))
   attn = layers.Attention(3, 8, 10_000.0, 1.0, cross_modal_rope=False, directional_heads=1)
@@ -205,18 +208,6 @@ def test_bfloat16_compute_keeps_float32_params_and_agrees():
   assert out16.dtype == jnp.float32   # logits are always float32
   p32, p16 = jax.nn.softmax(out32), jax.nn.softmax(out16)
   assert float(jnp.abs(p32 - p16).max()) < 0.05
-
-
-def test_vocab_layout_pack_unpack():
-  text = np.array([[1, 2, 0, 0, 0]])
-  image = np.arange(12)[None] % 9
-  seq = LAYOUT.pack(text, image)
-  assert seq.shape == (1, LAYOUT.seq_len) and seq[0, 5] == LAYOUT.image_offset
-  t, i = LAYOUT.unpack(seq)
-  np.testing.assert_array_equal(t, text)
-  np.testing.assert_array_equal(i, image)
-  seq[0, 0] = LAYOUT.mask_id
-  assert LAYOUT.unpack(seq)[0][0, 0] == -1
 
 
 def test_scanned_layers_and_remat_compute_the_same_function():

@@ -9,8 +9,8 @@ from flax import linen as nn
 from unimm_jax import configuration, tokenizers
 from unimm_jax.data import pipeline as data_pipeline
 from unimm_jax.data import shapes
-from unimm_jax.diffusion import sampling
-from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.method import samplers as sampling
+from unimm_jax.method.schedules import get_schedule
 from unimm_jax.models.transformer import Transformer, TransformerConfig
 from unimm_jax.pipeline import Pipeline
 
@@ -36,9 +36,9 @@ def _start(pipe, n, seed=0):
   """Random sequences with a random subset of positions masked: int32 [n, S]."""
   lay = pipe.layout
   rng = np.random.default_rng(seed)
-  text = rng.integers(0, lay.text_vocab, (n, lay.text_len))
-  image = rng.integers(0, lay.image_vocab, (n, lay.image_len))
-  tokens = lay.pack(text, image)
+  text = rng.integers(0, lay.text_vocab, (n, lay.segment("text").size))
+  image = rng.integers(0, lay.image_vocab, (n, lay.segment("image").size))
+  tokens = lay.pack({"text": text, "image": image})
   masked = rng.random(tokens.shape) < rng.uniform(0.2, 1.0, (n, 1))
   return np.where(masked, lay.mask_id, tokens)
 
@@ -50,14 +50,15 @@ def test_given_tokens_fixed_all_masks_resolved_counts_follow_schedule(pipe, meth
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(8))
   fn = lambda t: pipe.model.apply({"params": pipe.params}, t)
   out, counts = jax.jit(lambda t, k: sampling.sample_with_trace(
-      fn, t, k, layout=pipe.layout, config=cfg, schedule=get_schedule("linear")))(jnp.asarray(tokens), keys)
+      fn, t, k, mask_id=pipe.layout.mask_id, config=cfg, schedule=get_schedule("linear")))(jnp.asarray(tokens), keys)
   out, counts = np.asarray(out), np.asarray(counts)
   given = tokens != pipe.layout.mask_id
   np.testing.assert_array_equal(out[given], tokens[given])          # given tokens never change
   assert not (out == pipe.layout.mask_id).any()                     # every mask resolved
   assert counts[-1].sum() == 0
   # Revealed tokens are in their own modality's range.
-  t_ids, i_ids = pipe.layout.unpack(out)
+  parts = pipe.layout.unpack(out)
+  t_ids, i_ids = parts["text"], parts["image"]
   assert (t_ids >= 0).all() and (t_ids < pipe.layout.text_vocab).all()
   assert (i_ids >= 0).all() and (i_ids < pipe.layout.image_vocab).all()
   if method == "confidence":   # exactly the scheduled number stays masked after each step
@@ -67,7 +68,7 @@ def test_given_tokens_fixed_all_masks_resolved_counts_follow_schedule(pipe, meth
 
 
 def test_only_generates_the_named_positions_and_ordered_joint_generation_is_one_program(pipe):
-  """``only``: MASK outside stays MASK (the null condition) and the revealed count follows the schedule there;
+  """``generate``: MASK outside stays MASK (the null condition) and the revealed count follows the schedule there;
   ``generate(order='text_first')`` fills both modalities, the caption drawn before the image."""
   lay = pipe.layout
   tokens = np.full((8, lay.seq_len), lay.mask_id, np.int32)
@@ -75,12 +76,13 @@ def test_only_generates_the_named_positions_and_ordered_joint_generation_is_one_
   cfg = sampling.SamplerConfig(steps=5, reveal_schedule="linear")
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(8))
   fn = lambda t: pipe.model.apply({"params": pipe.params}, t)
-  out, counts = jax.jit(lambda t, k: sampling.sample_with_trace(fn, t, k, layout=lay, config=cfg, only=text_pos))(
+  out, counts = jax.jit(lambda t, k: sampling.sample_with_trace(fn, t, k, mask_id=lay.mask_id, config=cfg,
+                                                                       generate=text_pos))(
       jnp.asarray(tokens), keys)
   out, counts = np.asarray(out), np.asarray(counts)
   assert not (out[:, text_pos] == lay.mask_id).any()          # the caption is written
   assert (out[:, ~text_pos] == lay.mask_id).all()             # the image stays MASK
-  expected = np.asarray(sampling.remaining_masked(jnp.full((8,), lay.text_len), 5, "linear"))
+  expected = np.asarray(sampling.remaining_masked(jnp.full((8,), lay.segment("text").size), 5, "linear"))
   np.testing.assert_array_equal(counts, expected)
   texts, images = pipe.generate(8, steps=4, seed=3, order="text_first")
   assert len(texts) == 8 and images.shape == (8, 24, 24, 3)
@@ -117,19 +119,21 @@ def test_guidance_formula_and_zero_scale(pipe):
   unc_image = jax.nn.log_softmax(fn(jnp.where(text_pos[None], lay.mask_id, tokens)))  # text masked
   w = 1.5
   want = jnp.where(text_pos[None, :, None], (1 + w) * cond - w * unc_text, (1 + w) * cond - w * unc_image)
-  got = sampling.guided_log_probs(fn, tokens, lay, w, (True, True))
+  text_t, image_t = tuple(map(bool, text_pos)), tuple(not x for x in map(bool, text_pos))
+  both = ((text_t, image_t), (image_t, text_t))   # text positions against the image nulled, and the reverse
+  got = sampling.guided_log_probs(fn, tokens, lay.mask_id, w, both)
   allowed = jnp.asarray(lay.allowed_ids())[None]
   np.testing.assert_allclose(jnp.where(allowed, got, 0), jnp.where(allowed, jax.nn.log_softmax(want), 0),
                              atol=2e-4)
-  zero = sampling.guided_log_probs(fn, tokens, lay, 0.0, (True, True))
+  zero = sampling.guided_log_probs(fn, tokens, lay.mask_id, 0.0, both)
   np.testing.assert_allclose(zero, cond, atol=1e-6)
   # w = 0 through the sampler equals the conditional sampler.
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
-  run = lambda cfg, guide: sampling.sample(fn, tokens, keys, layout=lay, config=cfg, guide=guide)
-  np.testing.assert_array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=0.0), (True, True)),
-                                run(sampling.SamplerConfig(steps=4), (False, False)))
-  assert not np.array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=3.0), (True, True)),
-                            run(sampling.SamplerConfig(steps=4), (False, False)))
+  run = lambda cfg, guide: sampling.sample(fn, tokens, keys, mask_id=lay.mask_id, config=cfg, guide=guide)
+  np.testing.assert_array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=0.0), both),
+                                run(sampling.SamplerConfig(steps=4), ()))
+  assert not np.array_equal(run(sampling.SamplerConfig(steps=4, guidance_scale=3.0), both),
+                            run(sampling.SamplerConfig(steps=4), ()))
 
 
 def test_same_seed_same_output_whatever_the_batch_size(pipe):

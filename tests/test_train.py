@@ -92,7 +92,7 @@ def test_fitted_tokenizers_are_saved_and_loaded_not_refitted(tmp_path, monkeypat
   report = train.train_and_evaluate(config, tmp_path)   # resumes from step 3 with the saved tokenizers
   assert report["step"] == 6
   assert (tmp_path / "tokenizers" / "image_tokenizer.json").read_text() == before
-  toks = pipeline.load_tokenizers(tmp_path, config.text.max_len)
+  toks = pipeline.load_tokenizers(tmp_path, config)
   assert toks.layout.seq_len == 24 + 36
 
 
@@ -144,14 +144,14 @@ def test_image_code_features_are_the_codebook_kept_fixed_and_restored(tmp_path):
   config = tiny_config(**{"model.image_code_features": True, "train.steps": 4, "optim.weight_decay": 0.5})
   report = train.train_and_evaluate(config, tmp_path)
   assert report["step"] == 4
-  toks = pipeline.load_tokenizers(tmp_path, config.text.max_len)
+  toks = pipeline.load_tokenizers(tmp_path, config)
   features = toks.image.code_features()
   assert features.shape == (toks.layout.image_vocab, 4 * 4 * 3) and features.min() >= -0.5 and features.max() <= 0.5
   from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
   for weights in ("raw", "ema"):
     pipe = Pipeline.load(tmp_path, weights=weights)
     np.testing.assert_array_equal(np.asarray(pipe.params["image_code_features"]), features)
-  fresh = train.init_state(train.make_method(config, toks.layout, features), config.seed)
+  fresh = train.init_state(train.make_step_inputs(config, toks.layout, features), config.seed)
   assert np.abs(np.asarray(pipe.params["code_projection"]["kernel"])
                 - np.asarray(fresh.params["code_projection"]["kernel"])).max() > 0    # the projection trained
 
@@ -169,13 +169,13 @@ def test_concurrent_map_keeps_the_order_of_the_rows():
 
 def test_a_step_in_concurrent_chunks_is_the_same_update():
   import jax  # pylint: disable=g-import-not-at-top
-  from unimm_jax.data.vocab import VocabLayout  # pylint: disable=g-import-not-at-top
-  layout = VocabLayout(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
+  from unimm_jax.sequence import SequenceLayout  # pylint: disable=g-import-not-at-top
+  layout = SequenceLayout.two_segment(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
   rng = np.random.default_rng(0)
-  tokens = layout.pack(rng.integers(0, 40, (16, 8)), rng.integers(0, 64, (16, 16))).astype(np.int32)
+  tokens = layout.pack({"text": rng.integers(0, 40, (16, 8)), "image": rng.integers(0, 64, (16, 16))}).astype(np.int32)
   results = []
   for chunks in (1, 2):
-    method = train.make_method(tiny_config(**{"train.concurrent_chunks": chunks}), layout)
+    method = train.make_step_inputs(tiny_config(**{"train.concurrent_chunks": chunks}), layout)
     state = train.init_state(method, 0)
     state, metrics = jax.jit(lambda s, b, m=method: train.train_step(m, s, b))(state, {"tokens": tokens})
     results.append((float(metrics["loss"]), state.params))

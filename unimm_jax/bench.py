@@ -68,7 +68,7 @@ def _one_device_step(config, **model_overrides):
     c.model[name] = value
   if c.text.tokenizer == "word" and not c.text.max_vocab:
     c.text.max_vocab = 64
-  method = train.make_method(c, dry_run.planned_layout(c))
+  method = train.make_step_inputs(c, dry_run.planned_layout(c))
   mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
   abstract, shardings = train.state_shardings(method, mesh, rules)
   step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
@@ -218,7 +218,7 @@ def _train_setup(config):
   c = config.copy_and_resolve_references()
   if c.text.tokenizer == "word" and not c.text.max_vocab:
     c.text.max_vocab = 64
-  method = train.make_method(c, dry_run.planned_layout(c))
+  method = train.make_step_inputs(c, dry_run.planned_layout(c))
   mesh, rules = sharding.make_mesh(c.mesh.shape), sharding.rules_of(c)
   abstract, shardings = train.state_shardings(method, mesh, rules)
   return c, method, mesh, rules, abstract, shardings
@@ -323,7 +323,7 @@ def random_pipeline(config):
   image = tokenizers.PatchTokenizer(c.image.size, c.image.channels, c.image.levels, c.image.patch,
                                     codebook[:c.image.codebook_size])
   toks = data_pipeline.Tokenizers(text, image, c.text.max_len)
-  method = train.make_method(c, toks.layout)
+  method = train.make_step_inputs(c, toks.layout)
   state = train.init_state(method, 0)
   params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype),
                         state.params)   # the head starts at zero: give the sampler non-uniform logits

@@ -10,8 +10,10 @@ come back with the current run's sharding whatever the mesh that wrote them.
 from __future__ import annotations
 
 import logging as std_logging
+from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -149,3 +151,34 @@ def has_checkpoints(workdir) -> bool:
   """Whether ``WORKDIR/checkpoints`` holds at least one committed step (cheap: no Orbax manager)."""
   directory = epath.Path(workdir) / "checkpoints"
   return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def restore_weights(workdir, which: str = "ema_params", step: int | None = None, device=None) -> tuple[Any, int]:
+  """(one set of weights of a training checkpoint, its step), restored onto one device.
+
+  Reads only the ``which`` subtree (``ema_params`` or ``params``) of the saved train state, by its own metadata:
+  no optimizer is built and no optimizer state is read, so inference needs nothing of training. FileNotFoundError
+  without a checkpoint.
+  """
+  quiet_library_logs()
+  directory = epath.Path(workdir) / "checkpoints"
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {manager.all_steps()})")
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[which])}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+    return restored["state"][which], int(step)
+  finally:
+    manager.close()

@@ -23,11 +23,11 @@ from jax.sharding import AbstractMesh
 from unimm_jax import configuration, tokenizers, train
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline
-from unimm_jax.data.vocab import VocabLayout
+from unimm_jax import sequence
 from unimm_jax.models import params as params_lib
 
 
-def planned_layout(config) -> VocabLayout:
+def planned_layout(config) -> sequence.SequenceLayout:
   """The token layout the config asks for, from its sizes alone (no data, no fitted tokenizer): each tokenizer
   kind's ``vocab_bound``."""
   text_kind = tokenizers.text_kind(config.text.tokenizer)
@@ -37,7 +37,7 @@ def planned_layout(config) -> VocabLayout:
     raise configuration.ConfigError(f"a dry run without fitted tokenizers (or a workdir that has them) sizes the "
                                     f"vocabulary from the config: {e}") from None
   image_vocab = tokenizers.image_kind(config.image.tokenizer).vocab_bound(config)
-  return VocabLayout(text_vocab, image_vocab, config.text.max_len, configuration.image_token_grid(config))
+  return sequence.from_config(config, text_vocab, image_vocab, configuration.image_token_grid(config))
 
 
 def plan(config, workdir=None, num_devices: int | None = None) -> dict:
@@ -46,10 +46,10 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
   n = num_devices or jax.device_count()
   shape = sharding_lib.resolve_mesh_shape(config.mesh.shape, n)
   saved = workdir is not None and (epath.Path(workdir) / pipeline.TOKENIZER_DIR).exists()
-  layout = pipeline.load_tokenizers(workdir, config.text.max_len).layout if saved else planned_layout(config)
+  layout = pipeline.load_tokenizers(workdir, config).layout if saved else planned_layout(config)
   mesh = (sharding_lib.make_mesh(shape) if n == jax.device_count()
           else AbstractMesh(shape, sharding_lib.AXES))
-  method = train.make_method(config, layout)
+  method = train.make_step_inputs(config, layout)
   abstract, shardings = train.state_shardings(method, mesh, sharding_lib.rules_of(config))
   per_device = {
       "params": sharding_lib.per_device_bytes(abstract.params, shardings.params),

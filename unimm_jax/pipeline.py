@@ -4,6 +4,10 @@
 
     from unimm_jax import Pipeline
     pipe = Pipeline.load("runs/shapes")          # a training workdir: newest checkpoint, EMA weights
+    # The general call: given segments -> generated segments (names from the model's sequence layout).
+    out = pipe.complete(given={"text": ["a small red circle at the top left"]}, generate=["image"], steps=16)
+    images = out["image"]                                                                    # uint8 [N, H, W, C]
+    # Recipes over it, for the two-segment [text | image] layout:
     images = pipe.text_to_image(["a small red circle at the top left"], steps=16, seed=0)  # uint8 [N, H, W, C]
     captions = pipe.image_to_text(images, steps=24)                                          # list[str]
     texts, images = pipe.generate(4, steps=32)                                               # joint
@@ -11,29 +15,31 @@
     texts = pipe.infill(["a <mask> red circle at the top left"])   # each "<mask>" is one token to fill
     bits = pipe.score(prompts, images)                         # {'text': [N], 'image': [N]} bits per token
     bits = pipe.score(prompts, images, given="text")           # {'image': [N]}: the image given the caption
+    bits = pipe.likelihood({"text": prompts, "image": images}, noised=["image"])   # any segments given any others
 
-Every call builds the starting sequences (MASK where something is to be generated, the given tokens elsewhere)
-and runs the one jitted sampling loop of :mod:`unimm_jax.diffusion.sampling` over batches padded to a fixed
-compiled size, so a call of any size compiles nothing new. Each example's randomness comes from
-``fold_in(PRNGKey(seed), i)`` with i its index in the call: the same seed gives the same output, whatever the
-batch size.
+Every call builds the starting sequences (MASK where something is to be generated, the given tokens elsewhere;
+a segment neither given nor generated is all MASK, the null condition of training) and runs the one jitted
+sampling loop of :mod:`unimm_jax.method.samplers` over batches padded to a fixed compiled size, so a call of any
+size compiles nothing new. Each example's randomness comes from ``fold_in(PRNGKey(seed), i)`` with i its index in
+the call: the same seed gives the same output, whatever the batch size.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import checkpointing, configuration, sharding, storage
+from unimm_jax import checkpointing, configuration, sequence, storage
 from unimm_jax.data import pipeline as data_pipeline
-from unimm_jax.diffusion import loss as loss_lib
-from unimm_jax.diffusion import sampling
-from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.method import samplers
+from unimm_jax.method import tasks as tasks_lib
+from unimm_jax.method.diffusion import MaskedDiffusion
+from unimm_jax.models import transformer
 
 JOINT_ORDERS = ("together", "text_first", "image_first")
 HOLE = "<mask>"   # infill: one masked text token
@@ -58,14 +64,14 @@ class Pipeline:
 
   def __init__(self, config, params, toks: data_pipeline.Tokenizers, *, batch_size: int = 64,
                step: int | None = None):
-    from unimm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this package's modules)
     self.config = config
     self.step = step          # the training step of the weights, when known
     self.params = params
     self.tokenizers = toks
     self.layout = toks.layout
-    self.model = train.make_model(config, self.layout)
-    self.schedule = get_schedule(config.diffusion.schedule, config.diffusion.poly_power)
+    self.model = transformer.from_config(config, self.layout)
+    self.diffusion = MaskedDiffusion.from_config(config.diffusion, self.layout)
+    self.schedule = self.diffusion.schedule
     self.batch_size = batch_size
     self._samplers = {}
     self._score_fns = {}
@@ -74,13 +80,14 @@ class Pipeline:
   @classmethod
   def load(cls, path, *, weights: str = "ema", step: int | None = None, batch_size: int = 64) -> "Pipeline":
     """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``), or from
-    a bundle written by ``python -m unimm_jax.export`` (its one set of weights; ``weights``/``step`` unused)."""
-    from unimm_jax import export, train  # pylint: disable=g-import-not-at-top
+    a bundle written by ``python -m unimm_jax.export`` (its one set of weights; ``weights``/``step`` unused).
+    Only the weights are read: no optimizer is built."""
+    from unimm_jax import export  # pylint: disable=g-import-not-at-top
     path = storage.absolute_path(path)
     if (path / export.MODEL_FILE).exists():
       meta = json.loads((path / export.MODEL_FILE).read_text())
       config = configuration.from_dict(meta["config"])
-      toks = data_pipeline.load_tokenizers(path, config.text.max_len)
+      toks = data_pipeline.load_tokenizers(path, config)
       logging.info("loaded exported %s weights (%s) of step %s from %s", meta["weights"], meta["dtype"],
                    meta["step"], path)
       return cls(config, export.load_params(path, meta), toks, batch_size=batch_size, step=meta["step"])
@@ -88,44 +95,34 @@ class Pipeline:
     if not config_file.exists():
       raise FileNotFoundError(f"{path} is neither a training workdir (no config.json) nor an exported model "
                               f"(no {export.MODEL_FILE})")
-    config = configuration.from_dict(json.loads(config_file.read_text()))
-    toks = data_pipeline.load_tokenizers(path, config.text.max_len)
-    method = train.make_method(config, toks.layout)
-    # Restored onto this process's first device, whatever mesh (and device count) the run trained on.
-    abstract, _ = train.state_shardings(method, sharding.single_device_mesh(), sharding.rules_of(config))
-    ckpt = checkpointing.Checkpointer(path, every_steps=1, max_to_keep=config.ckpt.max_to_keep, async_save=False)
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state = ckpt.restore(abstract, step=step)
-    ckpt.close()
     if weights not in ("ema", "raw"):
       raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
-    params = state.ema_params if weights == "ema" else state.params
-    logging.info("loaded %s weights of step %d from %s", weights, int(state.step), path)
-    return cls(config, params, toks, batch_size=batch_size, step=int(state.step))
+    config = configuration.from_dict(json.loads(config_file.read_text()))
+    toks = data_pipeline.load_tokenizers(path, config)
+    # Restored onto this process's first device, whatever mesh (and device count) the run trained on.
+    params, restored = checkpointing.restore_weights(path, "ema_params" if weights == "ema" else "params", step)
+    logging.info("loaded %s weights of step %d from %s", weights, restored, path)
+    return cls(config, params, toks, batch_size=batch_size, step=restored)
 
   # ---- the one sampling loop, batched ---------------------------------------------------------------------------
-  def _sampler(self, cfg: sampling.SamplerConfig, guide: tuple[bool, bool], order: str = "together"):
-    """The jitted sampling loop(s): one loop over every MASK (``together``), or, for joint generation, the caption
-    first with the image all MASK (the null condition: a draw from p(text)) and then the image for it
-    (``text_first``), or the reverse (``image_first``); each stage ``cfg.steps`` steps, all in one program."""
-    key = (cfg, guide, order)
+  def _sampler(self, cfg: samplers.SamplerConfig, guide: samplers.loop.Guide, stages: tuple):
+    """The jitted sampling loop(s): one loop per stage, each generating the stage's positions (bool [S] tuples)
+    with the later stages' positions still MASK (their null condition); stage i > 0 draws with keys folded with
+    i. Every stage ``cfg.steps`` steps, all in one program."""
+    key = (cfg, guide, stages)
     if key not in self._samplers:
-      text_pos = self.layout.modality_ids() == 0
       def run(params, tokens, keys):
         logits_fn = lambda t: self.model.apply({"params": params}, t)
-        kw = dict(layout=self.layout, config=cfg, schedule=self.schedule, guide=guide)
-        if order == "together":
-          return sampling.sample(logits_fn, tokens, keys, **kw)
-        first = text_pos if order == "text_first" else ~text_pos
-        tokens = sampling.sample(logits_fn, tokens, keys, only=first, **kw)
-        second_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        return sampling.sample(logits_fn, tokens, second_keys, **kw)
+        for i, where in enumerate(stages):
+          stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
+          tokens = samplers.sample(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id, config=cfg,
+                                   schedule=self.schedule, guide=guide, generate=where)
+        return tokens
       self._samplers[key] = jax.jit(run)
     return self._samplers[key]
 
-  def _sampler_config(self, steps, temperature, guidance_scale, method, **kw) -> sampling.SamplerConfig:
-    return sampling.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
+  def _sampler_config(self, steps, temperature, guidance_scale, method, **kw) -> samplers.SamplerConfig:
+    return samplers.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
                                   guidance_scale=float(guidance_scale), **kw)
 
   def _batched(self, fn, tokens: np.ndarray, keys) -> np.ndarray:
@@ -147,24 +144,24 @@ class Pipeline:
     base = jax.random.PRNGKey(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
 
-  def _run(self, tokens: np.ndarray, cfg: sampling.SamplerConfig, guide, seed: int,
-           order: str = "together", keys=None) -> np.ndarray:
-    """int32 [N, S] with MASKs -> int32 [N, S] without."""
-    keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
-    return self._batched(self._sampler(cfg, guide, order), tokens, keys)
-
   # ---- inputs --------------------------------------------------------------------------------------------------
-  def _text_ids(self, prompts: Sequence[str]) -> np.ndarray:
+  def _text_ids(self, prompts: Sequence[str], length: int | None = None) -> np.ndarray:
+    """Local ids int32 [N, length] of the prompts (PAD-padded), with a warning for each truncated prompt and for
+    words the tokenizer reads as UNK."""
     if isinstance(prompts, str):
       raise TypeError("prompts must be a list of strings, not one string")
     if len(prompts) == 0:
       raise ValueError("the prompt list is empty")
-    tok, n = self.tokenizers.text, self.layout.text_len
+    tok = self.tokenizers.text
+    n = length or self._segment_of(sequence.TEXT).length
     ids = []
     for p in prompts:
       longer = tok.encode(p, n + 1)
       if longer[-1] != tok.pad_id:
         logging.warning("prompt truncated to %d text tokens: %r", n, p)
+      unknown = tok.unknown_words(p) if hasattr(tok, "unknown_words") else []
+      if unknown:
+        logging.warning("prompt %r: words not in the vocabulary, read as UNK: %s", p, ", ".join(unknown))
       ids.append(longer[:n])
     return np.stack(ids)
 
@@ -180,35 +177,121 @@ class Pipeline:
       raise ValueError("the image batch is empty")
     return self.tokenizers.image.encode(images.astype(np.uint8))
 
-  @staticmethod
-  def _unknown(n: int, length: int) -> np.ndarray:
-    """int32 [n, length] of -1: local ids still to be generated (MASK once packed)."""
-    return np.full((n, length), -1, np.int32)
+  def _segment_of(self, modality: str) -> sequence.Segment:
+    """The layout's one segment of ``modality`` (the recipes' text or image); ValueError if not exactly one."""
+    names = self.layout.of_modality(modality)
+    if len(names) != 1:
+      raise ValueError(f"this recipe needs exactly one {modality} segment; the model's layout is "
+                       f"{self.layout.describe()}: use Pipeline.complete with segment names")
+    return self.layout.segment(names[0])
 
-  @staticmethod
-  def _check_pairs(n_text: int, n_image: int, what: str = "prompts") -> None:
-    if n_text != n_image:
-      raise ValueError(f"{n_text} {what} for {n_image} images")
+  def _local_ids(self, name: str, value) -> np.ndarray:
+    """A segment's value -> local ids int32 [N, n] (-1 where to generate): a list of strings (text), uint8 images
+    [N, H, W, C] (image), or local ids already."""
+    seg = self.layout.segment(name)
+    if seg.modality == sequence.SPECIAL:
+      raise ValueError(f"segment {name!r} holds fixed special tokens; it cannot be given")
+    if seg.modality == sequence.TEXT and not (isinstance(value, np.ndarray) and value.dtype.kind in "iu"):
+      return self._text_ids(list(value) if not isinstance(value, str) else value, seg.length)
+    arr = np.asarray(value)
+    if seg.modality == sequence.IMAGE and arr.dtype == np.uint8 and arr.ndim in (3, 4):
+      return self._image_ids(arr)
+    if arr.ndim != 2 or arr.shape[1] != seg.size or arr.dtype.kind not in "iu":
+      raise ValueError(f"segment {name!r} takes {'strings' if seg.modality == sequence.TEXT else 'uint8 images'} "
+                       f"or int local ids [N, {seg.size}] (-1 = generate), got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int32)
 
-  def _pack(self, text_ids, image_ids) -> np.ndarray:
-    """Local ids (or -1 for MASK) -> global ids with MASK."""
-    lay = self.layout
-    text = np.where(text_ids < 0, lay.mask_id, text_ids + lay.text_offset)
-    image = np.where(image_ids < 0, lay.mask_id, image_ids + lay.image_offset)
-    return np.concatenate([text, image], axis=1).astype(np.int32)
+  def _start(self, given: Mapping[str, Any], n: int | None) -> np.ndarray:
+    """The starting sequences, int32 [N, S]: the given segments' tokens, MASK elsewhere."""
+    ids = {name: self._local_ids(name, value) for name, value in given.items()}
+    sizes = {len(v) for v in ids.values()} | ({n} if n is not None else set())
+    if len(sizes) != 1:
+      counts = ", ".join(f"{k}: {len(v)}" for k, v in ids.items())
+      raise ValueError(f"the given segments hold different numbers of examples ({counts}"
+                       f"{f', n: {n}' if n is not None else ''})")
+    return self.layout.pack(ids, batch=sizes.pop())
 
-  # ---- tasks ---------------------------------------------------------------------------------------------------
+  def _guide(self, targets: Sequence[str], null: Sequence[str]) -> samplers.loop.Guide:
+    """Guidance at the ``targets`` segments' positions against the null condition of the ``null`` segments."""
+    if not targets or not null:
+      return ()
+    return ((tuple(bool(x) for x in self.layout.positions_of(targets)),
+             tuple(bool(x) for x in self.layout.positions_of(null))),)
+
+  # ---- the general call ------------------------------------------------------------------------------------------
+  def complete(self, given: Mapping[str, Any] | None = None, generate: Sequence[str] | Sequence[Sequence[str]] = (),
+               *, n: int | None = None, steps: int = 16, guidance_scale: float = 0.0,
+               guidance_null: Sequence[str] | None = None, temperature: float = 1.0, seed: int = 0,
+               method: str = "confidence", **options) -> dict[str, Any]:
+    """Generates segments given others: ``{segment: value}`` of every generated segment.
+
+    Args:
+      given: {segment: value}: a list of N strings (text), uint8 images [N, H, W, C] (image), or int32 local
+        ids [N, n] where -1 marks tokens to generate (the rest are given). Segments neither given nor generated
+        are all MASK while sampling: the null condition of training (e.g. a caption drawn with no image is
+        drawn from p(text)).
+      generate: segment names to generate together; or a list of lists, generated in that order (stage by
+        stage, each ``steps`` steps; later stages see the earlier ones finished). Holes (-1) of given segments
+        are filled in the first stage.
+      n: number of examples when nothing is given.
+      guidance_scale: classifier-free guidance w; the uncond pass nulls ``guidance_null`` (default: every
+        given segment) and guides the generated positions.
+      options: sampler settings (``confidence_noise``, ``reveal_schedule``; :class:`samplers.SamplerConfig`).
+    Returns:
+      {segment: list of N strings | uint8 images [N, H, W, C]} for the generated segments (and those given
+      with holes).
+    """
+    tokens, stages, holed = self._plan(given or {}, generate, n)
+    null = [g for g in (given or {}) if self.layout.segment(g).generative] if guidance_null is None \
+        else list(guidance_null)
+    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
+    out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, null), seed)
+    values = self.tokenizers.decode_segments(out)
+    return {name: values[name] for name in [s for st in stages for s in st] + holed}
+
+  def _plan(self, given, generate, n):
+    """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes)."""
+    if n is None and not given:
+      raise ValueError("nothing is given: pass n, the number of examples to generate")
+    if n is not None and n < 1:
+      raise ValueError(f"n={n} must be >= 1")
+    stages = [list(generate)] if generate and isinstance(list(generate)[0], str) else [list(g) for g in generate]
+    names = [s for st in stages for s in st]
+    for name in names:
+      self.layout.index(name)                      # KeyError naming the layout's segments
+      if not self.layout.segment(name).generative:
+        raise ValueError(f"segment {name!r} holds fixed special tokens; it cannot be generated")
+    both = set(names) & set(given)
+    if both or len(set(names)) != len(names):
+      raise ValueError(f"segments {sorted(both) or names} are both given and generated, or generated twice")
+    tokens = self._start(given, n) if given else self.layout.pack({}, batch=n)
+    holed = [g for g in given if (tokens[:, slice(*self.layout.span(g))] == self.layout.mask_id).any()]
+    if not names and not holed:
+      raise ValueError("nothing to generate: name segments in generate, or give a segment with -1 holes")
+    return tokens, tuple(tuple(st) for st in (stages or [[]])), holed
+
+  def _generate(self, tokens: np.ndarray, stages, cfg, guide, seed: int, keys=None) -> np.ndarray:
+    """int32 [N, S] with MASKs -> int32 [N, S] with the stages' positions (and holes of the first) filled."""
+    holes = tokens == self.layout.mask_id
+    given_holes = holes.any(axis=0) & ~self.layout.positions_of([s for st in stages for s in st])
+    masks = []
+    for i, stage in enumerate(stages):
+      where = self.layout.positions_of(stage) | (given_holes if i == 0 else False)
+      masks.append(tuple(bool(x) for x in where))
+    keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
+    return self._batched(self._sampler(cfg, guide, tuple(masks)), tokens, keys)
+
+  # ---- recipes over complete (two-segment [text | image] layouts) -------------------------------------------
   def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
                     temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> np.ndarray:
     """Images drawn for the prompts: uint8 [N, H, W, C].
 
     ``options`` (every generation method): ``confidence_noise`` and ``reveal_schedule`` of the confidence
-    sampler (:class:`~unimm_jax.diffusion.sampling.SamplerConfig`).
+    sampler (:class:`~unimm_jax.method.samplers.SamplerConfig`).
     """
-    text = self._text_ids(prompts)
-    tokens = self._pack(text, self._unknown(len(text), self.layout.image_len))
-    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    return self.tokenizers.decode(self._run(tokens, cfg, (False, True), seed))[1]
+    text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
+    return self.complete({text: prompts}, [image], steps=steps, guidance_scale=guidance_scale,
+                         temperature=temperature, seed=seed, method=method, **options)[image]
 
   def image_to_text(self, images, steps: int = 24, guidance_scale: float = 0.0, temperature: float = 1.0,
                     seed: int = 0, method: str = "confidence", candidates: int = 1, **options) -> list[str]:
@@ -219,14 +302,14 @@ class Pipeline:
     most likely: the lowest ELBO bits of the image given the caption (:meth:`score` with ``given='text'``, every
     candidate scored with the same times and masks). By Bayes, p(caption | image) is proportional to
     p(image | caption) p(caption), and a unified model has both directions: on ``shapes`` its drawing direction
-    learns to bind each phrase to its grid cell well before its captioning direction does (BENCHMARKS.md,
-    seventh round), so the captions whose objects sit in the wrong cells, equally likely to the captioning
-    direction, are told apart by the drawing one. Costs K sampling loops and K scoring passes.
+    learns to bind each phrase to its grid cell well before its captioning direction does (BENCHMARKS.md), so
+    the captions whose objects sit in the wrong cells, equally likely to the captioning direction, are told
+    apart by the drawing one. Costs K sampling loops and K scoring passes.
     """
     drawn, bits = self._caption_candidates(images, candidates, seed, steps=steps, temperature=temperature,
                                            guidance_scale=guidance_scale, method=method, **options)
     best = drawn[bits.argmin(axis=0), np.arange(drawn.shape[1])]
-    return self.tokenizers.decode(best)[0]
+    return self.tokenizers.decode_segments(best)[self._segment_of(sequence.TEXT).name]
 
   def _caption_candidates(self, images, candidates: int, seed: int, *, steps, temperature, guidance_scale, method,
                           **options) -> tuple[np.ndarray, np.ndarray]:
@@ -234,20 +317,23 @@ class Pipeline:
     image given each; zeros when K = 1, which is not scored). Candidate 0 uses the key of a plain call."""
     if candidates < 1:
       raise ValueError(f"candidates={candidates} must be >= 1")
-    image = self._image_ids(images)
-    tokens = self._pack(self._unknown(len(image), self.layout.text_len), image)
+    text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
+    tokens, stages, _ = self._plan({image: images}, [text], None)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    keys = self._example_keys(seed, len(image))
+    keys = self._example_keys(seed, len(tokens))
     fold = lambda k: keys if k == 0 else jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
-    drawn = np.stack([self._run(tokens, cfg, (True, False), seed, keys=fold(k)) for k in range(candidates)])
+    guide = self._guide([text], [image])
+    drawn = np.stack([self._generate(tokens, stages, cfg, guide, seed, keys=fold(k)) for k in range(candidates)])
     if candidates == 1:
-      return drawn, np.zeros((1, len(image)), np.float32)
+      return drawn, np.zeros((1, len(tokens)), np.float32)
     # One set of times and masks for every candidate of an example: the comparison is of the captions alone.
     # 8 times, not score()'s 16: a caption with the objects in the wrong cells costs the image about 1 bit a
-    # token against 0.001 (BENCHMARKS.md, seventh round), far beyond the noise of 8; the scoring is then about
-    # a third of each candidate's cost.
-    score = self._score_fn((False, True), num_samples=8)
-    bits = np.stack([self._batched(score, d, fold(candidates))[:, 1] for d in drawn])
+    # token against 0.001 (BENCHMARKS.md), far beyond the noise of 8; the scoring is then about a third of each
+    # candidate's cost.
+    roles = {text: "clean", image: "noised"}
+    score = self._score_fn(self._roles(roles), num_samples=8)
+    col = self.layout.index(image)
+    bits = np.stack([self._batched(score, d, fold(candidates))[:, col] for d in drawn])
     return drawn, bits
 
   def generate(self, n: int, steps: int = 32, temperature: float = 1.0, seed: int = 0,
@@ -263,9 +349,10 @@ class Pipeline:
       raise ValueError(f"n={n} must be >= 1")
     if order not in JOINT_ORDERS:
       raise ValueError(f"order={order!r} must be one of {JOINT_ORDERS}")
-    tokens = self._pack(self._unknown(n, self.layout.text_len), self._unknown(n, self.layout.image_len))
-    cfg = self._sampler_config(steps, temperature, 0.0, method, **options)
-    return self.tokenizers.decode(self._run(tokens, cfg, (False, False), seed, order))
+    text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
+    stages = {"together": [[text, image]], "text_first": [[text], [image]], "image_first": [[image], [text]]}[order]
+    out = self.complete({}, stages, n=n, steps=steps, temperature=temperature, seed=seed, method=method, **options)
+    return out[text], out[image]
 
   def inpaint(self, images, mask, prompts: Sequence[str] | None = None, steps: int = 16,
               guidance_scale: float = 0.0, temperature: float = 1.0, seed: int = 0,
@@ -275,21 +362,22 @@ class Pipeline:
     A token is redrawn when any pixel it covers is in the mask; the caption is all MASK when ``prompts`` is None
     (and is then generated along, but not returned).
     """
-    image = self._image_ids(images)
+    text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE)
+    ids = self._image_ids(images)
     mask = np.asarray(mask, bool)
-    h, w = self.layout.image_grid
+    h, w = image.grid
     size = self.tokenizers.image.image_shape
-    if mask.shape != (len(image), size[0], size[1]):
-      raise ValueError(f"mask must be bool [N, {size[0]}, {size[1]}] with N = {len(image)}, got {mask.shape}")
-    cell = mask.reshape(len(image), h, size[0] // h, w, size[1] // w).any(axis=(2, 4)).reshape(len(image), -1)
-    image = np.where(cell, -1, image)
-    if prompts is None:
-      text = self._unknown(len(image), self.layout.text_len)
-    else:
-      text = self._text_ids(prompts)
-      self._check_pairs(len(text), len(image))
-    cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, prompts is not None), seed))[1]
+    if mask.shape != (len(ids), size[0], size[1]):
+      raise ValueError(f"mask must be bool [N, {size[0]}, {size[1]}] with N = {len(ids)}, got {mask.shape}")
+    cell = mask.reshape(len(ids), h, size[0] // h, w, size[1] // w).any(axis=(2, 4)).reshape(len(ids), -1)
+    given = {image.name: np.where(cell, -1, ids)}
+    if prompts is not None:
+      given[text] = self._text_ids(prompts)
+      if len(given[text]) != len(ids):
+        raise ValueError(f"{len(given[text])} prompts for {len(ids)} images")
+    return self.complete(given, [] if prompts is not None else [text], steps=steps, guidance_scale=guidance_scale,
+                         guidance_null=[text] if prompts is not None else [], temperature=temperature, seed=seed,
+                         method=method, **options)[image.name]
 
   def infill(self, texts_with_holes: Sequence[str], images=None, steps: int = 16, temperature: float = 1.0,
              seed: int = 0, method: str = "confidence", **options) -> list[str]:
@@ -299,61 +387,84 @@ class Pipeline:
     """
     if isinstance(texts_with_holes, str) or len(texts_with_holes) == 0:
       raise ValueError("texts_with_holes must be a non-empty list of strings")
-    tok, n = self.tokenizers.text, self.layout.text_len
+    text, image = self._segment_of(sequence.TEXT), self._segment_of(sequence.IMAGE).name
+    tok, n = self.tokenizers.text, text.length
     rows = []
-    for text in texts_with_holes:
+    for piece_text in texts_with_holes:
       ids: list[int] = []
-      for i, piece in enumerate(text.split(HOLE)):
+      for i, piece in enumerate(piece_text.split(HOLE)):
         if i:
           ids.append(-1)
         if piece.strip():
           encoded = tok.encode(piece, n)
           ids.extend(int(x) for x in encoded[encoded != tok.pad_id])
       if len(ids) > n:
-        raise ValueError(f"text with holes is {len(ids)} tokens, more than the model's {n}: {text!r}")
+        raise ValueError(f"text with holes is {len(ids)} tokens, more than the model's {n}: {piece_text!r}")
       rows.append(ids + [tok.pad_id] * (n - len(ids)))
-    text = np.asarray(rows, np.int32)
-    if images is None:
-      image = self._unknown(len(text), self.layout.image_len)
-    else:
-      image = self._image_ids(images)
-      self._check_pairs(len(text), len(image), "texts")
-    cfg = self._sampler_config(steps, temperature, 0.0, method, **options)
-    return self.tokenizers.decode(self._run(self._pack(text, image), cfg, (False, False), seed))[0]
+    given = {text.name: np.asarray(rows, np.int32)}
+    if images is not None:
+      given[image] = self._image_ids(images)
+      if len(given[image]) != len(rows):
+        raise ValueError(f"{len(rows)} texts for {len(given[image])} images")
+    return self.complete(given, [] if images is not None else [image], steps=steps, guidance_null=[],
+                         temperature=temperature, seed=seed, method=method, **options)[text.name]
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
-  def _score_fn(self, noised: tuple[bool, bool], num_samples: int = 16):
-    """The jitted :meth:`_score_batch` for one pattern of noised modalities (text, image)."""
-    key = (noised, num_samples)
+  def _roles(self, roles: Mapping[str, str]) -> tuple[int, ...]:
+    """Role codes per segment (a task as data): the named ones as given, special segments clean, others null."""
+    out = []
+    for seg in self.layout.segments:
+      role = "clean" if seg.modality == sequence.SPECIAL else roles.get(seg.name, "null")
+      out.append(tasks_lib.ROLES[role])
+    return tuple(out)
+
+  def _score_fn(self, roles: tuple[int, ...], num_samples: int = 16):
+    """The jitted :meth:`_score_batch` for one task (role codes per segment)."""
+    key = (roles, num_samples)
     if key not in self._score_fns:
       self._score_fns[key] = jax.jit(
-          lambda params, tokens, keys: self._score_batch(params, tokens, keys, noised, num_samples))
+          lambda params, tokens, keys: self._score_batch(params, tokens, keys, roles, num_samples))
     return self._score_fns[key]
 
-  def _score_batch(self, params, tokens, keys, noised: tuple[bool, bool], num_samples: int):
-    """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, 2].
+  def _score_batch(self, params, tokens, keys, roles: tuple[int, ...], num_samples: int):
+    """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, G].
 
-    Only the ``noised`` modalities are masked (the others stay clean: a conditional bound); the columns of the
-    clean ones are 0. Each example's times and masks come from its own key, so its score does not depend on its
-    batch.
+    Only the noised segments are masked at their times (clean ones stay clean, null ones all MASK: a conditional
+    bound); the columns of the others are 0. Each example's times and masks come from its own key, so its score
+    does not depend on its batch. The corruption and the ELBO are the method's (:class:`MaskedDiffusion`), as in
+    training and validation.
     """
-    noised_row = jnp.asarray(noised)
+    diffusion, g = self.diffusion, len(roles)
+    noised_row = jnp.asarray([r == tasks_lib.NOISED for r in roles])
     def one(tok, key):
       k_u, k_mask = jax.random.split(key)
-      u = jax.random.uniform(k_u, (2,))
+      u = jax.random.uniform(k_u, (g,))
       j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
-      t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), self.config.diffusion.t_min, 1.0)             # [n, 2]
-      is_noised = jnp.broadcast_to(noised_row, t.shape)
-      c = loss_lib.Corruption(t=t, mask_prob=jnp.where(is_noised, self.schedule.mask_prob(t), 0.0),
-                              noised=is_noised, task=jnp.zeros(num_samples, jnp.int32))
+      t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), diffusion.t_min, 1.0)                    # [n, G]
+      c = diffusion.corruption_at(t, jnp.asarray(roles, jnp.int32))
       rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
-      noisy, masked = loss_lib.corrupt(k_mask, rep, c, self.layout)
-      return rep, noisy, masked, t
-    rep, noisy, masked, t = jax.vmap(one)(tokens, keys)                                   # [B, n, ...]
+      noisy, masked = diffusion.corrupt(k_mask, rep, c)
+      return rep, noisy, masked, c
+    rep, noisy, masked, c = jax.vmap(one)(tokens, keys)                                  # [B, n, ...]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    logits = self.model.apply({"params": params}, flat(noisy))
-    bits = loss_lib.elbo_bits(logits, flat(rep), flat(masked), flat(t), self.layout, self.schedule)
-    return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, 2).mean(axis=1), 0.0)
+    nll = transformer.sequence_nll(self.model, params, flat(noisy), flat(rep))
+    bits = diffusion.elbo_bits(nll, flat(masked), jax.tree.map(flat, c))
+    return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, g).mean(axis=1), 0.0)
+
+  def likelihood(self, values: Mapping[str, Any], noised: Sequence[str], seed: int = 0,
+                 num_samples: int = 16) -> dict[str, np.ndarray]:
+    """Per-example negative ELBO (an upper bound on -log p) of the ``noised`` segments given the other segments
+    of ``values`` (clean), with the segments not in ``values`` all MASK (null): {segment: float [N]} bits per
+    token. ``values`` as for :meth:`complete` (no holes)."""
+    for name in noised:
+      if name not in values:
+        raise ValueError(f"segment {name!r} is to be scored but has no value; give it in values")
+    tokens = self._start(values, None)
+    if (tokens == self.layout.mask_id).any():
+      raise ValueError("likelihood needs whole segments: their values hold -1 (MASK) tokens")
+    roles = self._roles({name: "noised" if name in noised else "clean" for name in values})
+    bits = self._batched(self._score_fn(roles, num_samples), tokens, self._example_keys(seed, len(tokens)))
+    return {name: bits[:, self.layout.index(name)] for name in noised}
 
   def score(self, prompts: Sequence[str], images, seed: int = 0, given: str | None = None) -> dict[str, np.ndarray]:
     """Per-example negative ELBO (an upper bound on -log p), bits per token.
@@ -364,9 +475,10 @@ class Pipeline:
     """
     if given not in (None, "text", "image"):
       raise ValueError(f"given={given!r} must be None, 'text' or 'image'")
-    text, image = self._text_ids(prompts), self._image_ids(images)
-    self._check_pairs(len(text), len(image))
-    tokens = self._pack(text, image)
-    noised = (given != "text", given != "image")
-    bits = self._batched(self._score_fn(noised), tokens, self._example_keys(seed, len(tokens)))
-    return {name: bits[:, m] for m, name in enumerate(("text", "image")) if noised[m]}
+    text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
+    values = {text: prompts, image: images}
+    if len(self._text_ids(prompts, 1)) != len(np.asarray(images)):
+      raise ValueError(f"{len(prompts)} prompts for {len(np.asarray(images))} images")
+    noised = [name for name, m in ((text, "text"), (image, "image")) if given != m]
+    bits = self.likelihood(values, noised, seed)
+    return {m: bits[name] for name, m in ((text, "text"), (image, "image")) if name in bits}

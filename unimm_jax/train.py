@@ -23,11 +23,11 @@ from flax import linen as nn
 from unimm_jax import checkpointing, configuration, storage, train_loop
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import pipeline
-from unimm_jax.data.vocab import VocabLayout
-from unimm_jax.diffusion import loss as loss_lib
-from unimm_jax.diffusion.schedules import get_schedule
+from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models import params as params_lib
-from unimm_jax.models.transformer import Transformer, TransformerConfig, modality_nll
+from unimm_jax.models import transformer
+from unimm_jax.models.transformer import Transformer
+from unimm_jax.sequence import SequenceLayout
 
 
 @flax.struct.dataclass
@@ -40,12 +40,11 @@ class TrainState:
 
 
 @flax.struct.dataclass
-class Method:
-  """The static (hashable) pieces a step needs besides the state and the batch."""
+class StepInputs:
+  """The static (hashable) pieces a train or eval step needs besides the state and the batch."""
 
   model: Transformer = flax.struct.field(pytree_node=False)
-  layout: VocabLayout = flax.struct.field(pytree_node=False)
-  diffusion: Any = flax.struct.field(pytree_node=False)   # frozen ConfigDict of config.diffusion
+  diffusion: MaskedDiffusion = flax.struct.field(pytree_node=False)   # the method: tasks, corruption, loss
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.999)
   skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)   # train.on_nonfinite == 'skip'
@@ -53,12 +52,16 @@ class Method:
   image_code_features: Any = flax.struct.field(pytree_node=False, default=None)  # np [V_img, F] for a fresh init
 
   @property
+  def layout(self) -> SequenceLayout:
+    return self.diffusion.layout
+
+  @property
   def schedule(self):
-    return get_schedule(self.diffusion.schedule, self.diffusion.poly_power)
+    return self.diffusion.schedule
 
 
-def make_model(config, layout: VocabLayout) -> Transformer:
-  return Transformer(TransformerConfig.from_config(config.model, layout, configuration.image_code_feature_dim(config)))
+def make_model(config, layout: SequenceLayout) -> Transformer:
+  return transformer.from_config(config, layout)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -80,16 +83,16 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def make_method(config, layout: VocabLayout, image_code_features=None) -> Method:
+def make_step_inputs(config, layout: SequenceLayout, image_code_features=None) -> StepInputs:
   """The step's static pieces. ``image_code_features`` (float [V_img, F], the image tokenizer's ``code_features()``)
   fills the parameter of ``model.image_code_features`` when a run starts; restores take it from the checkpoint."""
-  return Method(model=make_model(config, layout), layout=layout, diffusion=config.diffusion.copy_and_resolve_references(),
+  return StepInputs(model=make_model(config, layout), diffusion=MaskedDiffusion.from_config(config.diffusion, layout),
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay,
                 skip_nonfinite=config.train.on_nonfinite == "skip", concurrent_chunks=config.train.concurrent_chunks,
                 image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32))
 
 
-def _initialiser(method: Method, seed: int):
+def _initialiser(method: StepInputs, seed: int):
   """() -> (boxed params with logical names, TrainState): the fresh state, as one traceable function."""
   def init():
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -105,7 +108,7 @@ def _initialiser(method: Method, seed: int):
   return init
 
 
-def state_shardings(method: Method, mesh, rules) -> tuple[TrainState, TrainState]:
+def state_shardings(method: StepInputs, mesh, rules) -> tuple[TrainState, TrainState]:
   """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings).
 
   Parameters (and EMA) are placed by their logical axis names through ``rules``; optimizer moments like their
@@ -123,7 +126,7 @@ def state_shardings(method: Method, mesh, rules) -> tuple[TrainState, TrainState
   return abstract, shardings
 
 
-def init_state(method: Method, seed: int, mesh=None, rules=()) -> TrainState:
+def init_state(method: StepInputs, seed: int, mesh=None, rules=()) -> TrainState:
   """A fresh state, created directly sharded by one jitted call (never whole on one device).
 
   Without a mesh: on the first device. Random values do not depend on the mesh (partitionable threefry).
@@ -163,7 +166,7 @@ def concurrent_map(fn, chunks: int, *batch: jax.Array) -> jax.Array:
   return out.reshape((rows,) + out.shape[2:])
 
 
-def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
   """One AdamW update on the diffusion loss of a batch.
 
   Args:
@@ -171,22 +174,16 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   Returns:
     (new state, metrics of scalars).
   """
-  d = method.diffusion
+  diffusion = method.diffusion
   tokens = batch["tokens"]
   key = jax.random.fold_in(state.rng, state.step)
   k_corruption, k_mask = jax.random.split(key)
-  weights = [d.tasks[name] for name in loss_lib.TASKS]
-  corruption = loss_lib.sample_corruption(k_corruption, tokens.shape[0], method.schedule, weights,
-                                          t_min=d.t_min, shared_time=d.shared_time)
-  noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
+  corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0])
+  noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
 
   def loss_fn(params):
-    def nll_of(noisy, tokens):   # per example: [B, S] -> [B, S]
-      features = method.model.apply({"params": params}, noisy, hidden=True)
-      return modality_nll(method.model.config, params, features, tokens)
-    nll = concurrent_map(nll_of, method.concurrent_chunks, noisy, tokens)
-    return loss_lib.loss_from_nll(nll, masked, corruption, method.layout, method.schedule,
-                                  d.loss_weighting, (d.text_loss_weight, d.image_loss_weight))
+    nll = concurrent_map(functools.partial(sequence_nll, method, params), method.concurrent_chunks, noisy, tokens)
+    return diffusion.loss(nll, masked, corruption)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
@@ -211,31 +208,53 @@ def train_step(method: Method, state: TrainState, batch: dict[str, jax.Array]) -
   return new_state, metrics
 
 
-def eval_step(method: Method, params, tokens, key) -> jax.Array:
-  """Negative ELBO in bits per token of each example: float32 [B, 4].
+def sequence_nll(method: StepInputs, params, noisy, tokens):
+  """-log p(x0 | x_t) at every position, float32 [B, S] (:func:`~unimm_jax.models.transformer.sequence_nll`)."""
+  return transformer.sequence_nll(method.model, params, noisy, tokens)
 
-  Columns: text and image with both modalities noised (the joint ELBO, split by modality), then text given the
-  clean image and image given the clean text: the two conditionals that captioning and drawing sample from, and
-  the figures that follow generation accuracy (the joint one mostly measures the marginals).
-  Times are low-discrepancy per modality, so a batch averages over the whole t range; a fixed key makes the
-  validation figure of two evaluations comparable.
+
+def validation_tasks(layout: SequenceLayout) -> tuple[tuple[str, np.ndarray], ...]:
+  """What validation measures: (name, roles [G]) pairs. ``joint`` (every segment noised, reported per modality),
+  then each generative segment given the others clean: ``text_given_image`` and ``image_given_text`` for the
+  two-segment layout, the conditionals that captioning and drawing sample from (the joint figure mostly measures
+  the marginals)."""
+  from unimm_jax.method import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  generative = [s.name for s in layout.segments if s.generative]
+  out = [("joint", np.where([s.generative for s in layout.segments], tasks_lib.NOISED, tasks_lib.CLEAN))]
+  if len(generative) > 1:
+    for name in generative:
+      roles = np.full(len(layout.segments), tasks_lib.CLEAN, np.int32)
+      roles[layout.index(name)] = tasks_lib.NOISED
+      out.append((f"{name}_given_{'+'.join(g for g in generative if g != name)}", roles.astype(np.int32)))
+  return tuple((n, np.asarray(r, np.int32)) for n, r in out)
+
+
+def val_figures(layout: SequenceLayout) -> tuple[str, ...]:
+  """Names of the columns of :func:`eval_step`: the joint ELBO per modality, then each conditional."""
+  return tuple(m for m in layout.modalities if m != "special") + tuple(n for n, _ in validation_tasks(layout)[1:])
+
+
+def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
+  """Negative ELBO in bits per token of each example: float32 [B, len(val_figures)].
+
+  Columns: each modality with every segment noised (the joint ELBO, split by modality), then each segment given
+  the others clean (:func:`validation_tasks`). Times are low-discrepancy per segment, so a batch averages over the
+  whole t range; a fixed key makes the validation figure of two evaluations comparable.
   """
   k_corruption, k_mask = jax.random.split(key)
-  batch = tokens.shape[0]
-  d = method.diffusion
+  diffusion = method.diffusion
+  t = diffusion.sample_times(k_corruption, tokens.shape[0])
   out = []
-  # joint; image_to_text (text noised, image clean); text_to_image (image noised, text clean)
-  for task, column in ((0, slice(0, 2)), (2, slice(0, 1)), (1, slice(1, 2))):
-    weights = [1.0 if i == task else 0.0 for i in range(len(loss_lib.TASKS))]
-    corruption = loss_lib.sample_corruption(k_corruption, batch, method.schedule, weights, t_min=d.t_min,
-                                            shared_time=d.shared_time)
-    noisy, masked = loss_lib.corrupt(k_mask, tokens, corruption, method.layout)
-    logits = method.model.apply({"params": params}, noisy)
-    out.append(loss_lib.elbo_bits(logits, tokens, masked, corruption.t, method.layout, method.schedule)[:, column])
-  return jnp.concatenate(out, axis=1)
+  for i, (_, roles) in enumerate(validation_tasks(method.layout)):
+    corruption = diffusion.corruption_at(t, roles)
+    noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
+    bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens), masked, corruption)
+    per_modality = diffusion.modality_bits(bits, roles)
+    out.extend(per_modality.values() if i == 0 else [bits[:, int(np.argmax(roles == 0))]])
+  return jnp.stack(out, axis=1)
 
 
-def compile_steps(method: Method, mesh, rules, shardings: TrainState):
+def compile_steps(method: StepInputs, mesh, rules, shardings: TrainState):
   """(train step, eval step), jitted with explicit in/out shardings (pjit) and traced under the logical rules.
 
   train: (state, {'tokens': [B, S] split over data x fsdp}) -> (state, replicated metrics), state donated.
@@ -250,18 +269,15 @@ def compile_steps(method: Method, mesh, rules, shardings: TrainState):
   return step_fn, eval_fn
 
 
-VAL_FIGURES = ("text", "image", "text_given_image", "image_given_text")
-
-
-def evaluate(eval_fn, params, batches, seed: int) -> dict[str, float]:
-  """Mean val bits per token over every example once: {'text', 'image'} (joint ELBO) and the two conditionals."""
-  total, count = np.zeros(len(VAL_FIGURES)), 0.0
+def validate(eval_fn, params, batches, seed: int, figures: tuple[str, ...]) -> dict[str, float]:
+  """Mean val bits per token over every example once: {'text', 'image'} (joint ELBO) and the conditionals."""
+  total, count = np.zeros(len(figures)), 0.0
   base = jax.random.PRNGKey(seed + 1)
   for i, batch in enumerate(batches):
     bits = np.asarray(eval_fn(params, batch["tokens"], jax.random.fold_in(base, i)))
     total += (bits * batch["weight"][:, None]).sum(axis=0)
     count += batch["weight"].sum()
-  return {name: float(v / count) for name, v in zip(VAL_FIGURES, total)}
+  return {name: float(v / count) for name, v in zip(figures, total)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +312,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   layout = toks.layout
   if layout.seq_len > config.model.max_len:
     raise configuration.ConfigError(f"config.model.max_len={config.model.max_len} is smaller than the sequence "
-                                    f"length {layout.seq_len} ({layout.text_len} text + {layout.image_len} image)")
+                                    f"length {layout.seq_len} of {layout.describe()}")
   if config.train.batch_size % jax.process_count():
     raise configuration.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
                                     f"{jax.process_count()} processes")
@@ -305,9 +321,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                                    shard_count=jax.process_count())
   data_iter = pipeline.train_iterator(dataset, config.data.num_threads)
   val_batches = pipeline.eval_batches(val_source, toks, config.eval.batch_size)
-  logging.info("data: %s, %d train / %d val examples; sequence %d = %d text + %dx%d image tokens; vocabulary %d",
-               config.data.source, len(train_source), len(val_source), layout.seq_len, layout.text_len,
-               *layout.image_grid, layout.size)
+  logging.info("data: %s, %d train / %d val examples; sequence of %d tokens %s; vocabulary %d",
+               config.data.source, len(train_source), len(val_source), layout.seq_len, layout.describe(), layout.size)
 
   # ---- Mesh, model, optimizer -----------------------------------------------------------------------------
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -322,7 +337,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         f"config.model.image_code_features: the image tokenizer's codes have {code_features.shape[1]} numbers "
         f"each, the config implies {want} (for a learned tokenizer, set config.tokenizer.fsq_levels / vq_dim to "
         "the tokenizer's)")
-  method = make_method(config, layout, code_features)
+  method = make_step_inputs(config, layout, code_features)
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",
                dict(mesh.shape), mesh.size, jax.process_count(), f"{params_lib.param_count(abstract.params):,}")
@@ -358,14 +373,15 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   writer = train_loop.Writer(workdir)
   loop_start = time.perf_counter()
 
+  figures = val_figures(layout)
+
   def run_eval(step):
     params = state.ema_params if config.eval.use_ema else state.params
     batches = [{**b, "tokens": sharding_lib.global_array(b["tokens"], batch_sh)} for b in val_batches]
-    bits = evaluate(eval_fn, params, batches, config.seed)
-    logging.info("step %d | val bits/token: text %.4f, image %.4f; text|image %.4f, image|text %.4f", step,
-                 *(bits[k] for k in VAL_FIGURES))
+    bits = validate(eval_fn, params, batches, config.seed, figures)
+    logging.info("step %d | val bits/token: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in bits.items()))
     writer.scalars(step, {f"val/bits_{k}": v for k, v in bits.items()})
-    meta["val_curve"] = [p for p in meta.get("val_curve", []) if p[0] < step] + [[step, bits["text"], bits["image"]]]
+    meta["val_curve"] = [p for p in meta.get("val_curve", []) if p[0] < step] + [[step, bits.get("text"), bits.get("image")]]
     return bits
 
   if start == 0:
@@ -459,7 +475,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       "param_count": params_lib.param_count(state.params),
       "data_skipped": {split: dict(getattr(src, "skipped", {}))
                        for split, src in (("train", train_source), ("val", val_source))},
-      "sequence": {"text": layout.text_len, "image": list(layout.image_grid), "vocab": layout.size},
+      "sequence": {"segments": layout.to_dict()["segments"], "vocab": layout.size,
+                   # the first text segment's length and the image grid, as reports before segments had them
+                   "text": next((g.length for g in layout.segments if g.modality == "text"), None),
+                   "image": list(layout.image_grid) if layout.image_grid else None},
   }
   if is_main:
     (workdir / "report.json").write_text(json.dumps(report, indent=2))

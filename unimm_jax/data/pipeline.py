@@ -20,6 +20,7 @@ saved in ``WORKDIR/tokenizers/`` and loaded from there by every later run and re
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -28,10 +29,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from unimm_jax import configuration
+from unimm_jax import configuration, sequence
 from unimm_jax import tokenizers
 from unimm_jax.data import folder, pretokenized, shapes, tfds_source
-from unimm_jax.data.vocab import VocabLayout
+from unimm_jax.sequence import SequenceLayout
 
 TOKENIZER_DIR = "tokenizers"
 
@@ -67,38 +68,98 @@ def make_source(config, split: str):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Tokenizers:
-  """The run's text and image tokenizers and the vocabulary layout they imply."""
+  """The run's text and image tokenizers and the sequence layout they imply.
 
-  text: tokenizers.TextTokenizer
-  image: tokenizers.ImageTokenizer
+  ``segments`` and ``specials`` are the config's ``sequence.segments`` / ``sequence.specials`` (``()``: today's
+  ``[text | image]``); ``fields`` maps segments to the keys of a source's items (``data.fields``; a segment not
+  named there reads the key of its own name). A source item holds raw values (a caption, a uint8 image) or, for
+  an image segment whose key is ``K``, already tokenized ids under ``K_tokens`` (pretokenized data).
+  """
+
+  text: Any           # tokenizers.TextTokenizer
+  image: Any          # tokenizers.ImageTokenizer
   text_len: int
+  segments: tuple = ()
+  specials: tuple = ()
+  fields: tuple = ()  # ((segment, source key), ...)
 
-  @property
-  def layout(self) -> VocabLayout:
-    return VocabLayout(self.text.vocab_size, self.image.vocab_size, self.text_len, self.image.grid_shape)
+  @functools.cached_property
+  def layout(self) -> SequenceLayout:
+    if not self.segments:
+      return SequenceLayout.two_segment(self.text.vocab_size, self.image.vocab_size, self.text_len,
+                                        self.image.grid_shape)
+    return SequenceLayout(sequence.parse_segments(self.segments, self.text_len, self.image.grid_shape),
+                          self.text.vocab_size, self.image.vocab_size, tuple(self.specials))
+
+  def field(self, segment: str) -> str:
+    """The source key a segment reads."""
+    return dict(self.fields).get(segment, segment)
 
   def encode(self, text: str, image: np.ndarray) -> np.ndarray:
-    """One pair -> int32 [S] packed global ids."""
+    """One pair of the two-segment layout -> int32 [S] packed global ids."""
     return self.encode_batch({"text": [text], "image": np.asarray(image)[None]})[0]
 
+  def encode_segments(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """{source key: B raw values} -> {segment: int32 [B, n] local ids} for every generative segment."""
+    out = {}
+    for seg in self.layout.segments:
+      key = self.field(seg.name)
+      if seg.modality == sequence.TEXT:
+        out[seg.name] = self.text.encode_batch([str(t) for t in _column(batch, key, seg.name)], seg.length)
+      elif seg.modality == sequence.IMAGE:
+        if f"{key}_tokens" in batch:
+          ids = np.asarray(batch[f"{key}_tokens"])
+          if ids.shape[1:] != (seg.size,) or (ids.size and (ids.min() < 0 or ids.max() >= self.image.vocab_size)):
+            raise ValueError(f"pretokenized image ids of shape {ids.shape} do not fit the image tokenizer "
+                             f"({seg.size} tokens of {self.image.vocab_size} ids)")
+          out[seg.name] = ids
+        else:
+          out[seg.name] = self.image.encode(np.asarray(_column(batch, key, seg.name)))
+    return out
+
   def encode_batch(self, batch: dict[str, Any]) -> np.ndarray:
-    """{'text': str [B], 'image': uint8 [B, H, W, C] | 'image_tokens': int [B, h*w]} -> int32 [B, S] global ids."""
-    text_ids = self.text.encode_batch([str(t) for t in batch["text"]], self.text_len)
-    if "image_tokens" in batch:
-      image_ids = np.asarray(batch["image_tokens"])
-      if image_ids.shape[1:] != (self.layout.image_len,) or (
-          image_ids.size and (image_ids.min() < 0 or image_ids.max() >= self.image.vocab_size)):
-        raise ValueError(f"pretokenized image ids of shape {image_ids.shape} do not fit the image tokenizer "
-                         f"({self.layout.image_len} tokens of {self.image.vocab_size} ids)")
-    else:
-      image_ids = self.image.encode(np.asarray(batch["image"]))
-    return self.layout.pack(text_ids, image_ids)
+    """{source key: B raw values} -> int32 [B, S] global ids."""
+    return self.layout.pack(self.encode_segments(batch))
+
+  def decode_segments(self, tokens: np.ndarray) -> dict[str, Any]:
+    """int [N, S] global ids (no MASK) -> {segment: list of N strings (text) | uint8 [N, H, W, C] (image)}."""
+    out = {}
+    for name, ids in self.layout.unpack(np.asarray(tokens)).items():
+      if self.layout.segment(name).modality == sequence.TEXT:
+        out[name] = [self.text.decode(row) for row in ids]
+      else:
+        out[name] = self.image.decode(ids)
+    return out
 
   def decode(self, tokens: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """int [N, S] global ids (no MASK) -> (captions, uint8 [N, H, W, C] images)."""
-    text_ids, image_ids = self.layout.unpack(np.asarray(tokens))
-    texts = [self.text.decode(row) for row in text_ids]
-    return texts, self.image.decode(image_ids)
+    """int [N, S] global ids (no MASK) -> (captions, uint8 [N, H, W, C] images): the first text and the first
+    image segment's values."""
+    values = self.decode_segments(tokens)
+    lay = self.layout
+    text = values[lay.of_modality(sequence.TEXT)[0]] if lay.of_modality(sequence.TEXT) else None
+    image = values[lay.of_modality(sequence.IMAGE)[0]] if lay.of_modality(sequence.IMAGE) else None
+    return text, image
+
+  def unknown_count(self, tokens: np.ndarray) -> np.ndarray:
+    """int32 [B]: text tokens that are UNK, over every text segment."""
+    unk_id = self.text.unk_id
+    if unk_id is None:
+      return np.zeros(len(tokens), np.int32)
+    text = self.layout.positions_of(self.layout.of_modality(sequence.TEXT))
+    return np.sum((tokens == unk_id) & text[None], axis=1).astype(np.int32)
+
+
+def tokenizers_for(config, text, image) -> Tokenizers:
+  """The :class:`Tokenizers` of a config's sequence layout over fitted or loaded tokenizers."""
+  return Tokenizers(text, image, config.text.max_len, tuple(map(tuple, config.sequence.segments)),
+                    tuple(config.sequence.specials), tuple(map(tuple, config.data.fields)))
+
+
+def _column(batch: dict[str, Any], key: str, segment: str):
+  if key not in batch:
+    raise KeyError(f"segment {segment!r} reads the source key {key!r}, which its items do not have (they have "
+                   f"{', '.join(sorted(batch))}); map it with config.data.fields")
+  return batch[key]
 
 
 def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizers.ImageTokenizer]:
@@ -148,13 +209,13 @@ def fit_or_load_tokenizers(config, workdir, train_source=None) -> Tokenizers:
       image_tok.save(directory)
       logging.info("saved tokenizers to %s", directory)
   configuration.check_tokenizers(config, text_tok, image_tok)
-  return Tokenizers(text_tok, image_tok, config.text.max_len)
+  return tokenizers_for(config, text_tok, image_tok)
 
 
-def load_tokenizers(workdir, text_len: int) -> Tokenizers:
+def load_tokenizers(workdir, config) -> Tokenizers:
   """The tokenizers a training run saved (for readers: sampler, export); FileNotFoundError if there are none."""
   directory = epath.Path(workdir) / TOKENIZER_DIR
-  return Tokenizers(tokenizers.load_text_tokenizer(directory), tokenizers.load_image_tokenizer(directory), text_len)
+  return tokenizers_for(config, tokenizers.load_text_tokenizer(directory), tokenizers.load_image_tokenizer(directory))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,10 +230,7 @@ class EncodeBatch(grain.transforms.Map):
 
   def map(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
     tokens = self._toks.encode_batch(batch)
-    unk_id = self._toks.text.unk_id
-    unk = (np.zeros(len(tokens), np.int32) if unk_id is None
-           else np.sum(tokens[:, : self._toks.text_len] == unk_id, axis=1).astype(np.int32))
-    return {"tokens": tokens, "text_unk": unk}
+    return {"tokens": tokens, "text_unk": self._toks.unknown_count(tokens)}
 
 
 class Encode(grain.transforms.Map):

@@ -82,17 +82,20 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, modality=None):
-    """x: [B, S, D], positions: int32 [S, 2], modality: int [S] (needed when not cross_modal_rope) -> [B, S, D].
+  def __call__(self, x, positions, segments=None):
+    """x: [B, S, D], positions: int32 [S, 2], segments: (segment index int [S], is-text bool [S]) of each position
+    (needed when not cross_modal_rope, or with directional heads) -> [B, S, D].
 
-    With ``cross_modal_rope=False``, the rotary embedding applies within a modality only: a text-text or
-    image-image pair scores with the rotated q, k (relative offsets in the caption, on the grid), a text-image pair
-    with the unrotated ones over the whole head, so that a caption word finds its grid cell by content and
-    absolute position alone. Across modalities a rotary offset (text index i against grid cell (r, c)) means
-    nothing and only adds noise to those scores. This takes a second score matmul, done here by XLA (no cuDNN).
+    With ``cross_modal_rope=False``, the rotary embedding applies within a segment only: a pair of positions of
+    one segment scores with the rotated q, k (relative offsets in the caption, on the grid), a pair across
+    segments with the unrotated ones over the whole head, so that a caption word finds its grid cell by content
+    and absolute position alone. Across segments a rotary offset (text index i against grid cell (r, c), or two
+    captions' indices, which both start at 0) means nothing and only adds noise to those scores. This takes a
+    second score matmul, done here by XLA (no cuDNN).
 
-    With ``directional_heads=P``, between caption words the first P heads attend only to the same or earlier
-    words and the next P heads only to the same or later ones (every other pair, and every other head, as before).
+    With ``directional_heads=P``, between the words of one text segment the first P heads attend only to the same
+    or earlier words and the next P heads only to the same or later ones (every other pair, and every other
+    head, as before).
     A bidirectional attention can tell left from right only through rotary phases, which over a caption's length
     are nearly flat at the low frequencies and wrap at the high ones; a left-looking head that finds the word
     "and" says at once which phrase of a caption a word belongs to, which binding each phrase to its own grid
@@ -123,8 +126,8 @@ class Attention(nn.Module):
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     own_scores = (not self.cross_modal_rope and r) or self.directional_heads
-    if own_scores and modality is None:
-      raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the modality of each "
+    if own_scores and segments is None:
+      raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the segment of each "
                        "position")
     if self.implementation is not None:
       if own_scores:
@@ -132,22 +135,23 @@ class Attention(nn.Module):
                          f"it has no implementation={self.implementation!r}")
       out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
     elif self.cross_modal_rope or not r:
-      out = heads_first_attention(q, k, v, allowed=self._directional_mask(modality))
+      out = heads_first_attention(q, k, v, allowed=self._directional_mask(segments))
     else:
-      same = (modality[:, None] == modality[None, :])[None, None]                      # [1, 1, S, S]
-      out = heads_first_attention(q, k, v, q_raw, k_raw, same, allowed=self._directional_mask(modality))
+      segment = segments[0]
+      same = (segment[:, None] == segment[None, :])[None, None]                        # [1, 1, S, S]
+      out = heads_first_attention(q, k, v, q_raw, k_raw, same, allowed=self._directional_mask(segments))
     return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
 
-  def _directional_mask(self, modality):
+  def _directional_mask(self, segments):
     """bool [1, N, S, S], True where a query may attend a key, or None (every pair) without directional heads."""
     p = self.directional_heads
     if not p:
       return None
     if 2 * p > self.num_heads:
       raise ValueError(f"directional_heads={p} needs at least {2 * p} heads, got {self.num_heads}")
-    s = modality.shape[0]
-    text = modality == 0
-    text_pair = text[:, None] & text[None, :]                                          # [S, S]
+    segment, text = segments
+    s = segment.shape[0]
+    text_pair = text[:, None] & text[None, :] & (segment[:, None] == segment[None, :])  # [S, S]: within a caption
     idx = jnp.arange(s)
     left = ~text_pair | (idx[None, :] <= idx[:, None])
     right = ~text_pair | (idx[None, :] >= idx[:, None])
@@ -259,12 +263,12 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, modality=None):  # [B, S, D] -> [B, S, D]
+  def __call__(self, x, positions, segments=None):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
                       self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, name="attn",
-                      **kw)(h, positions, modality)
+                      **kw)(h, positions, segments)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

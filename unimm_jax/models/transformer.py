@@ -1,18 +1,19 @@
-"""The network: one bidirectional transformer over ``[text | image]`` token sequences.
+"""The network: one bidirectional transformer over segmented token sequences.
 
 It maps token ids (MASK included) to logits and knows nothing about diffusion: no time input, no masking
-rates. What it knows of the data is the :class:`~unimm_jax.data.vocab.VocabLayout`: which positions are text
-and which image (for the modality embedding, the positions and the output restriction).
+rates. What it knows of the data is the :class:`~unimm_jax.sequence.SequenceLayout`: the segment and modality of
+each position (for the modality embedding, the positions, the attention options and the output restriction).
 
-Positions (config ``model.positions``): ``rope`` is rotary, 1-D for text and 2-D (row, column) for the image grid,
-so attention between image tokens depends on their grid offsets; ``learned`` adds absolute embeddings (per text
-index; per image row plus per image column); ``rope+learned`` does both. Rotary alone gives attention only
-*relative* offsets, and between a text token and an image token those mean little, so an image token cannot tell
-where on the grid it sits, which text->image needs ("... at the top left"); the absolute embeddings give it that.
+Positions (config ``model.positions``): ``rope`` is rotary, 1-D within a text segment and 2-D (row, column) within
+an image grid, so attention between image tokens depends on their grid offsets; ``learned`` adds absolute
+embeddings per segment (per text index; per image row plus per image column); ``rope+learned`` does both. Rotary
+alone gives attention only *relative* offsets, and between a text token and an image token those mean little,
+so an image token cannot tell where on the grid it sits, which text->image needs ("... at the top left"); the
+absolute embeddings give it that.
 
-The output at each position is restricted to its own modality's ids: the logits of the other modality and of
-MASK are set to a large negative value, so their probabilities are exactly 0 in float32 while every value stays
-finite (``-inf`` would make ``p * log p`` NaN in entropy and KL terms).
+The output at each position is restricted to its own modality's ids: the logits of the other modalities, of
+special tokens and of MASK are set to a large negative value, so their probabilities are exactly 0 in float32
+while every value stays finite (``-inf`` would make ``p * log p`` NaN in entropy and KL terms).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from unimm_jax.data.vocab import VocabLayout
 from unimm_jax.models import layers
+from unimm_jax.sequence import IMAGE, MODALITIES, SPECIAL, TEXT, SequenceLayout
 
 NEG_INF = -1e9
 
@@ -40,17 +41,17 @@ REMAT_POLICIES = {
 def _ScanBlock(block_cls):  # pylint: disable=invalid-name
   """``block_cls`` with the (carry, output) signature ``nn.scan`` needs."""
   class ScanBlock(block_cls):
-    def __call__(self, x, positions, modality):
-      return super().__call__(x, positions, modality), None
+    def __call__(self, x, positions, segments):
+      return super().__call__(x, positions, segments), None
   ScanBlock.__name__ = f"Scan{block_cls.__name__}"
   return ScanBlock
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Network hyper-parameters (the ``model`` config group plus the vocabulary layout)."""
+  """Network hyper-parameters (the ``model`` config group plus the sequence layout)."""
 
-  layout: VocabLayout
+  layout: SequenceLayout
   d_model: int = 128
   num_layers: int = 4
   num_heads: int = 4
@@ -66,25 +67,31 @@ class TransformerConfig:
   scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
   remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
-  cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
-  directional_heads: int = 0   # P: per block, P heads look only left and P only right within the caption
+  cross_modal_rope: bool = True  # False: rotary offsets only within a segment (layers.Attention)
+  directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
 
   @classmethod
-  def from_config(cls, model_config, layout: VocabLayout, code_feature_dim: int = 0) -> "TransformerConfig":
+  def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0) -> "TransformerConfig":
     fields = {f.name for f in dataclasses.fields(cls)} - {"layout", "code_feature_dim"}
     return cls(layout=layout, code_feature_dim=code_feature_dim,
                **{k: v for k, v in model_config.items() if k in fields})
 
 
-def token_positions(layout: VocabLayout) -> np.ndarray:
-  """int32 [S, 2]: (i, i) for text index i; (row, col) for image grid cells (row-major)."""
-  text = np.repeat(np.arange(layout.text_len)[:, None], 2, axis=1)
-  h, w = layout.image_grid
-  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  image = np.stack([rows.ravel(), cols.ravel()], axis=1)
-  return np.concatenate([text, image]).astype(np.int32)
+def token_positions(layout: SequenceLayout) -> np.ndarray:
+  """int32 [S, 2]: (i, i) for index i within a text segment; (row, col) for image grid cells (row-major)."""
+  return layout.positions()
+
+
+def segment_info(layout: SequenceLayout):
+  """(segment index int32 [S], is-text bool [S]) of each position, built in the program from iota comparisons."""
+  iota = jnp.arange(layout.seq_len)
+  segment = jnp.zeros(layout.seq_len, jnp.int32)
+  for name in layout.names[1:]:
+    segment = segment + (iota >= layout.span(name)[0]).astype(jnp.int32)
+  text = layout.modality_masks(jnp).get(TEXT, jnp.zeros(layout.seq_len, bool))
+  return segment, text
 
 
 class Transformer(nn.Module):
@@ -93,19 +100,24 @@ class Transformer(nn.Module):
   config: TransformerConfig
 
   def _absolute_positions(self, init, param_dtype):
-    """float [S, D]: a learned vector per text index; per image cell, a learned row plus a learned column vector.
+    """float [S, D]: per segment, a learned vector per text index; per image cell, a learned row plus a learned
+    column vector (parameters ``{segment}_position``, ``{segment}_row``, ``{segment}_col``).
 
     The factorised image table shares what is learned about a row (or column) across its cells, so "top left"
     binds to the right cells after fewer examples than a free vector per cell would need.
     """
     layout, d = self.config.layout, self.config.d_model
     axes = nn.with_logical_partitioning(init, (None, "embed"))
-    text = self.param("text_position", axes, (layout.text_len, d), param_dtype)
-    h, w = layout.image_grid
-    rows = self.param("image_row", axes, (h, d), param_dtype)
-    cols = self.param("image_col", axes, (w, d), param_dtype)
-    image = (rows[:, None, :] + cols[None, :, :]).reshape(h * w, d)
-    return jnp.concatenate([text, image], axis=0)
+    parts = []
+    for seg in layout.segments:
+      if seg.modality == IMAGE:
+        h, w = seg.grid
+        rows = self.param(f"{seg.name}_row", axes, (h, d), param_dtype)
+        cols = self.param(f"{seg.name}_col", axes, (w, d), param_dtype)
+        parts.append((rows[:, None, :] + cols[None, :, :]).reshape(h * w, d))
+      else:
+        parts.append(self.param(f"{seg.name}_position", axes, (seg.size, d), param_dtype))
+    return jnp.concatenate(parts, axis=0)
 
   def _code_embedding(self, tokens, param_dtype):
     """float [B, S, D]: at image positions holding a code (not MASK), a learned projection of the code's features.
@@ -121,14 +133,15 @@ class Transformer(nn.Module):
                           (layout.image_vocab, self.config.code_feature_dim), param_dtype)
     table = layers.Projection((self.config.code_feature_dim,), (d,), (None, "embed"), name="code_projection")(
         jax.lax.stop_gradient(jnp.asarray(features, jnp.float32)))                    # [V_img, D]
-    ids = jnp.clip(tokens - layout.image_offset, 0, layout.image_vocab - 1)
-    is_code = (tokens >= layout.image_offset) & (tokens < layout.mask_id)
+    lo, hi = layout.id_range(IMAGE)
+    ids = jnp.clip(tokens - lo, 0, layout.image_vocab - 1)
+    is_code = (tokens >= lo) & (tokens < hi)
     return jnp.where(is_code[..., None], jnp.take(table, ids, axis=0), 0.0)
 
   @nn.compact
   def __call__(self, tokens, *, hidden: bool = False):
     """tokens int32 [B, S] -> logits float32 [B, S, V]; with ``hidden=True`` the final-normed features [B, S, D]
-    instead (the training loss applies the head per modality: :func:`modality_nll`)."""
+    instead (the training loss applies the head per segment: :func:`segment_nll`)."""
     cfg = self.config
     layout = cfg.layout
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -146,9 +159,7 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
     if cfg.code_feature_dim:
       x = x + self._code_embedding(tokens, param_dtype).astype(dtype)
-    modality = self.param("modality_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
-                          (2, cfg.d_model), param_dtype)
-    x = x + jnp.asarray(modality)[jnp.asarray(layout.modality_ids())].astype(dtype)[None]
+    x = x + self._modality_embedding(embed_init, param_dtype).astype(dtype)[None]
     if cfg.positions in ("learned", "rope+learned"):
       x = x + self._absolute_positions(embed_init, param_dtype).astype(dtype)[None]
     # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
@@ -156,11 +167,11 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     positions = jnp.asarray(token_positions(layout))
+    segments = segment_info(layout)
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     attention = None if cfg.attention == "xla" else cfg.attention
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv,
                   cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm)
-    modality = jnp.asarray(layout.modality_ids())
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -168,10 +179,10 @@ class Transformer(nn.Module):
       # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
       stack = nn.scan(_ScanBlock(block), variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, modality)
+      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, segments)
     else:
       for i in range(cfg.num_layers):
-        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, modality)
+        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments)
     x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
@@ -179,17 +190,32 @@ class Transformer(nn.Module):
                                kernel_init=nn.initializers.zeros, name="head")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
     logits = logits[..., :layout.size] if vocab != layout.size else logits
-    return jnp.where(jnp.asarray(layout.allowed_ids())[None], logits, NEG_INF)
+    return jnp.where(layout.allowed_ids(jnp)[None], logits, NEG_INF)
+
+  def _modality_embedding(self, init, param_dtype):
+    """float [S, D]: each position's modality vector (rows: text, image, and special when the layout has special
+    tokens), chosen by a select over iota comparisons: a gather with constant indices would make its backward a
+    scatter-add, slow on accelerators."""
+    layout = self.config.layout
+    rows = 3 if layout.specials else 2
+    table = self.param("modality_embedding", nn.with_logical_partitioning(init, (None, "embed")),
+                       (rows, self.config.d_model), param_dtype)
+    masks = layout.modality_masks(jnp)
+    out = jnp.broadcast_to(table[MODALITIES.index(layout.modalities[-1])], (layout.seq_len, self.config.d_model))
+    for m in reversed(layout.modalities[:-1]):
+      out = jnp.where(masks[m][:, None], table[MODALITIES.index(m)], out)
+    return out
 
 
-def modality_nll(config: TransformerConfig, params, features, targets):
-  """-log p(target) at every position, each position's softmax over its own modality's ids only: float32 [B, S].
+def segment_nll(config: TransformerConfig, params, features, targets):
+  """-log p(target) at every position, each position's softmax over its own modality's ids only: float32 [B, S]
+  (0 at special positions, which are never predicted).
 
   Equal to ``token_nll`` of the restricted logits of ``Transformer.__call__`` (the other ids get probability exactly
-  0 there), but the head is applied per modality to its own columns: text positions to the text ids, image
-  positions to the image ids. The cross-modality columns and MASK are never computed, which spares the matmul and
-  the softmax of every text position over the image vocabulary (with an 8k-16k image codebook and captions of a
-  fifth of the sequence, most of the head's work in a full-width head), in the forward and the backward pass.
+  0 there), but the head is applied per segment to its modality's columns only: text positions to the text ids,
+  image positions to the image ids. The cross-modality columns and MASK are never computed, which spares the
+  matmul and the softmax of every text position over the image vocabulary (with an 8k-16k image codebook and
+  captions of a fifth of the sequence, most of the head's work in a full-width head), forward and backward.
 
   Args:
     config: the network's config (layout, dtype).
@@ -199,13 +225,29 @@ def modality_nll(config: TransformerConfig, params, features, targets):
   """
   layout, dtype = config.layout, jnp.dtype(config.dtype)
   kernel = nn.unbox(params["head"]["kernel"])
-  split = layout.text_len
+  feature_parts, target_parts = layout.split(features), layout.split(targets)
   out = []
-  for seg, lo, hi in ((slice(0, split), layout.text_offset, layout.image_offset),
-                      (slice(split, None), layout.image_offset, layout.mask_id)):
-    logits = layers.matmul_2d(features[:, seg].astype(dtype), kernel[:, lo:hi].astype(dtype), 1)
+  for seg in layout.segments:
+    if seg.modality == SPECIAL:
+      out.append(jnp.zeros(target_parts[seg.name].shape, jnp.float32))
+      continue
+    lo, hi = layout.id_range(seg.modality)
+    logits = layers.matmul_2d(feature_parts[seg.name].astype(dtype), kernel[:, lo:hi].astype(dtype), 1)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
-    local = jnp.clip(targets[:, seg] - lo, 0, hi - lo - 1)
+    local = jnp.clip(target_parts[seg.name] - lo, 0, hi - lo - 1)
     target_logit = jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
     out.append(jax.nn.logsumexp(logits, axis=-1) - target_logit)
   return jnp.concatenate(out, axis=1)
+
+
+def sequence_nll(model: Transformer, params, noisy, targets):
+  """-log p(x0 | x_t) at every position, float32 [B, S]: the network's features on ``noisy`` (int32 [B, S]), then
+  the head per segment (:func:`segment_nll`). The one path of training, validation and scoring."""
+  features = model.apply({"params": params}, noisy, hidden=True)
+  return segment_nll(model.config, params, features, targets)
+
+
+def from_config(config, layout: SequenceLayout) -> Transformer:
+  """The network of a run's config (``model`` group) over a layout."""
+  from unimm_jax import configuration  # pylint: disable=g-import-not-at-top  (JAX-free; kept off the import path)
+  return Transformer(TransformerConfig.from_config(config.model, layout, configuration.image_code_feature_dim(config)))

@@ -1,0 +1,29 @@
+"""Confidence-ordered decoding (MaskGIT).
+
+A reveal schedule fixes how many tokens are still masked after step k of K,
+``remaining_k = floor(N * gamma((k + 1) / K))`` with gamma(r) = cos(pi/2 r) (``cosine``) or 1 - r (``linear``), N the
+example's masked count at the start. Each step scores every masked position's candidate by its log-probability
+plus Gumbel noise scaled by ``confidence_noise * (1 - (k + 1) / K)`` (annealed to 0), and reveals the most
+confident ones so that exactly ``remaining_k`` stay masked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.method.samplers.loop import Step, register_sampler
+
+
+def confidence(step: Step) -> jax.Array:
+  """bool [B, S]: the most confident masked positions, all but ``step.remaining`` of them."""
+  steps = step.config.steps
+  conf = jnp.take_along_axis(step.log_probs, step.candidates[..., None], axis=-1)[..., 0]
+  noise_scale = step.config.confidence_noise * (1.0 - (step.k + 1.0) / steps)
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, step.masked.shape[1:]))(step.noise_key)
+  conf = jnp.where(step.masked, conf + noise_scale * gumbel, jnp.inf)   # given / revealed tokens rank last
+  rank = jnp.argsort(jnp.argsort(conf, axis=1), axis=1)                 # 0 = least confident
+  return step.masked & (rank >= step.remaining[:, None])
+
+
+register_sampler("confidence", confidence)

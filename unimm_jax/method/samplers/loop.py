@@ -1,0 +1,176 @@
+"""The one sampling loop: fill the MASKs of chosen positions in K parallel steps, as one jitted ``lax.scan``.
+
+Like MaskGIT's ``decode(inputs, rng, tokens_to_logits, mask_token_id)``, the loop knows nothing of what the
+tokens mean: it gets the network as ``tokens_to_logits``, the starting tokens (MASK where to generate), which
+positions it may generate, and which to guide. What to reveal at each step is the sampling method's, a small
+function registered by name (``confidence.py``, ``ancestral.py``); adding one is a new file and a
+:func:`register_sampler` call.
+
+Classifier-free guidance: log-probabilities ``(1 + w) * cond - w * uncond``, renormalised. ``guide`` is a tuple
+of (target positions, null positions) pairs: at the target positions, ``uncond`` is the model's output with the
+null positions all MASK (the null condition of training). The uncond passes are batched with the cond pass
+into one forward.
+
+Invariants (tested): tokens that are not MASK at the start never change; no MASK is left after the last step
+at the generated positions; the confidence method reveals exactly the scheduled count each step. Randomness is
+per example (one key per row, folded with the step, then split in three: the token draw, the method's noise,
+the method's uniforms), so an example's output does not depend on the batch it was padded into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.method.schedules import Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  method: str = "confidence"     # a registered sampler: confidence | ancestral | ...
+  steps: int = 32
+  temperature: float = 1.0       # token sampling temperature; 0 = argmax
+  confidence_noise: float = 1.0  # confidence: scale of the Gumbel noise on confidences at the first step
+  reveal_schedule: str = "cosine"  # confidence: cosine | linear
+  guidance_scale: float = 0.0    # w; 0 = plain conditional sampling
+
+  def __post_init__(self):
+    if self.method not in _REGISTRY:
+      raise ValueError(f"sampler method {self.method!r} is not one of {tuple(_REGISTRY)}")
+    if self.reveal_schedule not in ("cosine", "linear"):
+      raise ValueError(f"reveal_schedule {self.reveal_schedule!r} is not 'cosine' or 'linear'")
+    if self.steps < 1:
+      raise ValueError(f"steps={self.steps} must be >= 1")
+    if self.temperature < 0 or self.guidance_scale < 0:
+      raise ValueError("temperature and guidance_scale must be >= 0")
+
+
+@flax.struct.dataclass
+class Step:
+  """What a sampling method sees at step k of K (B examples, S positions, V ids)."""
+
+  k: jax.Array               # int32 []: the step, 0 .. K-1
+  log_probs: jax.Array       # float32 [B, S, V]: guided log p(x0 | x_t)
+  candidates: jax.Array      # int32 [B, S]: a token drawn at every position (with the temperature)
+  masked: jax.Array          # bool [B, S]: still MASK and to be generated
+  remaining: jax.Array       # int32 [B]: how many of them the reveal schedule leaves masked after this step
+  noise_key: jax.Array       # uint32 [B, 2]: per-example key for the method's noise
+  uniform_key: jax.Array     # uint32 [B, 2]: per-example key for the method's uniforms
+  config: SamplerConfig = flax.struct.field(pytree_node=False)
+  schedule: Schedule | None = flax.struct.field(pytree_node=False, default=None)
+
+
+Method = Callable[[Step], jax.Array]   # -> bool [B, S]: the positions to reveal now (a subset of masked)
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_sampler(name: str, method: Method) -> None:
+  """Makes ``SamplerConfig(method=name)`` use ``method``: a function of a :class:`Step` returning the positions
+  to reveal (bool [B, S], within ``step.masked``; every masked position at the last step)."""
+  _REGISTRY[name] = method
+
+
+def registered() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def remaining_masked(num_masked, steps: int, reveal_schedule: str = "cosine"):
+  """int32 [steps, B]: how many tokens are still masked after each step (the last row is 0).
+
+  Args:
+    num_masked: int [B] masked tokens per example at the start.
+  """
+  num_masked = jnp.asarray(num_masked, jnp.int32)
+  k = jnp.arange(1, steps + 1, dtype=jnp.int32)
+  if reveal_schedule == "linear":
+    # Integer arithmetic, floor(N (K - k) / K): in float32, 24 * (1 - 7/24) is 16.99999 and floors to 16, so
+    # K = N steps would reveal two tokens at some steps and none at others instead of exactly one each.
+    return (num_masked[None, :] * (steps - k)[:, None]) // steps
+  gamma = jnp.cos(0.5 * math.pi * k.astype(jnp.float32) / steps)
+  gamma = gamma.at[-1].set(0.0)   # cos(pi/2) is 6e-17 in float32, not 0
+  # The 1e-4 absorbs float32 rounding of products that are whole numbers in exact arithmetic.
+  return jnp.floor(gamma[:, None] * num_masked[None, :].astype(jnp.float32) + 1e-4).astype(jnp.int32)
+
+
+def draw(keys, log_probs, temperature: float):
+  """Per-example categorical draw: keys [B, 2], log_probs [B, S, V] -> int32 [B, S]."""
+  if temperature == 0.0:
+    return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+  return jax.vmap(lambda k, lp: jax.random.categorical(k, lp / temperature, axis=-1))(keys, log_probs).astype(
+      jnp.int32)
+
+
+Guide = tuple[tuple[tuple[bool, ...], tuple[bool, ...]], ...]   # ((target [S], null [S]), ...), static
+
+
+def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_scale: float, guide: Guide = ()):
+  """log p(x0 | x_t) with classifier-free guidance: float32 [B, S, V].
+
+  Args:
+    tokens_to_logits: int32 [B', S] -> float32 [B', S, V].
+    tokens: int32 [B, S] current (partly masked) sequences.
+    guide: ((target positions, null positions), ...) as bool tuples of length S (module docstring).
+  """
+  if guidance_scale == 0.0 or not guide:
+    return jax.nn.log_softmax(tokens_to_logits(tokens), axis=-1)
+  batches = [tokens]
+  for _, null in guide:
+    batches.append(jnp.where(jnp.asarray(null)[None], mask_id, tokens))
+  out = jax.nn.log_softmax(tokens_to_logits(jnp.concatenate(batches)), axis=-1)
+  out = out.reshape(len(batches), tokens.shape[0], *out.shape[1:])
+  cond, uncond = out[0], out[0]
+  for i, (target, _) in enumerate(guide, start=1):
+    uncond = jnp.where(jnp.asarray(target)[None, :, None], out[i], uncond)
+  w = guidance_scale
+  return jax.nn.log_softmax((1.0 + w) * cond - w * uncond, axis=-1)
+
+
+def sample(tokens_to_logits: Callable, tokens, keys, *, mask_id: int, config: SamplerConfig,
+           schedule: Schedule | None = None, guide: Guide = (), generate=None):
+  """Fills the MASKs in ``tokens``: int32 [B, S] (see :func:`sample_with_trace`)."""
+  return sample_with_trace(tokens_to_logits, tokens, keys, mask_id=mask_id, config=config, schedule=schedule,
+                           guide=guide, generate=generate)[0]
+
+
+def sample_with_trace(tokens_to_logits: Callable, tokens, keys, *, mask_id: int, config: SamplerConfig,
+                      schedule: Schedule | None = None, guide: Guide = (), generate=None):
+  """Fills the MASKs in ``tokens`` and reports how many stayed masked after each step.
+
+  Args:
+    tokens_to_logits: the network, int32 [B, S] -> float32 [B, S, V] (already bound to its parameters).
+    tokens: int32 [B, S] global ids; MASK where to generate.
+    keys: uint32 [B, 2] one PRNG key per example.
+    mask_id: the MASK id.
+    config: the sampler's settings (static).
+    schedule: the masking schedule (methods that need it, e.g. ``ancestral``).
+    guide: which positions get guidance against which null condition (static; module docstring).
+    generate: optional bool [S] (static): generate only these positions; a MASK elsewhere stays MASK and reads
+      as the null condition of training (e.g. a caption drawn with the image all MASK is drawn from p(text)).
+  Returns:
+    (int32 [B, S] with no MASK left where generated, int32 [K, B] masked count after each step).
+  """
+  steps = config.steps
+  given = tokens != mask_id
+  if generate is not None:
+    given = given | ~jnp.asarray(generate, bool)[None]
+  remaining = remaining_masked((~given).sum(axis=1), steps, config.reveal_schedule)  # [K, B]
+  method = _REGISTRY[config.method]
+
+  def body(tokens, k):
+    step_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k), 3))(keys)   # [B, 3, 2]
+    log_probs = guided_log_probs(tokens_to_logits, tokens, mask_id, config.guidance_scale, guide)
+    candidates = draw(step_keys[:, 0], log_probs, config.temperature)                       # [B, S]
+    masked = (tokens == mask_id) & ~given
+    reveal = method(Step(k=k, log_probs=log_probs, candidates=candidates, masked=masked, remaining=remaining[k],
+                         noise_key=step_keys[:, 1], uniform_key=step_keys[:, 2], config=config,
+                         schedule=schedule))
+    tokens = jnp.where(reveal & masked, candidates, tokens)
+    return tokens, ((tokens == mask_id) & ~given).sum(axis=1).astype(jnp.int32)
+
+  # One scan over the steps: a single jitted loop, with the tiny per-step counts as its only stacked output.
+  return jax.lax.scan(body, tokens, jnp.arange(steps))
