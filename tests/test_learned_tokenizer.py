@@ -231,3 +231,26 @@ def test_a_tokenizer_saved_before_the_encoder_choice_loads_as_conv():
   assert learned.TokenizerSpec.from_dict(saved) == spec
   del saved["encoder"]   # what image_tokenizer.json held before tokenizer.encoder existed
   assert learned.TokenizerSpec.from_dict(saved).net.encoder == "conv"
+
+
+@pytest.mark.parametrize("kind", ["fsq", "vq"])
+def test_learned_kind_geometry_from_the_config_is_what_the_tokenizer_reports(kind, tmp_path):
+  """The grid, downsampling, code feature dimension and vocabulary the registry derives from the config (what the
+  unified model is sized by before the tokenizer is loaded) are those of the tokenizer the config describes."""
+  config = tiny_tokenizer_config(**{"image.tokenizer": kind, "tokenizer.vq_codebook_size": 16,
+                                    "tokenizer.vq_dim": 4, "model.image_code_features": True})
+  spec = learned.spec_from_config(config)
+  codebook = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32) if kind == "vq" else None
+  tok = learned.LearnedImageTokenizer(spec, learned.init_params(spec, jax.random.key(0)), codebook, encode_batch=16)
+  registered = tokenizers.image_kind(kind)
+  assert registered.learned and not registered.fitted
+  assert configuration.image_token_grid(config) == registered.grid(config) == tok.grid_shape == spec.grid
+  assert configuration.tokenizer_downsample(config) == spec.net.downsample
+  assert tok.code_features().shape == (tok.vocab_size, configuration.image_code_feature_dim(config))
+  assert tok.vocab_size == registered.vocab_bound(config)
+  # Made through the registry from tokenizer_path, it is the saved one and agrees with the config.
+  tok.save(tmp_path)
+  config.image.tokenizer_path = str(tmp_path)
+  made = pipeline.make_image_tokenizer(config, None)
+  assert isinstance(made, learned.LearnedImageTokenizer) and made.config_dict() == tok.config_dict()
+  configuration.check_tokenizers(config, tokenizers.make_text_tokenizer(config, ["a red circle"]), made)

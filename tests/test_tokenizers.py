@@ -333,3 +333,128 @@ def test_image_bad_shapes_and_ids():
     tk.PatchTokenizer.fit(np.zeros((1, 10, 10, 3), np.uint8), 10, 3, 4, 4, 16)
   with pytest.raises(ValueError, match='levels'):
     tk.PixelTokenizer(8, 3, 1)
+
+
+# ---------------------------------------------------------------------------
+# Kinds (the registry): geometry from the config, and a kind added from outside
+# ---------------------------------------------------------------------------
+
+
+def _image_config(**image):
+  from unimm_jax import configuration  # pylint: disable=g-import-not-at-top
+  c = configuration.base_config()
+  c.model.image_code_features = True
+  c.data.fit_examples = 16
+  for key, value in image.items():
+    c.image[key] = value
+  return c
+
+
+@pytest.mark.parametrize('image', [
+    dict(tokenizer='pixel', size=8, channels=3, levels=4),
+    dict(tokenizer='pixel', size=6, channels=1, levels=16),
+    dict(tokenizer='patch', size=24, channels=3, levels=4, patch=4),
+    dict(tokenizer='patch', size=12, channels=1, levels=8, patch=3, codebook_size=20),
+], ids=lambda d: f"{d['tokenizer']}{d['size']}c{d['channels']}")
+def test_image_kind_geometry_from_the_config_is_what_the_tokenizer_reports(image):
+  """The grid, downsampling and code feature dimension the config implies (what the model is sized by before
+  anything is fitted) are the built tokenizer's own."""
+  from unimm_jax import configuration  # pylint: disable=g-import-not-at-top
+  config = _image_config(**image)
+  kind = tk.image_kind(config.image.tokenizer)
+  size, channels = config.image.size, config.image.channels
+  rng = np.random.default_rng(0)
+  items = [{'image': rng.integers(0, 256, (size, size, channels), dtype=np.uint8), 'text': ''}
+           for _ in range(16)]
+  tok = kind.make(config, items if kind.fitted else [])
+  assert tok.kind == kind.name and tok.image_shape == (size, size, channels)
+  assert configuration.image_token_grid(config) == kind.grid(config) == tok.grid_shape
+  assert configuration.tokenizer_downsample(config) * tok.grid_shape[0] == size
+  features = tok.code_features()
+  assert features.shape == (tok.vocab_size, configuration.image_code_feature_dim(config))
+  assert tok.vocab_size <= kind.vocab_bound(config)
+  text = tk.make_text_tokenizer(config, ['a red circle'])
+  configuration.check_tokenizers(config, text, tok)   # the saved fields the kind names agree with the config
+
+
+class _GreyBlockTokenizer(tk.ImageTokenizer):
+  """A kind no library module knows: one token per 2x2 block, its mean grey value in `levels` steps."""
+
+  kind = 'grey_block'
+
+  def __init__(self, size, channels, levels):
+    self.levels = levels
+    self.image_shape = (size, size, channels)
+    self.grid_shape = (size // 2, size // 2)
+
+  @property
+  def vocab_size(self):
+    return self.levels
+
+  def _encode(self, images):
+    n, s, _, c = images.shape
+    blocks = images.reshape(n, s // 2, 2, s // 2, 2, c).mean(axis=(2, 4, 5))
+    return tk.quantize(np.round(blocks).astype(np.uint8), self.levels).reshape(n, -1).astype(np.int32)
+
+  def _decode(self, tokens):
+    grey = tk.dequantize(tokens, self.levels).reshape(-1, *self.grid_shape)
+    s, c = self.image_shape[0], self.image_shape[2]
+    return np.repeat(np.repeat(grey, 2, axis=1), 2, axis=2)[..., None].repeat(c, axis=3).reshape(-1, s, s, c)
+
+  def code_features(self):
+    return tk.dequantize(np.arange(self.levels), self.levels)[:, None].astype(np.float32) / 255.0 - 0.5
+
+  def config_dict(self):
+    return {**super().config_dict(), 'levels': self.levels}
+
+
+@pytest.fixture
+def grey_block_kind():
+  kind = tk.register_image_kind(tk.ImageKind(
+      name='grey_block',
+      make=lambda config, items: _GreyBlockTokenizer(config.image.size, config.image.channels,
+                                                     config.image.levels),
+      load=lambda directory, payload: _GreyBlockTokenizer(
+          payload['config']['size'], payload['config']['channels'], payload['config']['levels']),
+      downsample=lambda config: 2,
+      vocab_bound=lambda config: config.image.levels,
+      config_fields=('size', 'channels', 'levels'),
+      code_feature_dim=lambda config: 1,
+  ))
+  yield kind
+  del tk.IMAGE_KINDS[kind.name]
+
+
+def test_a_kind_registered_outside_the_library_is_made_sized_saved_and_loaded(grey_block_kind, tmp_path):
+  from unimm_jax import configuration  # pylint: disable=g-import-not-at-top
+  from unimm_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+  config = _image_config(tokenizer='grey_block', levels=8)
+  assert configuration.image_token_grid(config) == (12, 12)
+  assert configuration.tokenizer_downsample(config) == 2 and configuration.image_code_feature_dim(config) == 1
+  source = shapes.ShapesSource('train', 8)
+  tok = pipeline.make_image_tokenizer(config, source)
+  assert isinstance(tok, _GreyBlockTokenizer) and tok.grid_shape == (12, 12)
+  assert tok.code_features().shape == (8, configuration.image_code_feature_dim(config))
+  configuration.check_tokenizers(config, tk.make_text_tokenizer(config, ['a red circle']), tok)
+  images = np.stack([source[i]['image'] for i in range(8)])
+  tok.save(tmp_path)
+  back = tk.load_image_tokenizer(tmp_path)
+  assert isinstance(back, _GreyBlockTokenizer)
+  np.testing.assert_array_equal(back.encode(images), tok.encode(images))
+  config.image.levels = 4
+  with pytest.raises(configuration.ConfigError, match='levels=4 but the .* has levels=8'):
+    configuration.check_tokenizers(config, tk.make_text_tokenizer(config, ['a red circle']), tok)
+  with pytest.raises(ValueError, match='already registered'):
+    tk.register_image_kind(grey_block_kind)
+
+
+def test_unknown_kinds_name_the_known_ones(tmp_path):
+  with pytest.raises(ValueError, match="unknown image tokenizer kind 'nope'; known: 'pixel', 'patch', 'fsq', 'vq'"):
+    tk.image_kind('nope')
+  tk.PixelTokenizer(4, 1, 2).save(tmp_path)
+  payload = (tmp_path / 'image_tokenizer.json').read_text().replace('"pixel"', '"nope"')
+  (tmp_path / 'image_tokenizer.json').write_text(payload)
+  with pytest.raises(ValueError, match="image_tokenizer.json: unknown image tokenizer kind 'nope'"):
+    tk.load_image_tokenizer(tmp_path)
+  with pytest.raises(ValueError, match="unknown text tokenizer kind 'nope'; known: 'word', 'byte', 'sentencepiece'"):
+    tk.text_kind('nope')
