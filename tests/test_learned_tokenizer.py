@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm_jax import configuration, export, tokenizer_train, tokenizers, train
+from unimm_jax import configuration, export, tokenizer_train, tokenizers, train, train_loop
 from unimm_jax.data import pipeline, shapes
 from unimm_jax.models import autoencoder
 from unimm_jax.pipeline import Pipeline
@@ -81,6 +81,19 @@ def test_resume_continues_exactly(fsq_workdir, tmp_path):
   (tmp_path / "b" / "report.json").unlink()
   resumed = tokenizer_train.train_and_evaluate(tiny_tokenizer_config(), tmp_path / "b")
   assert resumed["history"] == full["history"][20:]
+  assert resumed["val"] == full["val"]
+
+
+def test_a_preempted_run_saves_at_that_step_and_the_rerun_finishes_the_same(fsq_workdir, tmp_path, monkeypatch):
+  _, full = fsq_workdir
+  # SIGTERM's flag, raised after step 13 (not a log or save step); the signal itself: test_lifecycle.py.
+  monkeypatch.setattr(train_loop.Preemption, "requested", lambda self, step: step == 13)
+  stopped = tokenizer_train.train_and_evaluate(tiny_tokenizer_config(), tmp_path)
+  assert stopped == {"preempted": True, "step": 13, "history": full["history"][:13]}
+  assert (tmp_path / "checkpoints" / "13").is_dir() and not (tmp_path / "report.json").exists()
+  monkeypatch.undo()
+  resumed = tokenizer_train.train_and_evaluate(tiny_tokenizer_config(), tmp_path)
+  assert resumed["history"] == full["history"][13:]
   assert resumed["val"] == full["val"]
 
 

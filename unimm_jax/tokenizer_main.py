@@ -27,6 +27,9 @@ def main(argv):
   except (configuration.ConfigError, sharding.MeshError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if report.get("preempted"):
+    print(f"preempted: checkpoint saved at step {report['step']}; rerun the same command to resume")
+    return
   v = report["val"]
   print(f"tokenizer at step {report['step']}: val PSNR {v['psnr']:.2f} dB, codebook usage {v['usage']:.1%}, "
         f"code perplexity {v['perplexity']:.1f}; report: {main_lib.workdir()}/report.html")

@@ -1,8 +1,9 @@
 """Training the learned image tokenizer (FSQ or VQ autoencoder): state, update step, validation, loop, report.
 
 ``train_and_evaluate(config, workdir)`` is the whole job of ``python -m unimm_jax.tokenizer_main``: the same
-mesh, grain iterator, Orbax checkpoints (resume, exact data position), TensorBoard events and progress line as
-the main model's ``train.py``, on images only. The objective is the mean squared error of the reconstruction
+mesh, grain iterator, Orbax checkpoints (resume, exact data position), and the same loop parts
+(``train_loop.py``: progress line, TensorBoard events, a stop at a non-finite step, a checkpoint on SIGTERM) as the
+main model's ``train.py``, on images only. The objective is the mean squared error of the reconstruction
 (plus beta times the commitment loss for VQ):
 
     L = mean |D(q(E(x))) - x|^2  [+ beta |E(x) - sg(e)|^2]          x in [-1, 1]
@@ -140,11 +141,13 @@ def train_step(method: TokenizerMethod, state: TokenizerState, images) -> tuple[
     codebook, restarted = quantizers.vq_ema_update(state.codebook, z, idx, key, decay=method.vq_decay,
                                                    dead_threshold=method.vq_dead_threshold)
   counts = jnp.bincount(idx.reshape(-1), length=method.spec.vocab_size)
+  grad_norm = optax.tree.norm(grads)
   metrics = {
       "loss": loss, "mse": mse, "commitment": commitment,
       "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)),   # range [-1, 1]: peak-to-peak 2
       "batch_usage": jnp.mean(counts > 0), "restarted": restarted,
-      "grad_norm": optax.tree.norm(grads), "nonfinite": 1.0 - jnp.isfinite(loss).astype(jnp.float32),
+      "grad_norm": grad_norm,
+      "nonfinite": 1.0 - (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, codebook=codebook), metrics
 
@@ -307,51 +310,52 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     meta["val_initial"] = run_eval(0)[0]   # the untrained network's figures: what training must improve on
 
   # ---- Train loop --------------------------------------------------------------------------------------------
-  history, pending, train_time = [], [], 0.0
-  window_start, window_steps = time.perf_counter(), 0
+  progress = train_loop.Progress(t.steps, ckpt.directory, fix="Lower config.tokenizer.learning_rate.")
+  preemption = train_loop.Preemption()
+
+  def save(step):
+    wall = time.perf_counter() - loop_start
+    ckpt.save(step, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
+                                       "train_s": meta["train_s"] + progress.train_time}, force=True)
+
   try:
     for step in range(start, t.steps):
-      images = next(data_iter)
-      state, metrics = step_fn(state, sharding_lib.global_batch(images, batch_sh))
-      pending.append(metrics)
-      window_steps += 1
+      state, metrics = step_fn(state, sharding_lib.global_batch(next(data_iter), batch_sh))
+      progress.add(metrics)
       done = step + 1
       if done % t.log_every == 0 or done == t.steps:
-        fetched = jax.device_get(pending)
-        pending.clear()
-        history.extend(float(m["loss"]) for m in fetched)
-        bad = [done - len(fetched) + 1 + i for i, m in enumerate(fetched) if m["nonfinite"] > 0]
-        if bad:
-          raise FloatingPointError(f"non-finite tokenizer loss at step {bad[0]}; the last good checkpoint in "
-                                   f"{ckpt.directory} is kept. Lower config.tokenizer.learning_rate.")
-        now = time.perf_counter()
-        elapsed, window_start = now - window_start, now
-        train_time += elapsed
-        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        rate = window_steps / elapsed
+        window = progress.lap(done)                # the one host sync of a log interval
+        means, rate = window.means, window.steps_per_s
         logging.info("step %d/%d | loss %.5f | train PSNR %.2f dB | batch code usage %.1f%%%s | %.1f steps/s, "
                      "%s images/s | ETA %s", done, t.steps, means["loss"], means["psnr"], 100 * means["batch_usage"],
-                     f" | restarted {sum(int(m['restarted']) for m in fetched)} codes" if spec.kind == "vq" else "",
-                     rate, f"{rate * t.batch_size:,.0f}", train_loop.format_duration((t.steps - done) / rate))
+                     f" | restarted {round(means['restarted'] * window.steps)} codes" if spec.kind == "vq" else "",
+                     rate, f"{rate * t.batch_size:,.0f}", progress.eta(done, rate))
         writer.scalars(done, {**{f"train/{k}": v for k, v in means.items()}, "perf/steps_per_s": rate,
                               "perf/images_per_s": rate * t.batch_size})
-        window_steps = 0
-      if done % t.eval_every == 0 or done == t.steps:
-        if done != t.steps:
+      preempted = preemption.requested(done)
+      if done % t.eval_every == 0 or done == t.steps or preempted:
+        progress.fetch(done)                       # never validate or save a state that went non-finite
+        if done % t.eval_every == 0 and done != t.steps:
           run_eval(done)
-          window_start = time.perf_counter()   # validation time is not training time
-        ckpt.save(done, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + time.perf_counter()
-                                           - loop_start, "train_s": meta["train_s"] + train_time}, force=True)
+          progress.restart_clock()                 # validation time is not training time
+        save(done)
+      if preempted:
+        ckpt.close()
+        writer.close()
+        preemption.log_saved(done, ckpt.directory)
+        return {"preempted": True, "step": done, "history": progress.history}
   except BaseException:
     ckpt.close()
     raise
+  finally:
+    preemption.close()
 
   # ---- Final validation, report and the tokenizer ------------------------------------------------------------
   figures, pairs = run_eval(int(state.step), keep=t.report_images)
   ckpt.close()
   writer.close()
   wall = meta["train_wall_s"] + time.perf_counter() - loop_start
-  train_time += meta["train_s"]
+  train_time = progress.train_time + meta["train_s"]
   report = {
       "step": int(state.step), "kind": spec.kind, "codebook_size": spec.vocab_size, "grid": list(spec.grid),
       "image_size": spec.size, "val": figures, "val_initial": meta.get("val_initial"), "param_count": n_params,
@@ -368,4 +372,4 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     (workdir / "report.html").write_text(render_html(report, pairs))
     logging.info("wrote the tokenizer and %s; use it with --config.image.tokenizer=%s "
                  "--config.image.tokenizer_path=%s", workdir / REPORT_FILE, spec.kind, workdir)
-  return {**report, "history": history}
+  return {**report, "history": progress.history}
