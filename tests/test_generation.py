@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm_jax import train
+from unimm_jax import bundle, train
 from unimm_jax.data import shapes
 from unimm_jax.pipeline import Pipeline
 from test_train import tiny_config  # pytest puts tests/ on sys.path (rootdir-less "prepend" import mode)
@@ -144,8 +144,8 @@ def test_float32_safetensors_export_gives_identical_logits_and_images(workdir, t
   trained, exported = Pipeline.load(workdir), Pipeline.load(out)
   assert exported.step == trained.step == meta["step"] == 150
   # Readable with safetensors.numpy alone, under the documented flat names.
-  tensors = load_file(str(out / export.SAFETENSORS_FILE))
-  assert set(tensors) == set(export.flatten(trained.params)) and "block_0/attn/qkv/kernel" in tensors
+  tensors = load_file(str(out / bundle.SAFETENSORS_FILE))
+  assert set(tensors) == set(bundle.flatten(trained.params)) and "block_0/attn/qkv/kernel" in tensors
   np.testing.assert_array_equal(tensors["head/kernel"], np.asarray(trained.params["head"]["kernel"]))
   tokens = trained.layout.pack({"text": trained._text_ids(["a small red circle at the top left"] * 2)})
   np.testing.assert_array_equal(_logits(exported, tokens), _logits(trained, tokens))
@@ -163,7 +163,7 @@ def test_bfloat16_orbax_export_stays_within_tolerance(workdir, tmp_path):
   from unimm_jax import export
   out = tmp_path / "bf16"
   export.export(workdir, out, dtype="bfloat16", fmt="orbax")
-  meta = json.loads((out / export.MODEL_FILE).read_text())
+  meta = json.loads((out / bundle.MODEL_FILE).read_text())
   assert {t["dtype"] for t in meta["tensors"].values()} == {"bfloat16"}
   trained, exported = Pipeline.load(workdir), Pipeline.load(out)
   tokens = trained.layout.pack(
@@ -180,12 +180,19 @@ def test_pipeline_load_of_something_else_is_a_clear_error(tmp_path):
     Pipeline.load(tmp_path)
 
 
+def test_the_bundle_format_is_read_without_the_exporter():
+  # export.py writes bundles with Pipeline.load; Pipeline.load reads them with bundle.py, which imports neither.
+  code = ("import sys; import unimm_jax.bundle; print(sorted(m for m in sys.modules if m.startswith('unimm_jax.'))); "
+          "import unimm_jax.pipeline; print('unimm_jax.export' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["['unimm_jax.bundle']", "False"], out.stdout
+
+
 def test_read_safetensors_reads_bfloat16_that_numpy_cannot(tmp_path):
   import jax.numpy as jnp
   from safetensors.flax import save_file
-  from unimm_jax import export
   want = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 7, "b": jnp.ones(4, jnp.float32)}
   save_file(want, str(tmp_path / "x.safetensors"))
-  got = export.read_safetensors(tmp_path / "x.safetensors")
+  got = bundle.read_safetensors(tmp_path / "x.safetensors")
   assert got["a/kernel"].dtype == jnp.bfloat16 and got["b"].dtype == np.float32
   np.testing.assert_array_equal(got["a/kernel"].astype(np.float32), np.asarray(want["a/kernel"], np.float32))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import checkpointing, configuration, sequence, storage
+from unimm_jax import bundle, checkpointing, configuration, sequence, storage
 from unimm_jax.data import pipeline as data_pipeline
 from unimm_jax.method import samplers
 from unimm_jax.method import tasks as tasks_lib
@@ -82,19 +82,18 @@ class Pipeline:
     """From a training workdir (newest checkpoint, or ``step``; EMA weights unless ``weights='raw'``), or from
     a bundle written by ``python -m unimm_jax.export`` (its one set of weights; ``weights``/``step`` unused).
     Only the weights are read: no optimizer is built."""
-    from unimm_jax import export  # pylint: disable=g-import-not-at-top
     path = storage.absolute_path(path)
-    if (path / export.MODEL_FILE).exists():
-      meta = json.loads((path / export.MODEL_FILE).read_text())
+    if (path / bundle.MODEL_FILE).exists():
+      meta = json.loads((path / bundle.MODEL_FILE).read_text())
       config = configuration.from_dict(meta["config"])
       toks = data_pipeline.load_tokenizers(path, config)
       logging.info("loaded exported %s weights (%s) of step %s from %s", meta["weights"], meta["dtype"],
                    meta["step"], path)
-      return cls(config, export.load_params(path, meta), toks, batch_size=batch_size, step=meta["step"])
+      return cls(config, bundle.load_params(path, meta), toks, batch_size=batch_size, step=meta["step"])
     config_file = path / "config.json"
     if not config_file.exists():
       raise FileNotFoundError(f"{path} is neither a training workdir (no config.json) nor an exported model "
-                              f"(no {export.MODEL_FILE})")
+                              f"(no {bundle.MODEL_FILE})")
     if weights not in ("ema", "raw"):
       raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
     config = configuration.from_dict(json.loads(config_file.read_text()))
