@@ -230,6 +230,17 @@ def test_word_unknown_truncation_padding():
   assert tok.decode([0, ids[0], 0, ids[2], 0]) == 'a circle'
 
 
+def test_unknown_words_are_those_read_as_unk():
+  word = tk.WordTokenizer.fit(CAPTIONS)
+  assert word.unknown_words('A purple circle; an enormous purple zebra') == ['purple', ';', 'an', 'enormous', 'zebra']
+  assert word.unknown_words(CAPTIONS[0]) == []
+  assert tk.ByteTokenizer().unknown_words('猫 purple') == []
+  sp = tk.SentencePieceTokenizer.fit(CAPTIONS * 10, 40)
+  assert sp.unknown_words(CAPTIONS[0]) == []
+  unknown = sp.unknown_words('a 猫 circle')
+  assert unknown == ['猫'] and (sp.encode('a 猫 circle', 16) == sp.unk_id).any()
+
+
 def test_word_max_vocab():
   tok = tk.WordTokenizer.fit(CAPTIONS, max_vocab=4)
   # 'a' (3 times), then ',' first of the words seen twice (alphabetical tie-break).

@@ -41,13 +41,15 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_CO
                                    "host:port of process 0 for jax.distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"), "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+_REQUIRED = {"config": "a config file, e.g. --config=configs/shapes.py",
+             "workdir": "the run's directory for checkpoints and reports, e.g. --workdir=runs/shapes"}
 
 
 def _parse_flags(argv):
-  """absl flag parsing, with a one-line error (not a traceback) for a bad ``--config.*`` override."""
+  """absl flag parsing, with a one-line error (not a traceback or a usage screen) for a missing flag or a bad
+  ``--config.*`` override."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  (config_flags raises several types)
     known = configuration.flat_field_names()
     for arg in argv[1:]:
@@ -58,6 +60,11 @@ def _parse_flags(argv):
           sys.exit(2)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  missing = [name for name in _REQUIRED if flags.FLAGS[name].value is None]
+  if missing:
+    print("error: " + "; ".join(f"--{name} is required: {_REQUIRED[name]}" for name in missing), file=sys.stderr)
+    sys.exit(2)
+  return argv
 
 
 def start(argv):
@@ -68,7 +75,8 @@ def start(argv):
   its backend); joins the distributed run when asked; quiets the processes other than 0.
   """
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)", file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
   try:

@@ -158,11 +158,22 @@ class Pipeline:
       longer = tok.encode(p, n + 1)
       if longer[-1] != tok.pad_id:
         logging.warning("prompt truncated to %d text tokens: %r", n, p)
-      unknown = tok.unknown_words(p) if hasattr(tok, "unknown_words") else []
-      if unknown:
-        logging.warning("prompt %r: words not in the vocabulary, read as UNK: %s", p, ", ".join(unknown))
       ids.append(longer[:n])
+    self._warn_unknown_words(prompts)
     return np.stack(ids)
+
+  def _warn_unknown_words(self, prompts: Sequence[str], hole: str | None = None) -> None:
+    """One warning for a call's prompts that hold words the text tokenizer reads as UNK, naming those words
+    (the model sees UNK, not the word, so a drawing can ignore it); ``hole``, if given, is not a word."""
+    tok = self.tokenizers.text
+    unknown = {p: tok.unknown_words(p.replace(hole, " ") if hole else p) for p in dict.fromkeys(prompts)}
+    unknown = {p: words for p, words in unknown.items() if words}
+    if not unknown:
+      return
+    shown = [repr(p) for p in unknown][:3] + ([f"{len(unknown) - 3} more"] if len(unknown) > 3 else [])
+    words = dict.fromkeys(w for ws in unknown.values() for w in ws)
+    logging.warning("%s %s: words not in the vocabulary, read as UNK: %s", "prompt" if len(unknown) == 1 else "prompts",
+                    ", ".join(shown), ", ".join(words))
 
   def _image_ids(self, images) -> np.ndarray:
     images = np.asarray(images)
@@ -400,6 +411,7 @@ class Pipeline:
       if len(ids) > n:
         raise ValueError(f"text with holes is {len(ids)} tokens, more than the model's {n}: {piece_text!r}")
       rows.append(ids + [tok.pad_id] * (n - len(ids)))
+    self._warn_unknown_words(texts_with_holes, hole=HOLE)
     given = {text.name: np.asarray(rows, np.int32)}
     if images is not None:
       given[image] = self._image_ids(images)

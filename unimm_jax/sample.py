@@ -7,12 +7,15 @@ Tasks:
   inpaint  --image=FILE --mask=FILE [--prompt=TEXT]   (mask: an image, white = redraw)
   infill   --prompt="a <mask> red circle at the top left"  (each <mask> is one token) [--image=FILE]
 
-Writes PNGs into OUT and ``OUT/samples.json`` listing what was generated (prompts, captions, files).
+Writes PNGs into OUT and ``OUT/samples.json`` listing what was generated (prompts, captions, files). Bad input
+(a missing flag, a file that is not an image, a directory that is no trained model) is one ``error:`` line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -39,10 +42,25 @@ _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same output.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights of a training workdir.")
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _read_image(flag: str, path: str, size: int, channels: int) -> np.ndarray:
+  """The image file a flag names, uint8 [size, size, channels]; a file that cannot be read ends the program."""
+  try:
+    return folder.load_image(path, size, channels)
+  except OSError as e:
+    _fail(f"--{flag}: cannot read {path}: {e.strerror or e}")
+  except ValueError as e:
+    _fail(f"--{flag}: {e}")
+
+
 def _load_images(paths, size, channels) -> np.ndarray:
   if not paths:
-    raise app.UsageError(f"--task={_TASK.value} needs --image=FILE")
-  return np.stack([folder.load_image(p, size, channels) for p in paths])
+    _fail(f"--task={_TASK.value} needs --image=FILE")
+  return np.stack([_read_image("image", p, size, channels) for p in paths])
 
 
 def _save(out: epath.Path, name: str, image: np.ndarray) -> str:
@@ -53,8 +71,15 @@ def _save(out: epath.Path, name: str, image: np.ndarray) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  missing = [f"--{f.name}" for f in (_WORKDIR, _OUT) if f.value is None]
+  if missing:
+    _fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required, e.g. python -m unimm_jax.sample "
+          "--workdir=runs/shapes --out=samples --task=t2i --prompt='a small red circle at the top left'")
   from unimm_jax.pipeline import Pipeline, sampler_kwargs  # pylint: disable=g-import-not-at-top
-  pipe = Pipeline.load(_WORKDIR.value, weights=_WEIGHTS.value)
+  try:
+    pipe = Pipeline.load(_WORKDIR.value, weights=_WEIGHTS.value)
+  except FileNotFoundError as e:   # not a workdir, or one without a checkpoint yet
+    _fail(f"--workdir: {e}")
   s = pipe.config.sample
   task = _TASK.value
   kw = sampler_kwargs(pipe.config, task)
@@ -63,7 +88,7 @@ def main(argv):
     kw["temperature"] = _TEMPERATURE.value
   if _CANDIDATES.value is not None:
     if task != "i2t":
-      raise app.UsageError("--candidates is for --task=i2t")
+      _fail("--candidates is for --task=i2t")
     kw["candidates"] = _CANDIDATES.value
   guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
   size, _, channels = pipe.tokenizers.image.image_shape
@@ -72,7 +97,7 @@ def main(argv):
   records = []
   if task == "t2i":
     if not _PROMPT.value:
-      raise app.UsageError("--task=t2i needs --prompt=TEXT")
+      _fail("--task=t2i needs --prompt=TEXT")
     prompts = [p for p in _PROMPT.value for _ in range(_NUM.value)]
     for i, (p, img) in enumerate(zip(prompts, pipe.text_to_image(prompts, guidance_scale=guidance, **kw))):
       records.append({"prompt": p, "image": _save(out, f"t2i_{i:03d}.png", img)})
@@ -87,15 +112,15 @@ def main(argv):
   elif task == "inpaint":
     images = _load_images(_IMAGE.value[:1], size, channels)
     if not _MASK.value:
-      raise app.UsageError("--task=inpaint needs --mask=FILE")
-    mask = folder.load_image(_MASK.value, size, 1)[..., 0] >= 128
+      _fail("--task=inpaint needs --mask=FILE")
+    mask = _read_image("mask", _MASK.value, size, 1)[..., 0] >= 128
     prompts = _PROMPT.value[:1] or None
     result = pipe.inpaint(images, mask[None], prompts=prompts, guidance_scale=guidance, **kw)[0]
     records.append({"image": _IMAGE.value[0], "mask": _MASK.value, "prompt": prompts and prompts[0],
                     "inpainted": _save(out, "inpaint_000.png", result)})
   else:
     if not _PROMPT.value:
-      raise app.UsageError('--task=infill needs --prompt="text with <mask> holes"')
+      _fail('--task=infill needs --prompt="text with <mask> holes"')
     images = _load_images(_IMAGE.value, size, channels) if _IMAGE.value else None
     for p, t in zip(_PROMPT.value, pipe.infill(_PROMPT.value, images=images, **kw)):
       records.append({"text_with_holes": p, "filled": t})
@@ -106,5 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -31,6 +31,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+from PIL import UnidentifiedImageError
 
 SKIP_REASONS = ('bad_line', 'empty_caption', 'missing_image', 'unreadable_image')
 # How many examples of each skip reason to log with their error.
@@ -78,11 +79,17 @@ def load_image(path: epath.PathLike, size: int, channels: int) -> np.ndarray:
   converted to RGB (channels=3) or L (channels=1), resized so that its shorter
   side is `size` (bicubic; PIL's resize filters over the whole source area, so
   downscaling is antialiased), then centre-cropped to size x size.
-  Raises whatever PIL raises for files it cannot decode.
+  Raises FileNotFoundError for a missing file and ValueError naming the file
+  for one PIL cannot decode.
   """
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 or 3, got {channels}')
-  return decode_image(epath.Path(path).read_bytes(), size, channels)
+  data = epath.Path(path).read_bytes()
+  try:
+    return decode_image(data, size, channels)
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many types: see FolderSource)
+    why = 'not a format it knows' if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}'
+    raise ValueError(f'{path} is not an image PIL can read ({why})') from e
 
 
 def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:

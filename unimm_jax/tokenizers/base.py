@@ -116,6 +116,11 @@ class TextTokenizer(abc.ABC):
   def _decode_nonpad(self, ids: np.ndarray) -> str:
     """Text of ids that are all in range and none PAD."""
 
+  def unknown_words(self, text: str) -> list[str]:
+    """The words (or pieces) of `text` that encode to UNK, each once, in order; [] for a tokenizer without UNK."""
+    del text
+    return []
+
   def config_dict(self) -> dict[str, Any]:
     """Settings that define this tokenizer, as a plain JSON-able dict."""
     return {'kind': self.kind, 'vocab_size': self.vocab_size, 'pad_id': self.pad_id, 'unk_id': self.unk_id}

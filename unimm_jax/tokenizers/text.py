@@ -118,6 +118,9 @@ class WordTokenizer(base.TextTokenizer):
   def _encode_unpadded(self, text: str, max_len: int) -> list[int]:
     return [self._ids.get(t, self.unk_id) for t in split_words(text)[:max_len]]
 
+  def unknown_words(self, text: str) -> list[str]:
+    return [t for t in dict.fromkeys(split_words(text)) if t not in self._ids]
+
   def _decode_nonpad(self, ids: np.ndarray) -> str:
     return join_words([self._vocab[i] for i in ids])
 
@@ -215,6 +218,14 @@ class SentencePieceTokenizer(base.TextTokenizer):
 
   def _encode_unpadded(self, text: str, max_len: int) -> list[int]:
     return [i + 1 for i in self._sp.encode(text)[:max_len]]
+
+  def unknown_words(self, text: str) -> list[str]:
+    """The text of each piece that maps to UNK (an unknown piece keeps its surface text)."""
+    if self.unk_id is None:
+      return []
+    pieces = zip(self._sp.encode(text), self._sp.encode(text, out_type=str))
+    unknown = (p.lstrip('\u2581') for i, p in pieces if i + 1 == self.unk_id)  # U+2581 marks a word's start
+    return [w for w in dict.fromkeys(unknown) if w]
 
   def _decode_nonpad(self, ids: np.ndarray) -> str:
     return self._sp.decode([int(i) - 1 for i in ids])
