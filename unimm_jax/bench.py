@@ -98,9 +98,8 @@ def bench_checkpoint(config, steps: int = 200, every: int = 20) -> dict:
   state = train.init_state(method, 0, mesh, sharding.rules_of(c))
   lay = method.layout
   rng = np.random.default_rng(0)
-  batches = [sharding.global_array(lay.pack(rng.integers(0, lay.text_vocab, (c.train.batch_size, lay.text_len)),
-                                            rng.integers(0, lay.image_vocab, (c.train.batch_size, lay.image_len))
-                                            ).astype(np.int32), sharding.batch_sharding(mesh)) for _ in range(4)]
+  batches = [sharding.global_array(lay.random_tokens(rng, c.train.batch_size), sharding.batch_sharding(mesh))
+             for _ in range(4)]
   for i in range(5):
     state, metrics = step_fn(state, {"tokens": batches[i % 4]})
   jax.block_until_ready(metrics)
@@ -208,8 +207,7 @@ def _percentile(values, q: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 def _random_tokens(layout, batch: int, seed: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
-  return layout.pack(rng.integers(0, layout.text_vocab, (batch, layout.text_len)),
-                     rng.integers(0, layout.image_vocab, (batch, layout.image_len))).astype(np.int32)
+  return layout.random_tokens(rng, batch)
 
 
 def _train_setup(config):
@@ -395,6 +393,11 @@ def _table(result: dict) -> str:
     lines.append(f"scaling by {kind}: " + "; ".join(
         f"{r['seq_len']} tok x {r['layers']} layers {r['step_s']:.2f} s ({r['measured_ratio']:.2f}x, "
         f"FLOPs {r['predicted_ratio']:.2f}x)" for r in rows))
+  if "ab" in result:
+    a = result["ab"]
+    lines.append(f"A/B against {a['against']}: this {1e3 * a['this_step_s']:.1f} ms, other {1e3 * a['other_step_s']:.1f} ms "
+                 f"per step; ratio this/other {a['ratio_median']:.3f} median of {a['rounds']} rounds "
+                 f"({a['ratio_min']:.3f}-{a['ratio_max']:.3f})")
   return "\n".join(lines)
 
 
@@ -402,7 +405,11 @@ def _cli():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file("config", None, "A config file; overrides as in main.")
   workdir = flags.DEFINE_string("workdir", None, "sample: a trained workdir (else random weights of --config).")
-  what = flags.DEFINE_list("what", ["train"], "train, sample, data, scaling, compile, checkpoint.")
+  what = flags.DEFINE_list("what", ["train"], "train, sample, data, scaling, compile, checkpoint, ab.")
+  against = flags.DEFINE_string("against", None, "ab: another checkout (e.g. a git worktree at an older commit) "
+                                "whose train step is timed against this one's, alternating in one process.")
+  rounds = flags.DEFINE_integer("rounds", 10, "ab: alternating rounds of --steps_per_round steps each.")
+  steps_per_round = flags.DEFINE_integer("steps_per_round", 5, "ab: steps per side and round.")
   steps = flags.DEFINE_integer("steps", 10, "train: timed steps (after --warmup).")
   warmup = flags.DEFINE_integer(
       "warmup", 3, "train: untimed steps first (XLA:CPU's host heap grows over the first 2-3 steps).")
@@ -422,7 +429,7 @@ def _cli():
     if cfg is not None:
       configuration.validate(cfg)
       configuration.prepare_host(cfg)   # before JAX starts its backend, as main does
-    unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint"}
+    unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint", "ab"}
     if unknown:
       raise app.UsageError(f"unknown --what: {sorted(unknown)}")
     result = {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
@@ -443,6 +450,11 @@ def _cli():
       result["compile"] = bench_compile(cfg, tuple(int(n) for n in layers.value))
     if "checkpoint" in what.value:
       result["checkpoint"] = bench_checkpoint(cfg)
+    if "ab" in what.value:
+      if not against.value:
+        raise app.UsageError("--what=ab needs --against=DIR, a checkout to time against")
+      from unimm_jax import bench_ab  # pylint: disable=g-import-not-at-top
+      result["ab"] = bench_ab.bench_ab(cfg, against.value, rounds.value, steps_per_round.value, warmup.value)
     print(_table(result))
     text = json.dumps(result, indent=2, default=float)
     if out_path.value:

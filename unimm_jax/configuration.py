@@ -252,6 +252,16 @@ def validate(config: ConfigDict) -> ConfigDict:
   elif learned and c.tokenizer.widths and c.image.size % tokenizer_downsample(c):
     problems.append(f"config.image.size={c.image.size} is not a multiple of the learned tokenizer's downsampling "
                     f"{tokenizer_downsample(c)} (2 ** (len(config.tokenizer.widths) - 1))")
+  elif c.image.size > 0 and c.image.patch > 0 and c.sequence.segments:
+    from unimm_jax import sequence  # pylint: disable=g-import-not-at-top  (numpy only, no JAX)
+    try:
+      segments = sequence.parse_segments(c.sequence.segments, c.text.max_len, image_token_grid(c))
+      need = sum(seg.size for seg in segments)
+      if need > c.model.max_len:
+        problems.append(f"config.model.max_len={c.model.max_len} is smaller than the {need} tokens of "
+                        f"config.sequence.segments")
+    except ValueError as e:
+      problems.append(str(e))
   elif c.image.size > 0 and c.image.patch > 0:
     h, w = image_token_grid(c)
     need = c.text.max_len + h * w

@@ -72,7 +72,7 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
       "mesh": dict(zip(sharding_lib.AXES, shape)),
       "devices": n,
       "abstract_mesh": n != jax.device_count(),
-      "sequence": {"text": layout.text_len, "image": list(layout.image_grid), "vocab": layout.size},
+      "sequence": {"segments": layout.describe(), "length": layout.seq_len, "vocab": layout.size},
       "layout_from": "fitted tokenizers" if saved else "config",
       "per_device_bytes": per_device,
       "largest": leaves[:10],
@@ -87,9 +87,8 @@ def format_plan(p: dict) -> str:
   pd = p["per_device_bytes"]
   mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
   lines = [
-      f"dry run: {p['param_count']:,} parameters; sequence {p['sequence']['text']} text + "
-      f"{p['sequence']['image'][0]}x{p['sequence']['image'][1]} image tokens, vocabulary {p['sequence']['vocab']} "
-      f"(from {p['layout_from']})",
+      f"dry run: {p['param_count']:,} parameters; sequence of {p['sequence']['length']} tokens "
+      f"{p['sequence']['segments']}, vocabulary {p['sequence']['vocab']} (from {p['layout_from']})",
       f"mesh: {mesh} = {p['devices']} devices" + (" (abstract: sizes only)" if p["abstract_mesh"] else ""),
       "per device (train state, no activations):",
       f"  params      {pd['params']:>16,} bytes  {_gib(pd['params'])}",

@@ -255,9 +255,9 @@ class Pipeline:
     null = [g for g in (given or {}) if self.layout.segment(g).generative] if guidance_null is None \
         else list(guidance_null)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, null), seed)
-    values = self.tokenizers.decode_segments(out)
-    return {name: values[name] for name in [s for st in stages for s in st] + holed}
+    out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, null), seed,
+                         holed=holed)
+    return self.tokenizers.decode_segments(out, [s for st in stages for s in st] + holed)
 
   def _plan(self, given, generate, n):
     """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes)."""
@@ -280,13 +280,12 @@ class Pipeline:
       raise ValueError("nothing to generate: name segments in generate, or give a segment with -1 holes")
     return tokens, tuple(tuple(st) for st in (stages or [[]])), holed
 
-  def _generate(self, tokens: np.ndarray, stages, cfg, guide, seed: int, keys=None) -> np.ndarray:
-    """int32 [N, S] with MASKs -> int32 [N, S] with the stages' positions (and holes of the first) filled."""
-    holes = tokens == self.layout.mask_id
-    given_holes = holes.any(axis=0) & ~self.layout.positions_of([s for st in stages for s in st])
+  def _generate(self, tokens: np.ndarray, stages, cfg, guide, seed: int, keys=None, holed=()) -> np.ndarray:
+    """int32 [N, S] with MASKs -> int32 [N, S] with the MASKs of the stages' segments filled, stage by stage, and
+    those of the ``holed`` segments (given with holes) in the first stage. Other MASKs stay (null segments)."""
     masks = []
     for i, stage in enumerate(stages):
-      where = self.layout.positions_of(stage) | (given_holes if i == 0 else False)
+      where = self.layout.positions_of(list(stage) + (list(holed) if i == 0 else []))
       masks.append(tuple(bool(x) for x in where))
     keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
     return self._batched(self._sampler(cfg, guide, tuple(masks)), tokens, keys)
@@ -471,7 +470,7 @@ class Pipeline:
       if name not in values:
         raise ValueError(f"segment {name!r} is to be scored but has no value; give it in values")
     tokens = self._start(values, None)
-    if (tokens == self.layout.mask_id).any():
+    if (tokens[:, self.layout.positions_of(list(values))] == self.layout.mask_id).any():
       raise ValueError("likelihood needs whole segments: their values hold -1 (MASK) tokens")
     roles = self._roles({name: "noised" if name in noised else "clean" for name in values})
     bits = self._batched(self._score_fn(roles, num_samples), tokens, self._example_keys(seed, len(tokens)))

@@ -309,6 +309,16 @@ class SequenceLayout:
       parts.append(np.where(ids < 0, self.mask_id, ids + lo))
     return np.concatenate(parts, axis=1).astype(np.int32)
 
+  def random_tokens(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+    """int32 [B, S]: uniformly random ids of each segment's modality (special tokens fixed); for timing and
+    tests, which do not depend on the values."""
+    values = {}
+    for s in self.segments:
+      if s.generative:
+        lo, hi = self.id_range(s.modality)
+        values[s.name] = rng.integers(0, hi - lo, (batch, s.size))
+    return self.pack(values, batch=batch)
+
   def unpack(self, tokens) -> dict[str, Any]:
     """int [..., S] global ids -> {segment: local ids}, MASK as -1 (numpy or JAX arrays). Special segments are
     left out."""

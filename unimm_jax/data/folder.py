@@ -6,7 +6,11 @@ Layout::
   DIR/val.jsonl
   DIR/...           the images, any format and mode PIL reads
 
-`FolderSource` is a grain random-access source of
+Layouts with more segments read more fields of each line (``data.fields`` maps segments to them), e.g. an edit
+dataset's {"instruction": "...", "source": "a.png", "target": "b.png"}: every field of an image segment is a path,
+every field of a text segment a string.
+
+`FolderSource` is a grain random-access source of {field: value}, by default
 {'image': uint8 [S, S, C], 'text': str}. Every image is decoded, converted and
 resized once, at construction: datasets in this format are small, and a bad
 file found at construction is reported with the others in one log line,
@@ -117,21 +121,23 @@ def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
 
 
-def _parse_line(line: str) -> tuple[str, str] | str:
-  """(image, caption) of a jsonl line, or the skip reason."""
+def _parse_line(line: str, image_keys=('image',), text_keys=('text',)) -> tuple[dict, dict] | str:
+  """({image field: path}, {text field: stripped text}) of a jsonl line, or the skip reason."""
   try:
     record = json.loads(line)
   except json.JSONDecodeError:
     return 'bad_line'
   if not isinstance(record, dict):
     return 'bad_line'
-  image, text = record.get('image'), record.get('text')
-  if not isinstance(image, str) or not image or not isinstance(text, str):
+  images = {k: record.get(k) for k in image_keys}
+  texts = {k: record.get(k) for k in text_keys}
+  if (any(not isinstance(v, str) or not v for v in images.values())
+      or any(not isinstance(v, str) for v in texts.values())):
     return 'bad_line'
-  text = text.strip()
-  if not text:
+  texts = {k: v.strip() for k, v in texts.items()}
+  if any(not v for v in texts.values()):
     return 'empty_caption'
-  return image, text
+  return images, texts
 
 
 class FolderSource:
@@ -144,8 +150,10 @@ class FolderSource:
   Picklable (plain arrays and strings), as grain's worker processes need.
   """
 
-  def __init__(self, path: epath.PathLike, split: str, image_size: int, channels: int):
+  def __init__(self, path: epath.PathLike, split: str, image_size: int, channels: int,
+               image_keys: tuple[str, ...] = ('image',), text_keys: tuple[str, ...] = ('text',)):
     self.path = epath.Path(path)
+    self.image_keys, self.text_keys = tuple(image_keys), tuple(text_keys)
     self.split = split
     self.image_size, self.channels = image_size, channels
     self.jsonl = self.path / f'{split}.jsonl'
@@ -162,27 +170,30 @@ class FolderSource:
       if len(examples[reason]) < _LOG_EXAMPLES:
         examples[reason].append(where)
 
-    candidates = []  # (line number, image path, caption)
+    candidates = []  # (line number, {image field: path}, {text field: text})
     for lineno, line in enumerate(self.jsonl.read_text().splitlines(), 1):
       if not line.strip():
         continue
-      parsed = _parse_line(line)
+      parsed = _parse_line(line, self.image_keys, self.text_keys)
       if isinstance(parsed, str):
         skip(parsed, f'line {lineno}')
       else:
-        candidates.append((lineno, self.path / parsed[0], parsed[1]))
+        candidates.append((lineno, {k: self.path / v for k, v in parsed[0].items()}, parsed[1]))
 
-    def read(candidate) -> np.ndarray | tuple[str, str]:
-      lineno, image_path, _ = candidate
-      if not image_path.exists():
-        return 'missing_image', f'line {lineno}: {image_path}'
-      try:
-        return load_image(image_path, image_size, channels)
-      except Exception as e:  # pylint: disable=broad-except
-        # PIL raises many types for bad files (OSError, SyntaxError,
-        # ValueError, DecompressionBombError, ...); any of them means this
-        # file cannot be used, and the count + examples say which one.
-        return 'unreadable_image', f'line {lineno}: {image_path} ({type(e).__name__}: {e})'
+    def read(candidate) -> dict[str, np.ndarray] | tuple[str, str]:
+      lineno, image_paths, _ = candidate
+      out = {}
+      for key, image_path in image_paths.items():
+        if not image_path.exists():
+          return 'missing_image', f'line {lineno}: {image_path}'
+        try:
+          out[key] = load_image(image_path, image_size, channels)
+        except Exception as e:  # pylint: disable=broad-except
+          # PIL raises many types for bad files (OSError, SyntaxError,
+          # ValueError, DecompressionBombError, ...); any of them means this
+          # file cannot be used, and the count + examples say which one.
+          return 'unreadable_image', f'line {lineno}: {image_path} ({type(e).__name__}: {e})'
+      return out
 
     images, texts = [], []
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
@@ -202,8 +213,8 @@ class FolderSource:
     if not texts:
       raise ValueError(f'{summary}: no usable examples in {self.jsonl}')
 
-    self._images = np.stack(images)  # uint8 [N, S, S, C]
-    self._texts = texts
+    self._images = {k: np.stack([im[k] for im in images]) for k in self.image_keys}  # uint8 [N, S, S, C] each
+    self._texts = texts   # [{text field: str}]
 
   def __len__(self) -> int:
     return len(self._texts)
@@ -213,9 +224,11 @@ class FolderSource:
     if not 0 <= i < len(self._texts):
       raise IndexError(f'index {index} out of range for {len(self._texts)} examples')
     # A copy, so a transform that edits the image in place cannot change the cache.
-    return {'image': self._images[i].copy(), 'text': self._texts[i]}
+    return {**{k: v[i].copy() for k, v in self._images.items()}, **self._texts[i]}
 
   def __repr__(self) -> str:
     # grain checkpoints record the source's repr.
+    fields = ('' if (self.image_keys, self.text_keys) == (('image',), ('text',))
+              else f', image_keys={self.image_keys}, text_keys={self.text_keys}')
     return (f'FolderSource(path={str(self.path)!r}, split={self.split!r}, '
-            f'image_size={self.image_size}, channels={self.channels}, n={len(self)})')
+            f'image_size={self.image_size}, channels={self.channels}{fields}, n={len(self)})')

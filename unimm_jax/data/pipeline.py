@@ -54,13 +54,30 @@ def make_source(config, split: str):
     size = config.data.train_size if split == "train" else config.data.val_size
     return shapes.ShapesSource(split, size, seed=config.data.seed)
   if config.data.source == "folder":
-    return folder.FolderSource(config.data.path, split, config.image.size, config.image.channels)
+    image_keys, text_keys = source_keys(config)
+    return folder.FolderSource(config.data.path, split, config.image.size, config.image.channels,
+                               image_keys=image_keys, text_keys=text_keys)
   if config.data.source == "tfds":
     return tfds_source.TfdsSource.from_config(config, split)
   if config.data.source == "pretokenized":
     return pretokenized.PretokenizedSource(config.data.path, split)
   raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of "
                                   "shapes, folder, tfds, pretokenized")
+
+
+def source_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(image keys, text keys): the fields of a source's items that the config's segments read (``data.fields``
+  maps a segment to a field; by default a segment reads the field of its own name). Today's layout reads
+  ``image`` and ``text``."""
+  fields = dict(map(tuple, config.data.fields))
+  specs = tuple(config.sequence.segments) or (("text", "text"), ("image", "image"))
+  keys = {"image": [], "text": []}
+  for spec in specs:
+    name, modality = spec[0], spec[1]
+    key = fields.get(name, name)
+    if modality in keys and key not in keys[modality]:
+      keys[modality].append(key)
+  return tuple(keys["image"]), tuple(keys["text"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,10 +138,13 @@ class Tokenizers:
     """{source key: B raw values} -> int32 [B, S] global ids."""
     return self.layout.pack(self.encode_segments(batch))
 
-  def decode_segments(self, tokens: np.ndarray) -> dict[str, Any]:
-    """int [N, S] global ids (no MASK) -> {segment: list of N strings (text) | uint8 [N, H, W, C] (image)}."""
+  def decode_segments(self, tokens: np.ndarray, names=None) -> dict[str, Any]:
+    """int [N, S] global ids -> {segment: list of N strings (text) | uint8 [N, H, W, C] (image)} of the named
+    segments (default: every generative one), which must hold no MASK."""
     out = {}
     for name, ids in self.layout.unpack(np.asarray(tokens)).items():
+      if names is not None and name not in names:
+        continue
       if self.layout.segment(name).modality == sequence.TEXT:
         out[name] = [self.text.decode(row) for row in ids]
       else:
@@ -165,7 +185,12 @@ def _column(batch: dict[str, Any], key: str, segment: str):
 def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizers.ImageTokenizer]:
   n = min(len(source), config.data.fit_examples)
   items = [source[i] for i in range(n)]
-  text_tok = tokenizers.make_text_tokenizer(config, [item["text"] for item in items])
+  image_keys, text_keys = source_keys(config)
+  # Every text field fits the one text tokenizer, every image field the one image tokenizer (in that order, so
+  # today's layout, which reads 'text' and 'image', fits exactly as before).
+  text_tok = tokenizers.make_text_tokenizer(config, [item[k] for item in items for k in text_keys])
+  if not isinstance(source, pretokenized.PretokenizedSource) and image_keys != ("image",):
+    items = [{"image": item[k]} for item in items for k in image_keys]
   image_tok = make_image_tokenizer(config, source, items)
   logging.info("fitted tokenizers on %d training examples: text %s (%d ids), image %s (%d ids)", n,
                text_tok.kind, text_tok.vocab_size, image_tok.kind, image_tok.vocab_size)
