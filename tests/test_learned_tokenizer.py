@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from unimm_jax import configuration, export, tokenizer_train, tokenizers, train, train_loop
-from unimm_jax.data import pipeline, shapes
+from unimm_jax.data import input_pipeline, shapes
 from unimm_jax.models import autoencoder
 from unimm_jax.pipeline import Pipeline
 from unimm_jax.tokenizers import learned
@@ -264,6 +264,6 @@ def test_learned_kind_geometry_from_the_config_is_what_the_tokenizer_reports(kin
   # Made through the registry from tokenizer_path, it is the saved one and agrees with the config.
   tok.save(tmp_path)
   config.image.tokenizer_path = str(tmp_path)
-  made = pipeline.make_image_tokenizer(config, None)
+  made = input_pipeline.make_image_tokenizer(config, None)
   assert isinstance(made, learned.LearnedImageTokenizer) and made.config_dict() == tok.config_dict()
   configuration.check_tokenizers(config, tokenizers.make_text_tokenizer(config, ["a red circle"]), made)

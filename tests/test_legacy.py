@@ -29,12 +29,12 @@ config = shapes.get_config()
 configuration.prepare_host(config)
 import jax
 from unimm_jax import sharding as sharding_lib, train
-from unimm_jax.data import pipeline
+from unimm_jax.data import input_pipeline
 mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_of(config)
 with tempfile.TemporaryDirectory() as tmp:
-  source = pipeline.make_source(config, "train")
-  toks = pipeline.fit_or_load_tokenizers(config, tmp, source)
-  it = pipeline.train_iterator(pipeline.train_dataset(source, toks, batch_size=config.train.batch_size,
+  source = input_pipeline.make_source(config, "train")
+  toks = input_pipeline.fit_or_load_tokenizers(config, tmp, source)
+  it = input_pipeline.train_iterator(input_pipeline.train_dataset(source, toks, batch_size=config.train.batch_size,
                                                       seed=config.seed), config.data.num_threads)
   inputs = train.make_step_inputs(config, toks.layout, toks.image.code_features())
   abstract, shardings = train.state_shardings(inputs, mesh, rules)

@@ -56,8 +56,8 @@ def test_skip_mode_skips_bad_steps_and_keeps_training(tmp_path, nan_from_update_
 
 
 def _layout(workdir, config):
-  from unimm_jax.data import pipeline   # pylint: disable=g-import-not-at-top
-  return pipeline.load_tokenizers(workdir, config).layout
+  from unimm_jax.data import input_pipeline   # pylint: disable=g-import-not-at-top
+  return input_pipeline.load_tokenizers(workdir, config).layout
 
 
 def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_resumes(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unimm_jax import configuration, evaluate, pretokenize, tokenizers, train
-from unimm_jax.data import pipeline, pretokenized, shapes, tfds_shapes, tfds_source
+from unimm_jax.data import input_pipeline, pretokenized, shapes, tfds_shapes, tfds_source
 from unimm_jax.tokenizers import learned
 
 from test_train import tiny_config  # pylint: disable=g-bad-import-order
@@ -66,19 +66,19 @@ def test_pretokenized_batches_equal_on_the_fly_batches(tmp_path, image_tokenizer
   assert index["splits"]["train"]["num_examples"] == 300 and len(index["splits"]["train"]["shards"]) == 3
 
   pre_config = tiny_config(**{**overrides, "data.source": "pretokenized", "data.path": str(tmp_path / "tokens")})
-  fly_toks = pipeline.fit_or_load_tokenizers(config, tmp_path / "fly")
-  pre_toks = pipeline.fit_or_load_tokenizers(pre_config, tmp_path / "pre")
+  fly_toks = input_pipeline.fit_or_load_tokenizers(config, tmp_path / "fly")
+  pre_toks = input_pipeline.fit_or_load_tokenizers(pre_config, tmp_path / "pre")
   assert pre_toks.layout == fly_toks.layout
-  fly = pipeline.train_iterator(pipeline.train_dataset(pipeline.make_source(config, "train"), fly_toks,
+  fly = input_pipeline.train_iterator(input_pipeline.train_dataset(input_pipeline.make_source(config, "train"), fly_toks,
                                                        batch_size=16, seed=5), num_threads=0)
-  pre = pipeline.train_iterator(pipeline.train_dataset(pipeline.make_source(pre_config, "train"), pre_toks,
+  pre = input_pipeline.train_iterator(input_pipeline.train_dataset(input_pipeline.make_source(pre_config, "train"), pre_toks,
                                                        batch_size=16, seed=5), num_threads=0)
   for _ in range(25):     # more than one epoch of 300 examples: reshuffled epochs agree too
     a, b = next(fly), next(pre)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     np.testing.assert_array_equal(a["text_unk"], b["text_unk"])
-  val_fly = pipeline.eval_batches(pipeline.make_source(config, "val"), fly_toks, 32)
-  val_pre = pipeline.eval_batches(pipeline.make_source(pre_config, "val"), pre_toks, 32)
+  val_fly = input_pipeline.eval_batches(input_pipeline.make_source(config, "val"), fly_toks, 32)
+  val_pre = input_pipeline.eval_batches(input_pipeline.make_source(pre_config, "val"), pre_toks, 32)
   for a, b in zip(val_fly, val_pre, strict=True):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
 
@@ -128,7 +128,7 @@ def _tfds_overrides(data_dir, **extra):
 def test_tfds_labels_become_captions_through_templates(tfds_dir):
   config = tiny_config(**_tfds_overrides(tfds_dir, **{"data.label_key": "label",
                                                       "data.caption_templates": ("a photo of a {}.", "a {}")}))
-  source = pipeline.make_source(config, "train")
+  source = input_pipeline.make_source(config, "train")
   assert len(source) == 96 and source[0]["image"].shape == (24, 24, 3)
   texts = [source[i]["text"] for i in range(4)]
   assert texts[0].startswith("a photo of a ") and not texts[1].startswith("a photo")
@@ -138,7 +138,7 @@ def test_tfds_labels_become_captions_through_templates(tfds_dir):
     tiny_config(**_tfds_overrides(tfds_dir, **{"data.label_key": "label", "data.text_key": "caption"}))
   bad = tiny_config(**_tfds_overrides(tfds_dir, **{"data.text_key": "captions"}))
   with pytest.raises(KeyError, match="captions"):
-    pipeline.make_source(bad, "train")[0]
+    input_pipeline.make_source(bad, "train")[0]
 
 
 def test_tfds_captions_train_a_few_steps_with_sentencepiece_and_pretokenized(tfds_dir, tmp_path, monkeypatch):
@@ -148,7 +148,7 @@ def test_tfds_captions_train_a_few_steps_with_sentencepiece_and_pretokenized(tfd
   report = train.train_and_evaluate(config, tmp_path / "run")
   assert report["step"] == 4 and np.isfinite(report["val_bits_per_token"]["text"])
   assert (tmp_path / "run" / "tokenizers" / tokenizers.SENTENCEPIECE_FILE).exists()
-  shapes_caption = pipeline.make_source(config, "val")[0]["text"]
+  shapes_caption = input_pipeline.make_source(config, "val")[0]["text"]
   assert shapes.read_caption(shapes_caption) is not None
   # The same TFDS source pre-tokenized, then trained on: token ids are read, no image is decoded or encoded.
   pretokenize.pretokenize(config, tmp_path / "tokens", workers=1, shard_size=1000)

@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from unimm_jax import configuration, tokenizers
-from unimm_jax.data import pipeline as data_pipeline
+from unimm_jax.data import input_pipeline
 from unimm_jax.data import shapes
 from unimm_jax.method import samplers as sampling
 from unimm_jax.method.schedules import get_schedule
@@ -24,7 +24,7 @@ def pipe():
   examples = [shapes.sample_example("train", 0, i) for i in range(200)]
   text_tok = tokenizers.WordTokenizer.fit([e[2] for e in examples])
   image_tok = tokenizers.PatchTokenizer.fit(np.stack([e[1] for e in examples]), 24, 3, 4, 4, 1024)
-  toks = data_pipeline.Tokenizers(text_tok, image_tok, config.text.max_len)
+  toks = input_pipeline.Tokenizers(text_tok, image_tok, config.text.max_len)
   model = Transformer(TransformerConfig.from_config(config.model, toks.layout))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, toks.layout.seq_len), jnp.int32)))
   params = params["params"]

@@ -438,12 +438,12 @@ def grey_block_kind():
 
 def test_a_kind_registered_outside_the_library_is_made_sized_saved_and_loaded(grey_block_kind, tmp_path):
   from unimm_jax import configuration  # pylint: disable=g-import-not-at-top
-  from unimm_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+  from unimm_jax.data import input_pipeline, shapes  # pylint: disable=g-import-not-at-top
   config = _image_config(tokenizer='grey_block', levels=8)
   assert configuration.image_token_grid(config) == (12, 12)
   assert configuration.tokenizer_downsample(config) == 2 and configuration.image_code_feature_dim(config) == 1
   source = shapes.ShapesSource('train', 8)
-  tok = pipeline.make_image_tokenizer(config, source)
+  tok = input_pipeline.make_image_tokenizer(config, source)
   assert isinstance(tok, _GreyBlockTokenizer) and tok.grid_shape == (12, 12)
   assert tok.code_features().shape == (8, configuration.image_code_feature_dim(config))
   configuration.check_tokenizers(config, tk.make_text_tokenizer(config, ['a red circle']), tok)

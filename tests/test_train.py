@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from unimm_jax import configuration, evaluate, train
-from unimm_jax.data import pipeline, shapes
+from unimm_jax.data import input_pipeline, shapes
 
 
 def tiny_config(**overrides):
@@ -85,14 +85,14 @@ def test_fitted_tokenizers_are_saved_and_loaded_not_refitted(tmp_path, monkeypat
   def no_refit(*args, **kwargs):
     raise AssertionError("tokenizers were refitted instead of loaded from the workdir")
 
-  monkeypatch.setattr(pipeline, "_fit_tokenizers", no_refit)
+  monkeypatch.setattr(input_pipeline, "_fit_tokenizers", no_refit)
   config.unlock()
   config.train.steps = 6
   config.lock()
   report = train.train_and_evaluate(config, tmp_path)   # resumes from step 3 with the saved tokenizers
   assert report["step"] == 6
   assert (tmp_path / "tokenizers" / "image_tokenizer.json").read_text() == before
-  toks = pipeline.load_tokenizers(tmp_path, config)
+  toks = input_pipeline.load_tokenizers(tmp_path, config)
   assert toks.layout.seq_len == 24 + 36
 
 
@@ -144,7 +144,7 @@ def test_image_code_features_are_the_codebook_kept_fixed_and_restored(tmp_path):
   config = tiny_config(**{"model.image_code_features": True, "train.steps": 4, "optim.weight_decay": 0.5})
   report = train.train_and_evaluate(config, tmp_path)
   assert report["step"] == 4
-  toks = pipeline.load_tokenizers(tmp_path, config)
+  toks = input_pipeline.load_tokenizers(tmp_path, config)
   features = toks.image.code_features()
   assert features.shape == (toks.layout.image_vocab, 4 * 4 * 3) and features.min() >= -0.5 and features.max() <= 0.5
   from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top

@@ -309,7 +309,7 @@ def random_pipeline(config):
   is a patch codebook of random distinct patches, as large as ``image.codebook_size``.
   """
   from unimm_jax import pipeline as pipeline_lib, tokenizers, train  # pylint: disable=g-import-not-at-top
-  from unimm_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from unimm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   c = config
   if c.text.tokenizer == "byte":
     text = tokenizers.ByteTokenizer()
@@ -320,7 +320,7 @@ def random_pipeline(config):
   codebook = np.unique(rng.integers(0, c.image.levels, (c.image.codebook_size + 64, dim), dtype=np.uint8), axis=0)
   image = tokenizers.PatchTokenizer(c.image.size, c.image.channels, c.image.levels, c.image.patch,
                                     codebook[:c.image.codebook_size])
-  toks = data_pipeline.Tokenizers(text, image, c.text.max_len)
+  toks = input_pipeline.Tokenizers(text, image, c.text.max_len)
   method = train.make_step_inputs(c, toks.layout)
   state = train.init_state(method, 0)
   params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype),
@@ -348,11 +348,11 @@ def bench_sample(pipe, batch: int, steps_list=(16, 32), repeats: int = 5) -> dic
 def bench_data(config, batches: int = 50, train_step_s: float | None = None) -> dict:
   """Batches/s of the grain pipeline alone (read, tokenize, batch), against the train step's consumption."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  from unimm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.make_source(config, "train")
-  toks = pipeline.fit_or_load_tokenizers(config, tempfile.mkdtemp(), source)
-  dataset = pipeline.train_dataset(source, toks, batch_size=config.train.batch_size, seed=config.seed)
-  it = pipeline.train_iterator(dataset, config.data.num_threads)
+  from unimm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  source = input_pipeline.make_source(config, "train")
+  toks = input_pipeline.fit_or_load_tokenizers(config, tempfile.mkdtemp(), source)
+  dataset = input_pipeline.train_dataset(source, toks, batch_size=config.train.batch_size, seed=config.seed)
+  it = input_pipeline.train_iterator(dataset, config.data.num_threads)
   next(it)                                                     # start the threads
   start = time.perf_counter()
   for _ in range(batches):

@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh
 
 from unimm_jax import configuration, tokenizers, train
 from unimm_jax import sharding as sharding_lib
-from unimm_jax.data import pipeline
+from unimm_jax.data import input_pipeline
 from unimm_jax import sequence
 from unimm_jax.models import params as params_lib
 
@@ -45,8 +45,8 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
   configuration.validate(config)
   n = num_devices or jax.device_count()
   shape = sharding_lib.resolve_mesh_shape(config.mesh.shape, n)
-  saved = workdir is not None and (epath.Path(workdir) / pipeline.TOKENIZER_DIR).exists()
-  layout = pipeline.load_tokenizers(workdir, config).layout if saved else planned_layout(config)
+  saved = workdir is not None and (epath.Path(workdir) / input_pipeline.TOKENIZER_DIR).exists()
+  layout = input_pipeline.load_tokenizers(workdir, config).layout if saved else planned_layout(config)
   mesh = (sharding_lib.make_mesh(shape) if n == jax.device_count()
           else AbstractMesh(shape, sharding_lib.AXES))
   method = train.make_step_inputs(config, layout)

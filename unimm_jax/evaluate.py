@@ -106,7 +106,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
 # ---------------------------------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------------------------------
-def _png(image: np.ndarray, scale: int = 4) -> str:
+def png_html(image: np.ndarray, scale: int = 4) -> str:
   img = Image.fromarray(np.asarray(image, np.uint8).squeeze())
   img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
   buf = io.BytesIO()
@@ -149,16 +149,16 @@ def render_html(report: dict, samples: dict | None) -> str:
   parts.append("</table>")
   if samples:
     parts.append("<h2>Text &rarr; image (val captions)</h2><table>")
-    parts += [f"<tr><td>{html.escape(c)}</td><td>{_png(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["t2i"]]
+    parts += [f"<tr><td>{html.escape(c)}</td><td>{png_html(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["t2i"]]
     parts.append("</table><h2>Image &rarr; text (val images)</h2><table>")
-    parts += [f"<tr><td>{_png(i)}</td><td>{html.escape(c)}</td><td>{_mark(ok)}</td></tr>" for i, c, ok in samples["i2t"]]
+    parts += [f"<tr><td>{png_html(i)}</td><td>{html.escape(c)}</td><td>{_mark(ok)}</td></tr>" for i, c, ok in samples["i2t"]]
     parts.append("</table><h2>Joint generation</h2><table>")
-    parts += [f"<tr><td>{html.escape(c)}</td><td>{_png(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["joint"]]
+    parts += [f"<tr><td>{html.escape(c)}</td><td>{png_html(i)}</td><td>{_mark(ok)}</td></tr>" for c, i, ok in samples["joint"]]
     parts.append("</table><h2>Inpainting (right half redrawn for the caption)</h2><table>"
                  "<tr><th>original</th><th>kept</th><th>inpainted</th><th>caption</th></tr>")
     for img, mask, out, cap in samples["inpaint"]:
       kept = np.where(mask[..., None], 64, img).astype(np.uint8)
-      parts.append(f"<tr><td>{_png(img)}</td><td>{_png(kept)}</td><td>{_png(out)}</td><td>{html.escape(cap)}</td></tr>")
+      parts.append(f"<tr><td>{png_html(img)}</td><td>{png_html(kept)}</td><td>{png_html(out)}</td><td>{html.escape(cap)}</td></tr>")
     parts.append("</table>")
   return "\n".join(parts)
 

@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from unimm_jax import bundle, checkpointing, configuration, sequence, storage
-from unimm_jax.data import pipeline as data_pipeline
+from unimm_jax.data import input_pipeline
 from unimm_jax.method import samplers
 from unimm_jax.method import tasks as tasks_lib
 from unimm_jax.method.diffusion import MaskedDiffusion
@@ -62,7 +62,7 @@ def sampler_kwargs(config, task: str) -> dict:
 class Pipeline:
   """A trained model with its tokenizers; see the module docstring."""
 
-  def __init__(self, config, params, toks: data_pipeline.Tokenizers, *, batch_size: int = 64,
+  def __init__(self, config, params, toks: input_pipeline.Tokenizers, *, batch_size: int = 64,
                step: int | None = None):
     self.config = config
     self.step = step          # the training step of the weights, when known
@@ -86,7 +86,7 @@ class Pipeline:
     if (path / bundle.MODEL_FILE).exists():
       meta = json.loads((path / bundle.MODEL_FILE).read_text())
       config = configuration.from_dict(meta["config"])
-      toks = data_pipeline.load_tokenizers(path, config)
+      toks = input_pipeline.load_tokenizers(path, config)
       logging.info("loaded exported %s weights (%s) of step %s from %s", meta["weights"], meta["dtype"],
                    meta["step"], path)
       return cls(config, bundle.load_params(path, meta), toks, batch_size=batch_size, step=meta["step"])
@@ -97,7 +97,7 @@ class Pipeline:
     if weights not in ("ema", "raw"):
       raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
     config = configuration.from_dict(json.loads(config_file.read_text()))
-    toks = data_pipeline.load_tokenizers(path, config)
+    toks = input_pipeline.load_tokenizers(path, config)
     # Restored onto this process's first device, whatever mesh (and device count) the run trained on.
     params, restored = checkpointing.restore_weights(path, "ema_params" if weights == "ema" else "params", step)
     logging.info("loaded %s weights of step %d from %s", weights, restored, path)
@@ -275,7 +275,8 @@ class Pipeline:
     if both or len(set(names)) != len(names):
       raise ValueError(f"segments {sorted(both) or names} are both given and generated, or generated twice")
     tokens = self._start(given, n) if given else self.layout.pack({}, batch=n)
-    holed = [g for g in given if (tokens[:, slice(*self.layout.span(g))] == self.layout.mask_id).any()]
+    parts = self.layout.split(tokens)
+    holed = [g for g in given if (parts[g] == self.layout.mask_id).any()]
     if not names and not holed:
       raise ValueError("nothing to generate: name segments in generate, or give a segment with -1 holes")
     return tokens, tuple(tuple(st) for st in (stages or [[]])), holed

@@ -36,7 +36,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from unimm_jax import configuration, tokenizers
-from unimm_jax.data import pipeline, pretokenized
+from unimm_jax.data import input_pipeline, pretokenized
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Directory for the shards (new, or an unfinished one to resume).")
@@ -59,7 +59,7 @@ def write_shard(out: str, split: str, index: int, count: int, start: int, stop: 
   t0 = time.perf_counter()
   sources = _WORKER["sources"]
   if split not in sources:
-    sources[split] = pipeline.make_source(_WORKER["config"], split)
+    sources[split] = input_pipeline.make_source(_WORKER["config"], split)
   source, tok = sources[split], _WORKER["tokenizer"]
   final = epath.Path(out) / pretokenized.shard_name(split, index, count)
   tmp = final.parent / (final.name + f".tmp{os.getpid()}")
@@ -100,14 +100,14 @@ def pretokenize(config, out, *, workers: int = 1, shard_size: int = 10_000,
     raise ValueError(f"--shard_size={shard_size} must be >= 1")
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  sources = {split: pipeline.make_source(config, split) for split in splits}
+  sources = {split: input_pipeline.make_source(config, split) for split in splits}
 
   # ---- The image tokenizer: made once, reused on resume ----------------------------------------------------
   tok_dir = out / pretokenized.TOKENIZER_DIR
   if (tok_dir / tokenizers.IMAGE_TOKENIZER_FILE).exists():
     tok = tokenizers.load_image_tokenizer(tok_dir)
   else:
-    tok = pipeline.make_image_tokenizer(config, sources.get("train") or pipeline.make_source(config, "train"))
+    tok = input_pipeline.make_image_tokenizer(config, sources.get("train") or input_pipeline.make_source(config, "train"))
     tok.save(tok_dir)
   configuration.check_tokenizers(config, _AnyText(config.text.tokenizer), tok)
 

@@ -249,6 +249,14 @@ class SequenceLayout:
       out[m] = where
     return out
 
+  def segment_index(self, xp=np):
+    """int32 [S]: each position's segment index, from comparisons of an iota with the segment starts."""
+    iota = xp.arange(self.seq_len)
+    out = xp.zeros(self.seq_len, np.int32)
+    for start in self._starts[1:-1]:
+      out = out + (iota >= start).astype(np.int32)
+    return out
+
   def allowed_ids(self, xp=np):
     """bool [S, V]: the ids position s may predict: its own modality's range, never MASK (nor another modality's,
     nor a special token, which is never generated). Built from iota comparisons, so a jitted program computes it

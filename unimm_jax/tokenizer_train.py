@@ -39,7 +39,7 @@ from absl import logging
 
 from unimm_jax import checkpointing, configuration, evaluate, storage, train_loop
 from unimm_jax import sharding as sharding_lib
-from unimm_jax.data import pipeline
+from unimm_jax.data import input_pipeline
 from unimm_jax.models import params as params_lib, quantizers
 from unimm_jax.models.autoencoder import Autoencoder, to_unit
 from unimm_jax.tokenizers import learned
@@ -224,7 +224,7 @@ def render_html(report: dict, pairs) -> str:
           ("val code perplexity", f"{v['perplexity']:.1f}"), ("val images", v["images"]),
           ("parameters", f"{report['param_count']:,}"), ("training wall time", f"{report['train_wall_s']:.0f} s")]
   table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(val))}</td></tr>" for k, val in rows)
-  cells = "".join(f"<td>{evaluate._png(a)}<br>{evaluate._png(b)}</td>" for a, b in pairs)  # pylint: disable=protected-access
+  cells = "".join(f"<td>{evaluate.png_html(a)}<br>{evaluate.png_html(b)}</td>" for a, b in pairs)
   return ("<!doctype html><meta charset='utf-8'><title>image tokenizer report</title>"
           "<style>body{font-family:sans-serif} td,th{padding:4px;text-align:left}</style>"
           f"<h1>Image tokenizer</h1><table>{table}</table>"
@@ -255,11 +255,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---- Input pipeline ------------------------------------------------------------------------------------------
-  train_source = pipeline.make_source(config, "train")
-  val_source = pipeline.make_source(config, "val")
-  dataset = pipeline.image_dataset(train_source, batch_size=t.batch_size, seed=config.seed,
+  train_source = input_pipeline.make_source(config, "train")
+  val_source = input_pipeline.make_source(config, "val")
+  dataset = input_pipeline.image_dataset(train_source, batch_size=t.batch_size, seed=config.seed,
                                    shard_index=jax.process_index(), shard_count=jax.process_count())
-  data_iter = pipeline.train_iterator(dataset, config.data.num_threads)
+  data_iter = input_pipeline.train_iterator(dataset, config.data.num_threads)
   batches = val_batches(val_source, config.eval.batch_size)
 
   # ---- Mesh, model, optimizer ----------------------------------------------------------------------------------

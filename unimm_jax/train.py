@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from unimm_jax import checkpointing, configuration, storage, train_loop
 from unimm_jax import sharding as sharding_lib
-from unimm_jax.data import pipeline
+from unimm_jax.data import input_pipeline
 from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models import params as params_lib
 from unimm_jax.models import transformer
@@ -306,9 +306,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       raise OSError(f"cannot write to the workdir {workdir}: {e}") from e
 
   # ---- Input pipeline ------------------------------------------------------------------------------------------
-  train_source = pipeline.make_source(config, "train")
-  val_source = pipeline.make_source(config, "val")
-  toks = pipeline.fit_or_load_tokenizers(config, workdir, train_source)
+  train_source = input_pipeline.make_source(config, "train")
+  val_source = input_pipeline.make_source(config, "val")
+  toks = input_pipeline.fit_or_load_tokenizers(config, workdir, train_source)
   layout = toks.layout
   if layout.seq_len > config.model.max_len:
     raise configuration.ConfigError(f"config.model.max_len={config.model.max_len} is smaller than the sequence "
@@ -316,11 +316,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   if config.train.batch_size % jax.process_count():
     raise configuration.ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
                                     f"{jax.process_count()} processes")
-  dataset = pipeline.train_dataset(train_source, toks, batch_size=config.train.batch_size,
+  dataset = input_pipeline.train_dataset(train_source, toks, batch_size=config.train.batch_size,
                                    seed=config.seed, shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
-  data_iter = pipeline.train_iterator(dataset, config.data.num_threads)
-  val_batches = pipeline.eval_batches(val_source, toks, config.eval.batch_size)
+  data_iter = input_pipeline.train_iterator(dataset, config.data.num_threads)
+  val_batches = input_pipeline.eval_batches(val_source, toks, config.eval.batch_size)
   logging.info("data: %s, %d train / %d val examples; sequence of %d tokens %s; vocabulary %d",
                config.data.source, len(train_source), len(val_source), layout.seq_len, layout.describe(), layout.size)
 

@@ -86,12 +86,8 @@ def token_positions(layout: SequenceLayout) -> np.ndarray:
 
 def segment_info(layout: SequenceLayout):
   """(segment index int32 [S], is-text bool [S]) of each position, built in the program from iota comparisons."""
-  iota = jnp.arange(layout.seq_len)
-  segment = jnp.zeros(layout.seq_len, jnp.int32)
-  for name in layout.names[1:]:
-    segment = segment + (iota >= layout.span(name)[0]).astype(jnp.int32)
   text = layout.modality_masks(jnp).get(TEXT, jnp.zeros(layout.seq_len, bool))
-  return segment, text
+  return layout.segment_index(jnp), text
 
 
 class Transformer(nn.Module):
