@@ -487,8 +487,10 @@ class Pipeline:
     if given not in (None, "text", "image"):
       raise ValueError(f"given={given!r} must be None, 'text' or 'image'")
     text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
+    if isinstance(prompts, str):
+      raise TypeError("prompts must be a list of strings, not one string")
     values = {text: prompts, image: images}
-    if len(self._text_ids(prompts, 1)) != len(np.asarray(images)):
+    if len(prompts) != len(np.asarray(images)):
       raise ValueError(f"{len(prompts)} prompts for {len(np.asarray(images))} images")
     noised = [name for name, m in ((text, "text"), (image, "image")) if given != m]
     bits = self.likelihood(values, noised, seed)
