@@ -75,7 +75,7 @@ def test_trains_and_validates_every_segment(trained):
 def test_any_segment_given_the_others_and_guided_against_any_nulled_set(trained):
   _, pipe, _ = trained
   values = _values(pipe)
-  for target in pipe.layout.names:
+  for i, target in enumerate(pipe.layout.names):
     given = {k: v for k, v in values.items() if k != target}
     out = pipe.complete(given, [target], steps=3, seed=1)
     seg = pipe.layout.segment(target)
@@ -83,10 +83,12 @@ def test_any_segment_given_the_others_and_guided_against_any_nulled_set(trained)
       assert len(out[target]) == 3 and all(isinstance(t, str) for t in out[target])
     else:
       assert out[target].shape == (3,) + pipe.tokenizers.image.image_shape and out[target].dtype == np.uint8
-    for k in range(1, len(given) + 1):
-      for null in itertools.combinations(sorted(given), k):
-        guided = pipe.complete(given, [target], steps=3, seed=1, guidance_scale=2.0, guidance_null=list(null))
-        assert np.asarray(guided[target]).shape == np.asarray(out[target]).shape
+    # Guidance against a nulled set: each nonempty subset of the given segments once over the targets (every
+    # subset for the first target); each is its own compiled program, so not all pairs.
+    subsets = [c for k in range(1, len(given) + 1) for c in itertools.combinations(sorted(given), k)]
+    for null in (subsets if i == 0 else subsets[i % len(subsets):][:1]):
+      guided = pipe.complete(given, [target], steps=3, seed=1, guidance_scale=2.0, guidance_null=list(null))
+      assert np.asarray(guided[target]).shape == np.asarray(out[target]).shape
   # Staged generation: every segment from nothing, one after another.
   staged = pipe.complete({}, [[n] for n in pipe.layout.names], n=2, steps=2)
   assert set(staged) == set(pipe.layout.names)
@@ -122,12 +124,12 @@ def test_score_any_segment_given_any_others(trained):
   _, pipe, _ = trained
   values = _values(pipe, n=3, seed=4)
   names = list(values)
-  for target in names:
+  for i, target in enumerate(names):
     others = [n for n in names if n != target]
-    for k in range(len(others) + 1):
-      for cond in itertools.combinations(others, k):
-        bits = pipe.likelihood({target: values[target], **{c: values[c] for c in cond}}, [target], seed=0)
-        assert set(bits) == {target} and bits[target].shape == (3,) and (bits[target] > 0).all()
+    # Given all the others, none of them (all null), and one of them (a different one per target).
+    for cond in (others, [], [others[i % len(others)]]):
+      bits = pipe.likelihood({target: values[target], **{c: values[c] for c in cond}}, [target], seed=0)
+      assert set(bits) == {target} and bits[target].shape == (3,) and (bits[target] > 0).all()
   both = pipe.likelihood(values, names[:2])
   assert set(both) == set(names[:2])
   with pytest.raises(ValueError, match="has no value"):
