@@ -104,21 +104,29 @@ class Pipeline:
     return cls(config, params, toks, batch_size=batch_size, step=restored)
 
   # ---- the one sampling loop, batched ---------------------------------------------------------------------------
-  def _sampler(self, cfg: samplers.SamplerConfig, guide: samplers.loop.Guide, stages: tuple):
-    """The jitted sampling loop(s): one loop per stage, each generating the stage's positions (bool [S] tuples)
-    with the later stages' positions still MASK (their null condition); stage i > 0 draws with keys folded with
-    i. Every stage ``cfg.steps`` steps, all in one program."""
-    key = (cfg, guide, stages)
+  def _sampler(self, cfg: samplers.SamplerConfig, guide, stages):
+    """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per stage, each generating the
+    stage's positions (bool [S]) with the later stages' positions still MASK (their null condition); stage i > 0
+    draws with keys folded with i. Every stage ``cfg.steps`` steps, all in one program.
+
+    The positions and the guidance pairs (bool [S] each) are inputs of the program, not constants in it, so one
+    compiled program serves every choice of segments with the same number of stages and guidance pairs.
+    """
+    key = (cfg, len(guide), len(stages))
     if key not in self._samplers:
-      def run(params, tokens, keys):
+      def run(params, tokens, keys, stage_masks, guide_masks):   # bool [n_stages, S], bool [n_guide, 2, S]
         logits_fn = lambda t: self.model.apply({"params": params}, t)
-        for i, where in enumerate(stages):
+        pairs = tuple((guide_masks[j, 0], guide_masks[j, 1]) for j in range(guide_masks.shape[0]))
+        for i in range(stage_masks.shape[0]):
           stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
           tokens = samplers.sample(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id, config=cfg,
-                                   schedule=self.schedule, guide=guide, generate=where)
+                                   schedule=self.schedule, guide=pairs, generate=stage_masks[i])
         return tokens
       self._samplers[key] = jax.jit(run)
-    return self._samplers[key]
+    stage_masks = jnp.asarray(np.asarray(stages, bool).reshape(len(stages), self.layout.seq_len))
+    guide_masks = jnp.asarray(np.asarray(guide, bool).reshape(len(guide), 2, self.layout.seq_len))
+    fn = self._samplers[key]
+    return lambda params, tokens, keys: fn(params, tokens, keys, stage_masks, guide_masks)
 
   def _sampler_config(self, steps, temperature, guidance_scale, method, **kw) -> samplers.SamplerConfig:
     return samplers.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
@@ -430,14 +438,15 @@ class Pipeline:
     return tuple(out)
 
   def _score_fn(self, roles: tuple[int, ...], num_samples: int = 16):
-    """The jitted :meth:`_score_batch` for one task (role codes per segment)."""
-    key = (roles, num_samples)
-    if key not in self._score_fns:
-      self._score_fns[key] = jax.jit(
-          lambda params, tokens, keys: self._score_batch(params, tokens, keys, roles, num_samples))
-    return self._score_fns[key]
+    """:meth:`_score_batch` for one task (role codes per segment) as ``fn(params, tokens, keys)``; the roles are an
+    input of the one compiled program, so scoring any segments given any others compiles once."""
+    if num_samples not in self._score_fns:
+      self._score_fns[num_samples] = jax.jit(
+          lambda params, tokens, keys, roles: self._score_batch(params, tokens, keys, roles, num_samples))
+    fn, roles = self._score_fns[num_samples], jnp.asarray(roles, jnp.int32)
+    return lambda params, tokens, keys: fn(params, tokens, keys, roles)
 
-  def _score_batch(self, params, tokens, keys, roles: tuple[int, ...], num_samples: int):
+  def _score_batch(self, params, tokens, keys, roles, num_samples: int):
     """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, G].
 
     Only the noised segments are masked at their times (clean ones stay clean, null ones all MASK: a conditional
@@ -445,14 +454,14 @@ class Pipeline:
     does not depend on its batch. The corruption and the ELBO are the method's (:class:`MaskedDiffusion`), as in
     training and validation.
     """
-    diffusion, g = self.diffusion, len(roles)
-    noised_row = jnp.asarray([r == tasks_lib.NOISED for r in roles])
+    diffusion, g = self.diffusion, len(self.layout.segments)
+    noised_row = roles == tasks_lib.NOISED                                                # bool [G]
     def one(tok, key):
       k_u, k_mask = jax.random.split(key)
       u = jax.random.uniform(k_u, (g,))
       j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
       t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), diffusion.t_min, 1.0)                    # [n, G]
-      c = diffusion.corruption_at(t, jnp.asarray(roles, jnp.int32))
+      c = diffusion.corruption_at(t, roles)
       rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
       noisy, masked = diffusion.corrupt(k_mask, rep, c)
       return rep, noisy, masked, c
