@@ -23,6 +23,7 @@ from flax import linen as nn
 from unimm_jax import checkpointing, configuration, storage, train_loop
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import input_pipeline
+from unimm_jax.method import tasks as tasks_lib
 from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models import params as params_lib
 from unimm_jax.models import transformer
@@ -218,7 +219,6 @@ def validation_tasks(layout: SequenceLayout) -> tuple[tuple[str, np.ndarray], ..
   then each generative segment given the others clean: ``text_given_image`` and ``image_given_text`` for the
   two-segment layout, the conditionals that captioning and drawing sample from (the joint figure mostly measures
   the marginals)."""
-  from unimm_jax.method import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   generative = [s.name for s in layout.segments if s.generative]
   out = [("joint", np.where([s.generative for s in layout.segments], tasks_lib.NOISED, tasks_lib.CLEAN))]
   if len(generative) > 1:
