@@ -25,6 +25,10 @@ Why these pieces:
   report must outlive it. ``watch`` relies on this: after a preemption it recreates the slice and runs the
   *same* command, which resumes from the newest checkpoint (the lifecycle issue makes the resumed run continue
   exactly).
+* **Collective-overlap flags for libtpu** (:data:`LIBTPU_FLAGS`): the job's ``LIBTPU_INIT_ARGS`` is MaxText's set
+  that overlaps the data-parallel all-reduce and the FSDP all-gathers with compute. ``--libtpu_init_args=...``
+  replaces the set (``--libtpu_init_args=`` sends none); ``--env=LIBTPU_INIT_ARGS=...`` is added to it, and a flag
+  named there replaces the table's value of that flag (:func:`job_env`).
 
 The command builders are pure functions of a :class:`Slice` (tests/test_launch.py checks them for single- and
 multi-host slices); :func:`watch` takes the function that runs a command, so its recovery logic is tested with
@@ -51,6 +55,34 @@ ARCHIVE = "unimm_jax.tar.gz"
 GONE_STATES = ("SUSPENDED", "SUSPENDING", "FAILED", "DELETING", "NOT_FOUND")
 ACTIVE_STATE = "ACTIVE"
 
+# LIBTPU_INIT_ARGS of the job: MaxText's collective-overlap flags (AI-Hypercomputer/maxtext at e591f30, 2026-08-22:
+# benchmarks/xla_flags_library.py DATA_PARALLEL_OVERLAP + CF_FOR_ALL_GATHER, exported as one line by every
+# src/maxtext/configs/tpu/v5e/*.sh; its v5p/*.sh add the megacore rows). Descriptions are MaxText's
+# (src/maxtext/configs/README.md, "XLA flags used by MaxText"). Rows: (flag=value, TPU families (None: every one),
+# why). libtpu is not installed here, so these names are checked against MaxText's current use, not a parser.
+LIBTPU_FLAGS: tuple[tuple[str, tuple[str, ...] | None, str], ...] = (
+    # DATA_PARALLEL_OVERLAP: the gradient all-reduce of data parallelism (over DCN on multi-slice) overlaps the
+    # backward pass instead of following it.
+    ("--xla_tpu_enable_data_parallel_all_reduce_opt=true", None, "more overlap for data-parallel all-reduces"),
+    ("--xla_tpu_data_parallel_opt_different_sized_ops=true", None,
+     "pipeline data-parallel ops across iterations even when their output sizes differ (more memory pressure)"),
+    # CF_FOR_ALL_GATHER (continuation fusion): FSDP's parameter all-gathers run inside the compute fusions
+    # scheduled between their start and done, so the next layer's weights arrive while this one computes.
+    ("--xla_tpu_enable_async_collective_fusion=true", None,
+     "fuse async collectives with the compute scheduled between their -start and -done"),
+    ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true", None, "all-gathers included in that fusion"),
+    ("--xla_tpu_enable_async_collective_fusion_multiple_steps=true", None,
+     "one collective continued over several fusions"),
+    ("--xla_tpu_overlap_compute_collective_tc=true", None, "compute and communication overlap on one TensorCore"),
+    ("--xla_enable_async_all_gather=true", None, "all-gathers asynchronous (the implementation chosen by the rows "
+     "above)"),
+    # Megacore chips (v4, v5p: two TensorCores acting as one): two more rows that every MaxText v5p config sets
+    # next to the rows above.
+    ("--xla_tpu_megacore_fusion_allow_ags=false", ("v4", "v5p"),
+     "no all-gathers fused with convolutions/all-reduces in megacore fusions"),
+    ("--xla_enable_async_collective_permute=true", ("v4", "v5p"), "collective-permutes asynchronous"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
@@ -68,20 +100,51 @@ class Slice:
     return hosts_of(self.accelerator_type)
 
 
+def _family_and_size(accelerator_type: str) -> tuple[str, int]:
+  m = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)", accelerator_type)
+  if not m:
+    raise ValueError(f"--accelerator_type={accelerator_type!r} is not a known TPU type (e.g. v4-8, v5p-16, "
+                     "v5litepod-8, v6e-16)")
+  return m.group(1), int(m.group(2))
+
+
 def hosts_of(accelerator_type: str) -> int:
   """Number of TPU VM hosts (workers) of an accelerator type.
 
   v2/v3/v4/v5p count TensorCores (8 per host: 4 chips of 2 cores on v4/v5p, 4 chips of 2 on v2/v3); v5e
   (``v5litepod``) and v6e count chips, with single-host slices up to 8 chips and 4 chips per host beyond.
   """
-  m = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)", accelerator_type)
-  if not m:
-    raise ValueError(f"--accelerator_type={accelerator_type!r} is not a known TPU type (e.g. v4-8, v5p-16, "
-                     "v5litepod-8, v6e-16)")
-  family, n = m.group(1), int(m.group(2))
+  family, n = _family_and_size(accelerator_type)
   if family in ("v5litepod", "v5e", "v6e"):
     return 1 if n <= 8 else n // 4
   return max(1, n // 8)
+
+
+def default_libtpu_init_args(accelerator_type: str) -> str:
+  """The rows of :data:`LIBTPU_FLAGS` for this accelerator type's family, space-separated."""
+  family, _ = _family_and_size(accelerator_type)
+  return " ".join(flag for flag, families, _ in LIBTPU_FLAGS if families is None or family in families)
+
+
+def _flag_name(flag: str) -> str:
+  return flag.split("=", 1)[0]
+
+
+def job_env(accelerator_type: str, env: dict[str, str], libtpu_init_args: str | None = None) -> dict[str, str]:
+  """The job's environment on every worker: ``env`` (the ``--env`` flags) with ``LIBTPU_INIT_ARGS`` composed.
+
+  ``LIBTPU_INIT_ARGS`` = the defaults (``libtpu_init_args``, or :data:`LIBTPU_FLAGS` for this family when None;
+  ``""`` for none) followed by the user's ``env["LIBTPU_INIT_ARGS"]``; a default whose flag the user names is
+  dropped, so the user's value is the only one libtpu sees (whichever occurrence libtpu would keep).
+  """
+  defaults = default_libtpu_init_args(accelerator_type) if libtpu_init_args is None else libtpu_init_args
+  user = env.get("LIBTPU_INIT_ARGS", "")
+  named = {_flag_name(f) for f in user.split()}
+  flags_ = [f for f in defaults.split() if _flag_name(f) not in named] + user.split()
+  out = {k: v for k, v in env.items() if k != "LIBTPU_INIT_ARGS"}
+  if flags_:
+    out["LIBTPU_INIT_ARGS"] = " ".join(flags_)
+  return out
 
 
 def _gcloud(s: Slice, *args: str) -> list[str]:
@@ -289,7 +352,11 @@ def _cli():
   accel = flags.DEFINE_string("accelerator_type", "v5litepod-8", "TPU type, e.g. v4-8, v5litepod-16, v6e-8.")
   runtime = flags.DEFINE_string("runtime_version", "v2-alpha-tpuv5-lite", "TPU VM software version.")
   spot = flags.DEFINE_bool("spot", False, "Spot capacity (cheaper, preemptible; use watch).")
-  env = flags.DEFINE_multi_string("env", [], "KEY=VALUE set for the job on every worker (repeatable).")
+  env = flags.DEFINE_multi_string("env", [], "KEY=VALUE set for the job on every worker (repeatable); "
+                                  "LIBTPU_INIT_ARGS=... is added to the default libtpu flags, its flags winning.")
+  libtpu_args = flags.DEFINE_string("libtpu_init_args", None, "Replaces the default LIBTPU_INIT_ARGS of the job "
+                                    "(MaxText's collective-overlap flags, LIBTPU_FLAGS in launch/tpu.py); '' for "
+                                    "none.")
   allow_local = flags.DEFINE_bool("allow_local_workdir", False, "Allow a workdir on the workers' disks.")
   dry_run = flags.DEFINE_bool("dry_run", False, "Print the gcloud commands; run nothing.")
   poll = flags.DEFINE_float("poll_s", 60.0, "watch: seconds between state checks while provisioning.")
@@ -306,7 +373,7 @@ def _cli():
       bad = [e for e in env.value if "=" not in e]
       if bad:
         raise ValueError(f"--env={bad[0]} must be KEY=VALUE")
-      variables = dict(e.split("=", 1) for e in env.value)
+      variables = job_env(accel.value, dict(e.split("=", 1) for e in env.value), libtpu_args.value)
       if command in ("run", "watch"):
         check_workdir(main_args, allow_local.value)
       s.workers   # pylint: disable=pointless-statement  (validates the accelerator type)

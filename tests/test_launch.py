@@ -90,15 +90,55 @@ def test_tpu_run_needs_a_gs_workdir():
   assert tpu.check_workdir(MAIN_ARGS) == "gs://bucket/runs/a b"
 
 
-def test_tpu_dry_run_prints_the_commands_and_runs_nothing():
+def _tpu_dry_run(*flags):
   proc = subprocess.run([sys.executable, "-m", "launch.tpu", "run", "--name=unimm", "--zone=us-west4-a",
-                         "--accelerator_type=v4-16", "--env=A=1", "--dry_run", "--", *MAIN_ARGS],
+                         "--accelerator_type=v4-16", *flags, "--dry_run", "--", *MAIN_ARGS],
                         capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr
-  lines = proc.stdout.strip().splitlines()
+  return proc.stdout.strip().splitlines()
+
+
+def _job_env(start_cmd):
+  """KEY -> VALUE of the `env` in front of the job on the workers."""
+  argv = _job_argv(start_cmd)
+  assert argv[0] == "env"
+  return dict(a.split("=", 1) for a in argv[1:argv.index("python3")])
+
+
+def test_tpu_dry_run_prints_the_commands_and_runs_nothing():
+  lines = _tpu_dry_run("--env=A=1")
   assert len(lines) == 1 + 1 + 2                                 # start, stream, one status per worker
-  assert shlex.split(lines[0]) == tpu.start_command(tpu.Slice("unimm", "us-west4-a", "v4-16"), MAIN_ARGS,
-                                                    {"A": "1"})
+  start = shlex.split(lines[0])
+  assert start == tpu.start_command(tpu.Slice("unimm", "us-west4-a", "v4-16"), MAIN_ARGS,
+                                    tpu.job_env("v4-16", {"A": "1"}))
+  assert _job_env(start)["A"] == "1"
+
+
+def test_tpu_job_runs_with_maxtexts_libtpu_flags_and_the_users_flags_win():
+  flags_of = lambda value: value.split()   # noqa: E731
+  common = [f for f, families, _ in tpu.LIBTPU_FLAGS if families is None]
+  megacore = [f for f, families, _ in tpu.LIBTPU_FLAGS if families is not None]
+  assert "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true" in common and megacore
+  # The table's rows for the slice's family: v5e/v6e get the common rows, megacore chips (v4, v5p) all of them.
+  assert flags_of(tpu.job_env("v5litepod-8", {})["LIBTPU_INIT_ARGS"]) == common
+  assert flags_of(tpu.job_env("v6e-16", {})["LIBTPU_INIT_ARGS"]) == common
+  assert flags_of(tpu.job_env("v5p-128", {})["LIBTPU_INIT_ARGS"]) == common + megacore
+  # On the workers: the default set is in the start command's environment (through the CLI, as `run` sends it).
+  assert flags_of(_job_env(shlex.split(_tpu_dry_run()[0]))["LIBTPU_INIT_ARGS"]) == common + megacore
+  # --env=LIBTPU_INIT_ARGS: added after the defaults; a flag named there is the user's value only.
+  user = "--xla_enable_async_all_gather=false --xla_tpu_scoped_vmem_limit_kib=98304"
+  env = _job_env(shlex.split(_tpu_dry_run(f"--env=LIBTPU_INIT_ARGS={user}", "--env=B=2")[0]))
+  assert env["B"] == "2"
+  got = flags_of(env["LIBTPU_INIT_ARGS"])
+  assert got[-2:] == user.split()
+  assert "--xla_enable_async_all_gather=true" not in got and got.count("--xla_enable_async_all_gather=false") == 1
+  assert got[:-2] == [f for f in common + megacore if f != "--xla_enable_async_all_gather=true"]
+  # --libtpu_init_args replaces the defaults; '' sends none (and no variable at all when the user sets none).
+  env = _job_env(shlex.split(_tpu_dry_run("--libtpu_init_args=--xla_tpu_enable_async_collective_fusion=false",
+                                          f"--env=LIBTPU_INIT_ARGS={user}")[0]))
+  assert flags_of(env["LIBTPU_INIT_ARGS"]) == ["--xla_tpu_enable_async_collective_fusion=false", *user.split()]
+  assert "LIBTPU_INIT_ARGS" not in _job_env(shlex.split(_tpu_dry_run("--libtpu_init_args=")[0]))
+  assert tpu.job_env("v4-8", {"LIBTPU_INIT_ARGS": "--a=1"}, "") == {"LIBTPU_INIT_ARGS": "--a=1"}
 
 
 class FakeGcloud:
