@@ -200,36 +200,80 @@ def test_tpu_watch_does_not_retry_a_job_that_fails_on_a_healthy_slice():
   assert sum("nohup" in _remote(c)[0] for c in calls if c[4] == "ssh") == 1
 
 
-def test_slurm_script_gives_each_task_its_coordinator_count_and_id(tmp_path):
-  script = slurm.fill(["--config=configs/shapes.py", "--workdir=/shared/runs/a b"], nodes=2, gpus_per_node=4,
-                      per="gpu", repo=str(tmp_path), python=str(tmp_path / "fake_python"))
-  assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
-  assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --signal=TERM@120" in script
-  # Run it with stand-ins: scontrol names two nodes, srun starts the 8 tasks with SLURM's variables, and the
-  # "python" records each process's environment and arguments.
+def _run_sbatch(tmp_path, script, **env_vars):
+  """Runs a filled script with stand-ins: scontrol names two nodes, srun starts the 8 tasks with SLURM's
+  variables, and the "python" (``tmp_path/fake_python``) records each process's environment and arguments in
+  tasks.txt and its XLA_FLAGS in xla_flags.txt. Returns both files' lines."""
   bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
+  bin_dir.mkdir(exist_ok=True)
   (bin_dir / "scontrol").write_text("#!/bin/bash\necho gpu-node-17\necho gpu-node-18\n")
   (bin_dir / "srun").write_text(
       "#!/bin/bash\nshift  # --kill-on-bad-exit\n"
       "for i in $(seq 0 $((SLURM_NTASKS - 1))); do SLURM_PROCID=$i SLURM_LOCALID=$((i % 4)) \"$@\"; done\n")
   (tmp_path / "fake_python").write_text(
       "#!/bin/bash\necho \"$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $CUDA_VISIBLE_DEVICES"
-      " $#:$*\" >> tasks.txt\n")
+      " $#:$*\" >> tasks.txt\necho \"${XLA_FLAGS-unset}\" >> xla_flags.txt\n")
   for f in ("scontrol", "srun"):
     os.chmod(bin_dir / f, 0o755)
   os.chmod(tmp_path / "fake_python", 0o755)
+  for f in ("tasks.txt", "xla_flags.txt"):
+    (tmp_path / f).unlink(missing_ok=True)
   (tmp_path / "job.sbatch").write_text(script)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
-         "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2"}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
+              "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", **env_vars})
   proc = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
-  tasks = (tmp_path / "tasks.txt").read_text().splitlines()
+  return [(tmp_path / f).read_text().splitlines() for f in ("tasks.txt", "xla_flags.txt")]
+
+
+def test_slurm_script_gives_each_task_its_coordinator_count_and_id(tmp_path):
+  script = slurm.fill(["--config=configs/shapes.py", "--workdir=/shared/runs/a b"], nodes=2, gpus_per_node=4,
+                      per="gpu", repo=str(tmp_path), python=str(tmp_path / "fake_python"))
+  assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+  assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --signal=TERM@120" in script
+  tasks, _ = _run_sbatch(tmp_path, script)
   port = 20000 + 123456 % 20000
   assert tasks == [f"gpu-node-17:{port} 8 {i} {i % 4} 4:-m unimm_jax.main --config=configs/shapes.py "
                    "--workdir=/shared/runs/a b" for i in range(8)]
   per_node = slurm.fill(["--workdir=/w"], nodes=3, gpus_per_node=8, per="node")
   assert "#SBATCH --ntasks-per-node=1" in per_node and "CUDA_VISIBLE_DEVICES" not in per_node
+
+
+def test_slurm_job_runs_with_latency_hiding_xla_flags_and_the_users_flags_win(tmp_path):
+  defaults = [flag for flag, _ in slurm.GPU_XLA_FLAGS]
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in defaults
+  fill = lambda **kw: slurm.fill(["--workdir=/w"], nodes=2, gpus_per_node=4, repo=str(tmp_path),  # noqa: E731
+                                 python=str(tmp_path / "fake_python"), **kw)
+  # Every task gets the defaults; with nothing else set, only them.
+  _, xla = _run_sbatch(tmp_path, fill())
+  assert len(xla) == 8 and all(line.split() == defaults for line in xla)
+  # The submitting shell's XLA_FLAGS (sbatch passes it on) and --setup's come after them: XLA keeps the last value.
+  user = "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/a b"
+  _, xla = _run_sbatch(tmp_path, fill(), XLA_FLAGS=user)
+  assert all(line == " ".join(defaults) + " " + user for line in xla)
+  _, xla = _run_sbatch(tmp_path, fill(setup="export XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION"))
+  assert all(line.split() == defaults + ["--xla_gpu_enable_command_buffer=FUSION"] for line in xla)
+  # --xla_flags replaces the defaults; '' exports none of them.
+  _, xla = _run_sbatch(tmp_path, fill(xla_flags="--xla_gpu_enable_latency_hiding_scheduler=false"), XLA_FLAGS=user)
+  assert all(line == "--xla_gpu_enable_latency_hiding_scheduler=false " + user for line in xla)
+  _, xla = _run_sbatch(tmp_path, fill(xla_flags=""))
+  assert all(line == "" for line in xla)
+
+
+def test_slurm_default_xla_flags_are_known_to_this_jaxlib_and_the_last_value_wins(tmp_path):
+  """An unknown flag in XLA_FLAGS aborts the process; the GPU flags are parsed by the same parser on CPU. The
+  user's flag after the defaults is the one XLA keeps (seen here through --xla_dump_to, which CPU obeys)."""
+  code = "import jax; (jax.numpy.zeros(2) + 1).block_until_ready()"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{slurm.DEFAULT_XLA_FLAGS} --xla_dump_to={tmp_path / 'first'} --xla_dump_to={tmp_path / 'last'}"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "last").is_dir() and not (tmp_path / "first").exists()
+  # The check can fail: a misspelt flag is fatal.
+  env["XLA_FLAGS"] = slurm.DEFAULT_XLA_FLAGS + " --xla_gpu_enable_latency_hiding_schedular=true"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "Unknown flag" in proc.stderr
 
 
 def test_local_launcher_stops_the_others_when_one_process_fails():
