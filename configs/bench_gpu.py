@@ -25,7 +25,7 @@ def get_config():
   config.model.mlp_dim = 3072
   config.model.max_len = 1152
   config.model.dtype = "bfloat16"
-  config.model.attention = "cudnn"
+  config.model.attention = "auto"         # cuDNN flash attention on GPU (models/attention.py)
   config.train.batch_size = 32
   config.eval.batch_size = 32
   return config

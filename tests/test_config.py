@@ -88,8 +88,9 @@ def test_inconsistent_sizes_name_the_fields():
   config.model.cross_modal_rope = False
   config.model.attention = "cudnn"
   msg = _problems(config)
-  assert "config.model.cross_modal_rope=False computes attention scores itself" in msg
-  assert "config.model.directional_heads > 0 computes attention scores itself" in msg
+  assert "config.model.attention='cudnn' runs cuDNN flash attention" in msg
+  for field in ("config.model.dtype='float32'", "config.model.cross_modal_rope", "config.model.directional_heads"):
+    assert field in msg
 
 
 def _leaves(config, prefix=""):

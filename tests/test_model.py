@@ -9,7 +9,7 @@ import numpy as np
 from flax import linen as nn
 
 from unimm_jax.sequence import SequenceLayout
-from unimm_jax.models import layers
+from unimm_jax.models import attention, layers
 from unimm_jax.method import diffusion as loss_lib
 from unimm_jax.models.transformer import Transformer, TransformerConfig, segment_nll, token_positions
 
@@ -95,7 +95,7 @@ def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
   attn = layers.Attention(3, 8, 10_000.0, 1.0, cross_modal_rope=False, directional_heads=1)
   params = attn.init(jax.random.PRNGKey(1), x, positions, modality)
   q, k, v = (jax.random.normal(key, (1, 7, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
-  allowed = attn._directional_mask(modality)                                     # [1, 3, 7, 7]
+  allowed = attention.directional_masks(*modality, 3, 1, xp=jnp)[None]           # [1, 3, 7, 7]
   # Jacobian of the output at (query i, head n) with respect to the value at key j.
   jac = jax.jacobian(lambda v: layers.heads_first_attention(q, k, v, allowed=allowed))(v)  # [1,7,3,8, 1,7,3,8]
   dep = np.abs(np.asarray(jac)[0, :, :, :, 0, :, :, :]).sum(axis=(2, 5))        # [query, head, key, head']
@@ -215,15 +215,17 @@ def test_scanned_layers_and_remat_compute_the_same_function():
   stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
   stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["block_0"], params["block_1"])
   want = model.apply({"params": params}, tokens)
-  for remat in ("none", "full", "dots"):
+  for remat in ("none", "full", "dots", "save_qkv", "save_attention", "minimal"):
     scanned = Transformer(dataclasses.replace(model.config, scan_layers=True, remat=remat))
     np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), want, rtol=1e-5, atol=1e-5)
   # Gradients through rematerialised blocks equal the plain ones.
   loss = lambda m, p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, tokens))[..., 0] ** 2)
-  remat = Transformer(dataclasses.replace(model.config, remat="full"))
-  g1, g2 = jax.grad(lambda p: loss(model, p))(params), jax.grad(lambda p: loss(remat, p))(params)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  g1 = jax.grad(lambda p: loss(model, p))(params)
+  for policy in ("full", "minimal"):
+    remat = Transformer(dataclasses.replace(model.config, remat=policy))
+    g2 = jax.grad(lambda p: loss(remat, p))(params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_vocabulary_rows_are_padded_to_the_multiple_and_cut_from_the_logits():

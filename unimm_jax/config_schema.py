@@ -128,8 +128,8 @@ FIELDS: tuple[Field, ...] = (
       choices=("float32", "bfloat16")),
     F("model.param_dtype", str, "float32", "dtype of the stored parameters", choices=("float32", "bfloat16"),
       state=True),
-    F("model.attention", str, "xla", "implementation for jax.nn.dot_product_attention: xla | cudnn (GPU)",
-      choices=("xla", "cudnn")),
+    F("model.attention", str, "auto", "attention kernel: auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | "
+      "splash (Pallas, TPU) | cudnn (GPU, bfloat16); models/attention.py", choices=("auto", "xla", "splash", "cudnn")),
     F("model.vocab_multiple", int, 128, "embedding/head rows padded to a multiple of this (1 = no padding)",
       bounds=">0", state=True, legacy=1),   # before: rows were the exact vocabulary
     F("model.scan_layers", bool, False, "nn.scan over the layers: compile time flat in depth (checkpoints differ in "
@@ -143,7 +143,9 @@ FIELDS: tuple[Field, ...] = (
       "ones", bounds=">=0"),
     F("model.fused_qkv", bool, True, "one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)",
       state=True, legacy=False),   # before: separate query/key/value projections
-    F("model.remat", str, "none", "rematerialise blocks", choices=("none", "full", "dots", "dots_no_batch")),
+    F("model.remat", str, "none", "rematerialise blocks: none | full | save_qkv | save_attention | minimal (named "
+      "matmul outputs, never the attention scores) | dots | dots_no_batch (models/transformer.py)",
+      choices=("none", "full", "save_qkv", "save_attention", "minimal", "dots", "dots_no_batch")),
 
     F("diffusion.schedule", str, "linear", "masking schedule alpha(t)", choices=("linear", "cosine", "polynomial")),
     F("diffusion.poly_power", float, 2.0, "polynomial: alpha = 1 - t^k", bounds=">0"),
@@ -166,6 +168,8 @@ FIELDS: tuple[Field, ...] = (
       choices=("stop", "skip")),
     F("train.concurrent_chunks", int, 1, "forward/backward as N independent sub-batches in one program (CPU: see "
       "train.py)", bounds=">0"),
+    F("train.compilation_cache", str, "auto", "JAX's persistent compilation cache: auto ($JAX_COMPILATION_CACHE_DIR "
+      "if set, else WORKDIR/compilation_cache; gs:// too) | a directory | none (off); unimm_jax/main.py"),
 
     F("optim.learning_rate", float, 1e-3, "peak learning rate", bounds=">0"),
     F("optim.warmup_steps", int, 100, "linear warmup steps", bounds=">=0"),

@@ -268,12 +268,13 @@ def validate(config: ConfigDict) -> ConfigDict:
     if need > c.model.max_len:
       problems.append(f"config.model.max_len={c.model.max_len} is smaller than config.text.max_len "
                       f"({c.text.max_len}) + image tokens ({h}x{w}={h * w}) = {need}")
-  # Both compute their attention scores themselves (layers.Attention), which the cuDNN kernel cannot take.
-  own_scores = {"cross_modal_rope=False": not c.model.cross_modal_rope,
-                "directional_heads > 0": c.model.directional_heads > 0}
-  for setting in (name for name, on in own_scores.items() if on and c.model.attention == "cudnn"):
-    problems.append(f"config.model.{setting} computes attention scores itself; it cannot use "
-                    "config.model.attention='cudnn'")
+  if c.model.attention != "auto":   # 'auto' is checked when the platform is known (models/attention.resolve)
+    from unimm_jax.models import attention  # pylint: disable=g-import-not-at-top  (keeps JAX off this module's import)
+    from unimm_jax.models import transformer  # pylint: disable=g-import-not-at-top
+    try:
+      attention.resolve(c.model.attention, "any", dtype=c.model.dtype, own_scores=transformer.own_scores(c.model))
+    except attention.AttentionConfigError as e:
+      problems.append(str(e))
   if 2 * c.model.directional_heads > c.model.num_heads:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
                     f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "

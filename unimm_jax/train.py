@@ -61,8 +61,9 @@ class StepInputs:
     return self.diffusion.schedule
 
 
-def make_model(config, layout: SequenceLayout) -> Transformer:
-  return transformer.from_config(config, layout)
+def make_model(config, layout: SequenceLayout, platform: str | None = None) -> Transformer:
+  """The network, its attention kernel chosen for ``platform`` (default: JAX's default backend)."""
+  return transformer.from_config(config, layout, platform)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -84,10 +85,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def make_step_inputs(config, layout: SequenceLayout, image_code_features=None) -> StepInputs:
+def make_step_inputs(config, layout: SequenceLayout, image_code_features=None,
+                     platform: str | None = None) -> StepInputs:
   """The step's static pieces. ``image_code_features`` (float [V_img, F], the image tokenizer's ``code_features()``)
-  fills the parameter of ``model.image_code_features`` when a run starts; restores take it from the checkpoint."""
-  return StepInputs(model=make_model(config, layout), diffusion=MaskedDiffusion.from_config(config.diffusion, layout),
+  fills the parameter of ``model.image_code_features`` when a run starts; restores take it from the checkpoint.
+  ``platform`` is the one the step is compiled for (default: JAX's default backend)."""
+  platform = platform or jax.default_backend()
+  if config.train.concurrent_chunks > 1 and platform != "cpu":
+    # Accelerators run one operation at a time: the chunks would only duplicate the graph (and its compile time).
+    raise configuration.ConfigError(
+        f"config.train.concurrent_chunks={config.train.concurrent_chunks} is for XLA:CPU's concurrent thunks; on "
+        f"{platform} set it to 1")
+  return StepInputs(model=make_model(config, layout, platform), diffusion=MaskedDiffusion.from_config(config.diffusion, layout),
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay,
                 skip_nonfinite=config.train.on_nonfinite == "skip", concurrent_chunks=config.train.concurrent_chunks,
                 image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32))

@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from unimm_jax.models import attention
 
 Dtype = jnp.dtype
 
@@ -66,18 +69,21 @@ def apply_rope_2d(x, positions, theta: float):
 
 
 class Attention(nn.Module):
-  """Bidirectional multi-head self-attention: :func:`heads_first_attention` (XLA), or ``jax.nn.dot_product_attention``
-  with ``implementation='cudnn'`` on GPU."""
+  """Bidirectional multi-head self-attention with the kernel of :mod:`unimm_jax.models.attention` (``kernel``:
+  xla | splash | cudnn, already resolved for the platform)."""
 
   num_heads: int
   head_dim: int
   rope_theta: float | None   # None: no rotary embedding (learned absolute positions are used instead)
   rope_fraction: float = 1.0  # share of each head's dimensions that rotate (a multiple of 4 of them)
-  implementation: str | None = None   # None (XLA) or 'cudnn'
+  kernel: str = "xla"        # xla | splash | cudnn (attention.resolve)
   fused_qkv: bool = True     # one [D, 3, N, H] projection (one matmul) instead of three
-  cross_modal_rope: bool = True  # False: text<->image pairs score with the unrotated q, k (see __call__)
+  cross_modal_rope: bool = True  # False: pairs across segments score with the unrotated q, k (see __call__)
   directional_heads: int = 0  # P > 0: P heads see only earlier caption words, P only later ones (see __call__)
   qk_norm: bool = False      # RMS-normalise each head's query and key (learned scale) before the rotary embedding
+  interpret: bool = False    # splash only: the Pallas interpreter (tests on CPU)
+  # splash only: (segment index, is-text) of each position as static tuples, which the kernel's masks are built from
+  static_segments: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -90,8 +96,7 @@ class Attention(nn.Module):
     one segment scores with the rotated q, k (relative offsets in the caption, on the grid), a pair across
     segments with the unrotated ones over the whole head, so that a caption word finds its grid cell by content
     and absolute position alone. Across segments a rotary offset (text index i against grid cell (r, c), or two
-    captions' indices, which both start at 0) means nothing and only adds noise to those scores. This takes a
-    second score matmul, done here by XLA (no cuDNN).
+    captions' indices, which both start at 0) means nothing and only adds noise to those scores.
 
     With ``directional_heads=P``, between the words of one text segment the first P heads attend only to the same
     or earlier words and the next P heads only to the same or later ones (every other pair, and every other
@@ -100,6 +105,9 @@ class Attention(nn.Module):
     are nearly flat at the low frequencies and wrap at the high ones; a left-looking head that finds the word
     "and" says at once which phrase of a caption a word belongs to, which binding each phrase to its own grid
     cell needs (BENCHMARKS.md, generation issue).
+
+    The matmul outputs carry ``checkpoint_name``s (``qkv_proj``, ``context``, ``out_proj``) for the named
+    rematerialisation policies (``transformer.REMAT_POLICIES``); the attention scores never do.
     """
     d, shape = x.shape[-1], (self.num_heads, self.head_dim)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -107,9 +115,10 @@ class Attention(nn.Module):
       # One matmul of 3x the width: fewer, larger operations (what a small model's step is bound by on CPU).
       # Fan-in initialisation is per output column, so q, k and v start exactly as three projections would.
       qkv = Projection((d,), (3,) + shape, ("embed", None, "heads", "kv"), name="qkv", **kw)(x)
+      qkv = checkpoint_name(qkv, "qkv_proj")
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      q, k, v = (Projection((d,), shape, ("embed", "heads", "kv"), name=n, **kw)(x)
+      q, k, v = (checkpoint_name(Projection((d,), shape, ("embed", "heads", "kv"), name=n, **kw)(x), "qkv_proj")
                  for n in ("query", "key", "value"))
     if self.qk_norm:
       # Query-key normalisation (ViT-22B, OLMo 2, Gemma 3): score scale set by a learned per-dimension gain rather
@@ -125,67 +134,39 @@ class Attention(nn.Module):
       rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    own_scores = (not self.cross_modal_rope and r) or self.directional_heads
-    if own_scores and segments is None:
+    within_segment_rope = bool(not self.cross_modal_rope and r)
+    if (within_segment_rope or self.directional_heads) and segments is None:
       raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the segment of each "
                        "position")
-    if self.implementation is not None:
-      if own_scores:
-        raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) computes its scores itself; "
-                         f"it has no implementation={self.implementation!r}")
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
-    elif self.cross_modal_rope or not r:
-      out = heads_first_attention(q, k, v, allowed=self._directional_mask(segments))
+    if 2 * self.directional_heads > self.num_heads:
+      raise ValueError(f"directional_heads={self.directional_heads} needs at least {2 * self.directional_heads} "
+                       f"heads, got {self.num_heads}")
+    if self.kernel == "cudnn":
+      if within_segment_rope or self.directional_heads:
+        raise attention.AttentionConfigError("cuDNN attention cannot take cross_modal_rope=False or "
+                                             "directional_heads > 0 (attention.resolve)")
+      out = attention.cudnn_attention(q, k, v)
+    elif self.kernel == "splash":
+      if self.static_segments is None:
+        raise ValueError("Attention(kernel='splash') needs static_segments")
+      segment, text = (np.asarray(a) for a in self.static_segments)
+      mask = attention.splash_mask(segment, text, self.num_heads, self.directional_heads, within_segment_rope)
+      out = attention.splash_attention(q, k, v, mask, q_raw, k_raw, r, interpret=self.interpret)
     else:
-      segment = segments[0]
-      same = (segment[:, None] == segment[None, :])[None, None]                        # [1, 1, S, S]
-      out = heads_first_attention(q, k, v, q_raw, k_raw, same, allowed=self._directional_mask(segments))
-    return Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out)
-
-  def _directional_mask(self, segments):
-    """bool [1, N, S, S], True where a query may attend a key, or None (every pair) without directional heads."""
-    p = self.directional_heads
-    if not p:
-      return None
-    if 2 * p > self.num_heads:
-      raise ValueError(f"directional_heads={p} needs at least {2 * p} heads, got {self.num_heads}")
-    segment, text = segments
-    s = segment.shape[0]
-    text_pair = text[:, None] & text[None, :] & (segment[:, None] == segment[None, :])  # [S, S]: within a caption
-    idx = jnp.arange(s)
-    left = ~text_pair | (idx[None, :] <= idx[:, None])
-    right = ~text_pair | (idx[None, :] >= idx[:, None])
-    every = jnp.ones((s, s), bool)
-    return jnp.stack([left] * p + [right] * p + [every] * (self.num_heads - 2 * p))[None]
+      allowed = None
+      if self.directional_heads:
+        allowed = attention.directional_masks(*segments, self.num_heads, self.directional_heads, xp=jnp)[None]
+      if within_segment_rope:
+        segment = segments[0]
+        same = (segment[:, None] == segment[None, :])[None, None]                        # [1, 1, S, S]
+        out = attention.xla_attention(q, k, v, q_raw, k_raw, same, allowed=allowed)
+      else:
+        out = attention.xla_attention(q, k, v, allowed=allowed)
+    out = checkpoint_name(out, "context")
+    return checkpoint_name(Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out), "out_proj")
 
 
-def heads_first_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None, allowed=None):
-  """Softmax attention of [B, S, N, H] q, k, v computed in the [B, N, S, H] layout -> [B, S, N, H].
-
-  The XLA path on every backend (``model.attention='xla'``). ``jax.nn.dot_product_attention``'s XLA fallback
-  contracts [B, S, N, H] operands directly; with the heads moved next to the batch first, the score and value
-  matmuls are batched over contiguous [S, H] blocks, and the transposes fuse into the producers (the rotary
-  embedding): the attention layer's gradient at the ``bench_cpu`` sizes took 105 ms instead of 129 ms
-  (BENCHMARKS.md). Scores, the softmax and the weighted sum accumulate in float32 whatever the compute dtype.
-
-  With ``q_raw``, ``k_raw`` and a boolean ``rotated_where`` [1, 1, S, S], the score of a pair is ``q . k`` where
-  it is True and ``q_raw . k_raw`` elsewhere (``Attention(cross_modal_rope=False)``). A boolean ``allowed``
-  [1 or B, N, S, S] leaves out the pairs where it is False (every query must keep at least one key).
-  """
-  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
-  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
-  score = lambda q, k: jnp.einsum("bnqh,bnkh->bnqk", heads_first(q) * scale, heads_first(k),
-                                  preferred_element_type=jnp.float32)
-  scores = score(q, k)
-  if rotated_where is not None:
-    scores = jnp.where(rotated_where, scores, score(q_raw, k_raw))
-  if allowed is not None:
-    scores = jnp.where(allowed, scores, -1e30)
-  # Normalised after the value matmul, as flash attention does: one divide per output [.., S, H] instead of per
-  # score [.., S, S]. The max is a constant shift (softmax ignores it), so it takes no gradient.
-  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-  out = jnp.einsum("bnqk,bnkh->bnqh", weights.astype(v.dtype), heads_first(v), preferred_element_type=jnp.float32)
-  return heads_first(out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
+heads_first_attention = attention.xla_attention   # the name tests and older code use
 
 
 def matmul_2d(x, kernel, n_in: int):
@@ -230,7 +211,7 @@ class Projection(nn.Module):
 
 
 class GatedMLP(nn.Module):
-  """SwiGLU: ``wo(silu(wi_0 x) * wi_1 x)``."""
+  """SwiGLU: ``wo(silu(wi_0 x) * wi_1 x)`` (matmul outputs named ``mlp_wi_0``, ``mlp_wi_1``, ``mlp_wo`` for remat)."""
 
   hidden: int
   dtype: Dtype = jnp.float32
@@ -240,10 +221,10 @@ class GatedMLP(nn.Module):
   def __call__(self, x):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
-    gate = Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_0", **kw)(x)
-    up = Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_1", **kw)(x)
+    gate = checkpoint_name(Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_0", **kw)(x), "mlp_wi_0")
+    up = checkpoint_name(Projection((d,), (self.hidden,), ("embed", "mlp"), name="wi_1", **kw)(x), "mlp_wi_1")
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return Projection((self.hidden,), (d,), ("mlp", "embed"), name="wo", **kw)(h)
+    return checkpoint_name(Projection((self.hidden,), (d,), ("mlp", "embed"), name="wo", **kw)(h), "mlp_wo")
 
 
 class Block(nn.Module):
@@ -253,12 +234,14 @@ class Block(nn.Module):
   head_dim: int
   mlp_dim: int
   rope_theta: float | None
-  attention: str | None = None
+  kernel: str = "xla"        # attention kernel (Attention.kernel)
   rope_fraction: float = 1.0
   fused_qkv: bool = True
   cross_modal_rope: bool = True
   directional_heads: int = 0
   qk_norm: bool = False
+  interpret: bool = False
+  static_segments: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -266,9 +249,9 @@ class Block(nn.Module):
   def __call__(self, x, positions, segments=None):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(name="attn_norm", **kw)(x)
-    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.attention,
-                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, name="attn",
-                      **kw)(h, positions, segments)
+    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
+                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
+                      self.static_segments, name="attn", **kw)(h, positions, segments)
     h = RMSNorm(name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

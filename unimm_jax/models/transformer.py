@@ -25,16 +25,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from unimm_jax.models import attention as attention_lib
 from unimm_jax.models import layers
 from unimm_jax.sequence import IMAGE, MODALITIES, SPECIAL, TEXT, SequenceLayout
 
 NEG_INF = -1e9
 
 # Rematerialisation: what a block keeps from its forward pass for the backward pass (the rest is recomputed).
+# The named policies save matmul outputs by the names layers.py gives them (MaxText's manner) and never the
+# attention scores ([B, N, S, S] per layer on the XLA path; splash and cuDNN never write them).
+_SAVE = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,                       # keep only the block's input
-    "dots": jax.checkpoint_policies.dots_saveable,                          # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... but not attention's
+    "save_qkv": _SAVE("qkv_proj"),                                          # + q, k, v: recompute attention, MLP
+    "save_attention": _SAVE("qkv_proj", "context", "out_proj"),             # + the attention half: recompute MLP
+    "minimal": _SAVE("qkv_proj", "context", "out_proj", "mlp_wi_0", "mlp_wi_1", "mlp_wo"),  # every matmul output
+    # Unnamed policies: every matmul output, the XLA path's float32 attention scores included (kept for old runs).
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... but not batched (attention)
 }
 
 
@@ -62,10 +70,11 @@ class TransformerConfig:
   rope_fraction: float = 1.0   # share of head dimensions that rotate; the rest match by content only
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
-  attention: str = "xla"       # xla | cudnn
+  attention: str = "xla"       # xla | splash | cudnn: the kernel, resolved for the platform (attention.resolve)
+  attention_interpret: bool = False   # splash in the Pallas interpreter (tests on CPU)
   vocab_multiple: int = 128    # embedding/head rows padded to a multiple (so a mesh axis can split them)
   scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
-  remat: str = "none"          # rematerialisation policy of a block: none | full | dots | dots_no_batch
+  remat: str = "none"          # rematerialisation policy of a block: none | REMAT_POLICIES
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
   cross_modal_rope: bool = True  # False: rotary offsets only within a segment (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
@@ -73,10 +82,23 @@ class TransformerConfig:
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
 
   @classmethod
-  def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"layout", "code_feature_dim"}
-    return cls(layout=layout, code_feature_dim=code_feature_dim,
+  def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
+                  platform: str | None = None) -> "TransformerConfig":
+    """The config group ``model`` over ``layout``, its ``attention`` resolved for ``platform`` (default: JAX's
+    default backend; the AOT compiler passes the target's)."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"layout", "code_feature_dim", "attention"}
+    kernel = attention_lib.resolve(model_config.get("attention", "xla"), platform or jax.default_backend(),
+                                   dtype=model_config.get("dtype", "float32"), own_scores=own_scores(model_config))
+    return cls(layout=layout, code_feature_dim=code_feature_dim, attention=kernel,
                **{k: v for k, v in model_config.items() if k in fields})
+
+
+def own_scores(model_config) -> dict[str, bool]:
+  """The settings whose attention needs a mask (which cuDNN cannot take): setting name -> whether it is on."""
+  rotary = model_config.get("positions", "rope") in ("rope", "rope+learned") and \
+      int(model_config.get("head_dim", 32) * model_config.get("rope_fraction", 1.0)) // 4 > 0
+  return {"directional_heads": bool(model_config.get("directional_heads", 0)),
+          "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True)}
 
 
 def token_positions(layout: SequenceLayout) -> np.ndarray:
@@ -165,9 +187,13 @@ class Transformer(nn.Module):
     positions = jnp.asarray(token_positions(layout))
     segments = segment_info(layout)
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
-    attention = None if cfg.attention == "xla" else cfg.attention
-    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, attention, cfg.rope_fraction, cfg.fused_qkv,
-                  cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm)
+    static_segments = None
+    if cfg.attention == "splash":   # the kernel's block masks are built from the static segment ids
+      static_segments = (tuple(int(i) for i in layout.segment_index(np)),
+                         tuple(bool(b) for b in layout.modality_masks(np).get(TEXT, np.zeros(layout.seq_len, bool))))
+    block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, cfg.attention, cfg.rope_fraction,
+                  cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
+                  static_segments)
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -243,7 +269,9 @@ def sequence_nll(model: Transformer, params, noisy, targets):
   return segment_nll(model.config, params, features, targets)
 
 
-def from_config(config, layout: SequenceLayout) -> Transformer:
-  """The network of a run's config (``model`` group) over a layout."""
+def from_config(config, layout: SequenceLayout, platform: str | None = None) -> Transformer:
+  """The network of a run's config (``model`` group) over a layout, its attention kernel chosen for ``platform``
+  (default: JAX's default backend)."""
   from unimm_jax import configuration  # pylint: disable=g-import-not-at-top  (JAX-free; kept off the import path)
-  return Transformer(TransformerConfig.from_config(config.model, layout, configuration.image_code_feature_dim(config)))
+  return Transformer(TransformerConfig.from_config(config.model, layout, configuration.image_code_feature_dim(config),
+                                                   platform))
