@@ -45,12 +45,13 @@ def test_cache_directory_of_each_setting():
 
 
 def test_main_job_fills_the_workdir_cache_and_a_second_run_loads_every_program_from_it(tmp_path):
-  # The tiny main job of test_launch's two-process run, one step, on one device. Both runs compile with LLVM's
-  # cheap settings (flags are part of the cache key, so both use the same): 3x less compile time on these cores.
+  # The tiny main job of test_launch's two-process run: one step, one device, one sampler step. Both runs compile
+  # with LLVM's cheap settings (flags are part of the cache key, so both use the same): 3x less compile time.
   overrides = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 16,
                "model.mlp_dim": 64, "train.steps": 1, "train.batch_size": 16, "optim.warmup_steps": 0,
                "eval.batch_size": 32, "data.val_size": 32, "data.train_size": 2000, "data.fit_examples": 200,
-               "train.log_every": 1, "ckpt.every_steps": 1, "eval.num_generate": 4, "mesh.cpu_devices": 1}
+               "train.log_every": 1, "ckpt.every_steps": 1, "eval.num_generate": 4, "mesh.cpu_devices": 1,
+               "sample.t2i_steps": 1, "sample.i2t_steps": 1, "sample.joint_steps": 1}
   env = _env(JAX_DEBUG_LOG_MODULES="jax._src.compiler",
              XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
