@@ -70,7 +70,8 @@ def get_config():
   config.model.max_len = 320
   config.model.dtype = "bfloat16"
   config.model.scan_layers = True
-  config.model.remat = "dots"
+  config.model.remat = "minimal"          # every named matmul output saved, never attention scores (transformer.py)
+  config.mesh.topology = "v5e:4x8"       # python -m unimm_jax.aot compiles for it (README, "Will it fit?")
   config.mesh.shape = (1, -1, 1)         # FSDP over the slice (unified model); the tokenizer's batch splits the same way
 
   config.train.batch_size = 256

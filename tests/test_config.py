@@ -125,7 +125,7 @@ def test_base_config_is_the_schema():
     assert leaves[f.name] == f.default and type(leaves[f.name]) is type(f.default), f.name
   configuration.validate(configuration.base_config())   # every default within its own choices and bounds
   assert "model.d_model" in configuration.STATE_FIELDS and "model.max_len" not in configuration.STATE_FIELDS
-  assert configuration.LEGACY_DEFAULTS == {"model.vocab_multiple": 1, "model.fused_qkv": False}
+  assert configuration.LEGACY_DEFAULTS == {"model.vocab_multiple": 1, "model.fused_qkv": False, "sequence.id_align": 1}
 
 
 def _bad_value(f):

@@ -1,5 +1,6 @@
 """The sequence layout: segments, id ranges, positions, allowed ids, pack/unpack, and the config's segments."""
 
+import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,10 +90,28 @@ def test_bad_layouts_are_clear_errors():
 def test_config_segments_default_to_text_image_and_parse():
   config = configuration.base_config()
   assert sequence.from_config(config, 20, 30, (6, 6)) == SequenceLayout.two_segment(20, 30, config.text.max_len,
-                                                                                     (6, 6))
+                                                                                     (6, 6), id_align=128)
   config.sequence.segments = (("question", "text", 8), ("image", "image"), ("answer", "text"), ("eoa", "special", "<eoa>"))
   lay = sequence.from_config(config, 20, 30, (6, 6))
   assert lay.names == ("question", "image", "answer", "eoa") and lay.segment("answer").length == config.text.max_len
-  assert lay.seq_len == 8 + 36 + config.text.max_len + 1 and lay.mask_id == 51
+  assert lay.seq_len == 8 + 36 + config.text.max_len + 1
+  assert lay.id_range("image") == (128, 158) and lay.special_id("<eoa>") == 256 and lay.mask_id == 257
+  config.sequence.id_align = 1   # packed ranges, as before the option
+  assert sequence.from_config(config, 20, 30, (6, 6)).mask_id == 51
   with pytest.raises(ValueError, match="an image segment is"):
     sequence.parse_segments((("image", "image", 3),), 8, (6, 6))
+
+
+def test_aligned_id_ranges_start_on_lane_boundaries_and_the_gaps_are_never_used():
+  layout = SequenceLayout((sequence.text("caption", 5), sequence.image("image", (2, 3)),
+                           sequence.special("eoi", "<eoi>")), text_vocab=257, image_vocab=1000, id_align=128)
+  assert layout.id_range("text") == (0, 257)
+  assert layout.id_range("image") == (384, 1384) and layout.id_range("special") == (1408, 1409)
+  assert layout.mask_id == 1409 and layout.size == 1410
+  allowed = layout.allowed_ids(np)                              # bool [S, V]
+  gaps = np.r_[257:384, 1384:1408]
+  assert not allowed[:, gaps].any()
+  tokens = layout.random_tokens(np.random.default_rng(0), 64)
+  assert not np.isin(tokens, gaps).any() and not (tokens == layout.mask_id).any()
+  packed = dataclasses.replace(layout, id_align=1)
+  assert packed.id_range("image") == (257, 1257) and packed.mask_id == 1258

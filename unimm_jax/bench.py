@@ -320,7 +320,7 @@ def random_pipeline(config):
   codebook = np.unique(rng.integers(0, c.image.levels, (c.image.codebook_size + 64, dim), dtype=np.uint8), axis=0)
   image = tokenizers.PatchTokenizer(c.image.size, c.image.channels, c.image.levels, c.image.patch,
                                     codebook[:c.image.codebook_size])
-  toks = input_pipeline.Tokenizers(text, image, c.text.max_len)
+  toks = input_pipeline.Tokenizers(text, image, c.text.max_len, id_align=c.sequence.id_align)
   method = train.make_step_inputs(c, toks.layout)
   state = train.init_state(method, 0)
   params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype),

@@ -68,6 +68,9 @@ FIELDS: tuple[Field, ...] = (
       state=True),
     F("sequence.specials", tuple, (), "names of special tokens segments may hold, beyond those special segments "
       "hold, e.g. ('<t2i>',)", state=True),
+    F("sequence.id_align", int, 128, "the image and special id ranges start at multiples of this, so each "
+      "modality's head columns start on a 128-lane boundary (1 = packed ranges)", bounds=">0", state=True,
+      legacy=1),   # before: packed ranges [text | image | specials | MASK]
 
     F("text.tokenizer", str, "word", "text tokenizer kind", choices=("word", "byte", "sentencepiece"), state=True),
     F("text.max_len", int, 24, "text positions per sequence; captions are truncated / PAD-padded", bounds=">0",
@@ -181,6 +184,8 @@ FIELDS: tuple[Field, ...] = (
       bounds=">=0", state=True),
 
     F("mesh.shape", tuple, (-1, 1, 1), "('data', 'fsdp', 'tensor'); -1 = the remaining devices"),
+    F("mesh.topology", str, "", "the Cloud TPU slice the config is sized for, e.g. v5e:4x8 (python -m "
+      "unimm_jax.aot compiles for it by default)"),
     F("mesh.cpu_devices", int, 0, "main job on CPU: split the host into N XLA devices, one thread each (0 = one)",
       bounds=">=0"),
     F("mesh.retain_host_memory", bool, True, "keep freed host memory in the process (glibc): see "

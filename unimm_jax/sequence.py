@@ -95,12 +95,17 @@ class SequenceLayout:
     text_vocab: ids of the text tokenizer (PAD included); every text segment uses them.
     image_vocab: ids of the image tokenizer's codebook; every image segment uses them.
     specials: the special tokens' names, in id order; those named by special segments are added if missing.
+    id_align: the image and special id ranges start at multiples of it (``sequence.id_align``); the ids between
+      ranges are never used. With 128, each modality's columns of the output head (and rows of the embedding)
+      start on a TPU lane boundary, so the per-segment head (``transformer.segment_nll``) slices its kernel
+      without a relayout copy; 1 packs the ranges (checkpoints made before the option).
   """
 
   segments: tuple[Segment, ...]
   text_vocab: int
   image_vocab: int
   specials: tuple[str, ...] = ()
+  id_align: int = 1
 
   def __post_init__(self):
     segments = tuple(self.segments)
@@ -109,6 +114,8 @@ class SequenceLayout:
     names = [s.name for s in segments]
     if len(set(names)) != len(names):
       raise ValueError(f"segment names must be unique, got {names}")
+    if self.id_align < 1:
+      raise ValueError(f"SequenceLayout.id_align must be >= 1, got {self.id_align}")
     for name in ("text_vocab", "image_vocab"):
       if getattr(self, name) <= 0:
         raise ValueError(f"SequenceLayout.{name} must be positive, got {getattr(self, name)}")
@@ -124,15 +131,22 @@ class SequenceLayout:
     object.__setattr__(self, "_starts", tuple(int(x) for x in starts))
 
   @classmethod
-  def two_segment(cls, text_vocab: int, image_vocab: int, text_len: int, image_grid) -> "SequenceLayout":
+  def two_segment(cls, text_vocab: int, image_vocab: int, text_len: int, image_grid,
+                  id_align: int = 1) -> "SequenceLayout":
     """Today's default, ``[text "text" | image "image"]``."""
-    return cls((text(TEXT, text_len), image(IMAGE, image_grid)), text_vocab, image_vocab)
+    return cls((text(TEXT, text_len), image(IMAGE, image_grid)), text_vocab, image_vocab, id_align=id_align)
 
   # ---- ids -------------------------------------------------------------------------------------------------
+  def _aligned(self, n: int) -> int:
+    return -(-n // self.id_align) * self.id_align
+
   def id_range(self, modality: str) -> tuple[int, int]:
-    """[lo, hi) of a modality's global ids."""
-    t, i, p = self.text_vocab, self.image_vocab, len(self.specials)
-    return {TEXT: (0, t), IMAGE: (t, t + i), SPECIAL: (t + i, t + i + p)}[modality]
+    """[lo, hi) of a modality's global ids: text from 0, then image, then specials, each range starting at a
+    multiple of ``id_align``."""
+    image_lo = self._aligned(self.text_vocab)
+    special_lo = self._aligned(image_lo + self.image_vocab)
+    return {TEXT: (0, self.text_vocab), IMAGE: (image_lo, image_lo + self.image_vocab),
+            SPECIAL: (special_lo, special_lo + len(self.specials))}[modality]
 
   @property
   def text_offset(self) -> int:
@@ -140,7 +154,7 @@ class SequenceLayout:
 
   @property
   def image_offset(self) -> int:
-    return self.text_vocab
+    return self.id_range(IMAGE)[0]
 
   def special_id(self, token: str) -> int:
     if token not in self.specials:
@@ -149,7 +163,8 @@ class SequenceLayout:
 
   @property
   def mask_id(self) -> int:
-    return self.text_vocab + self.image_vocab + len(self.specials)
+    """MASK, right after the last range (specials, or the image range's aligned end when there are none)."""
+    return self.id_range(SPECIAL)[1]
 
   @property
   def size(self) -> int:
@@ -356,7 +371,7 @@ class SequenceLayout:
 
   def to_dict(self) -> dict:
     return {"segments": [dataclasses.asdict(s) for s in self.segments], "text_vocab": self.text_vocab,
-            "image_vocab": self.image_vocab, "specials": list(self.specials)}
+            "image_vocab": self.image_vocab, "specials": list(self.specials), "id_align": self.id_align}
 
 
 def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> SequenceLayout:
@@ -367,10 +382,11 @@ def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> Sequen
   Segment specs: ``(name, 'text'[, length])``, ``(name, 'image')``, ``(name, 'special', token, ...)``.
   """
   specs = tuple(config.sequence.segments)
+  align = int(config.sequence.get("id_align", 1))
   if not specs:
-    return SequenceLayout.two_segment(text_vocab, image_vocab, config.text.max_len, image_grid)
+    return SequenceLayout.two_segment(text_vocab, image_vocab, config.text.max_len, image_grid, id_align=align)
   return SequenceLayout(parse_segments(specs, config.text.max_len, image_grid), text_vocab, image_vocab,
-                        tuple(config.sequence.specials))
+                        tuple(config.sequence.specials), id_align=align)
 
 
 def parse_segments(specs, text_len: int, image_grid) -> tuple[Segment, ...]:

@@ -99,14 +99,15 @@ class Tokenizers:
   segments: tuple = ()
   specials: tuple = ()
   fields: tuple = ()  # ((segment, source key), ...)
+  id_align: int = 1   # sequence.id_align
 
   @functools.cached_property
   def layout(self) -> SequenceLayout:
     if not self.segments:
       return SequenceLayout.two_segment(self.text.vocab_size, self.image.vocab_size, self.text_len,
-                                        self.image.grid_shape)
+                                        self.image.grid_shape, id_align=self.id_align)
     return SequenceLayout(sequence.parse_segments(self.segments, self.text_len, self.image.grid_shape),
-                          self.text.vocab_size, self.image.vocab_size, tuple(self.specials))
+                          self.text.vocab_size, self.image.vocab_size, tuple(self.specials), id_align=self.id_align)
 
   def field(self, segment: str) -> str:
     """The source key a segment reads."""
@@ -172,7 +173,8 @@ class Tokenizers:
 def tokenizers_for(config, text, image) -> Tokenizers:
   """The :class:`Tokenizers` of a config's sequence layout over fitted or loaded tokenizers."""
   return Tokenizers(text, image, config.text.max_len, tuple(map(tuple, config.sequence.segments)),
-                    tuple(config.sequence.specials), tuple(map(tuple, config.data.fields)))
+                    tuple(config.sequence.specials), tuple(map(tuple, config.data.fields)),
+                    int(config.sequence.id_align))
 
 
 def _column(batch: dict[str, Any], key: str, segment: str):

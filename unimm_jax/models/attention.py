@@ -216,6 +216,8 @@ def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating
     if length_axes is not None:
       raise AttentionConfigError(f"config.model.attention='splash' needs whole sequences on each device; the mesh "
                                  f"rules split 'length' over {length_axes}")
+    if batch_axes is not None and b % int(np.prod([mesh.shape[a] for a in _axes(batch_axes)])):
+      batch_axes = None   # a batch the mesh cannot split (the initialiser's one example): each device runs it whole
     head_shards = int(np.prod([mesh.shape[a] for a in _axes(head_axes)])) if head_axes else 1
     if n % head_shards:
       raise AttentionConfigError(f"config.model.num_heads={n} cannot be split over the {head_shards} devices of "
