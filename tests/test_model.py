@@ -206,6 +206,11 @@ def test_bfloat16_compute_keeps_float32_params_and_agrees():
   out32 = model32.apply({"params": params}, tokens)
   out16 = model16.apply({"params": params}, tokens)
   assert out16.dtype == jnp.float32   # logits are always float32
+  # ... but the residual stream (what a scanned, rematerialised layer keeps for the backward) is bfloat16.
+  assert model16.apply({"params": params}, tokens, hidden=True).dtype == jnp.bfloat16
+  layer_out = jax.eval_shape(lambda p: model16.apply({"params": p}, tokens, capture_intermediates=True,
+                                                     hidden=True)[1], params)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(layer_out["intermediates"]["block_0"]["__call__"]))
   p32, p16 = jax.nn.softmax(out32), jax.nn.softmax(out16)
   assert float(jnp.abs(p32 - p16).max()) < 0.05
 

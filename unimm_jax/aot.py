@@ -384,12 +384,12 @@ def export_cuda(config, hlo_dir: str | None = None) -> dict:
   """The train step of ``config`` on one device, exported for CUDA: {'custom_calls', 'stablehlo_bytes', ...}."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  programs = build(config, jax.local_devices()[:1], "gpu")
   targets = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaSoftmaxDropout",
              "__cudnn$fmhaSoftmaxDropoutBackward", "__cudnn$fmhaScaleBiasSoftmax",
              "__cudnn$fmhaScaleBiasSoftmaxBackward")
   t0 = time.perf_counter()
   with _cudnn_without_a_gpu():
+    programs = build(config, jax.local_devices()[:1], "gpu")
     exported = export.export(programs.train_step, platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(
                                  programs.abstract_state, programs.batch)
@@ -426,8 +426,6 @@ def format_report(r: dict) -> str:
     for c in p["collectives"][:8]:
       lines.append(f"  {c['kind']:<18} {c['dtype']:<9} x{c['count']:<4} {c['bytes'] / 2**20:10.1f} MiB")
     lines.append(f"  custom calls: {p['custom_calls'] or 'none'}; Pallas kernels: {p['pallas_kernels'] or 'none'}")
-  if "cuda" in r:
-    lines.append(f"cuda export ({r['cuda']['attention']} attention): custom calls {r['cuda']['custom_calls']}")
   return "\n".join(lines)
 
 
@@ -459,12 +457,13 @@ def main(argv=None) -> int:
     config = configuration.validate(fl.config)
     report = compile_for_topology(config, topology, sampler=fl.sampler, hlo_dir=fl.hlo_dir,
                                   flops_check=fl.flops_check)
+    print(format_report(report), flush=True)
     if fl.cuda:
       report["cuda"] = export_cuda(config, fl.hlo_dir)
+      print(f"cuda export ({report['cuda']['attention']} attention): custom calls {report['cuda']['custom_calls']}")
   except (TopologyError, configuration.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(format_report(report))
   if fl.out:
     from etils import epath  # pylint: disable=g-import-not-at-top
     epath.Path(fl.out).write_text(json.dumps(report, indent=1))

@@ -181,7 +181,8 @@ class Transformer(nn.Module):
     if cfg.positions in ("learned", "rope+learned"):
       x = x + self._absolute_positions(embed_init, param_dtype).astype(dtype)[None]
     # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
-    x = x * (1.0 / np.sqrt(3.0))
+    # (A numpy float64 scalar is not weakly typed: it would promote a bfloat16 residual stream to float32.)
+    x = x * jnp.asarray(1.0 / np.sqrt(3.0), dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     positions = jnp.asarray(token_positions(layout))
