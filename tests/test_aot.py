@@ -174,3 +174,15 @@ def test_auto_attention_on_gpu_with_float32_is_refused_not_replaced():
   config.model.dtype = "float32"
   with pytest.raises(attention.AttentionConfigError, match="config.model.dtype='float32'"):
     aot.export_cuda(config)
+
+
+def test_concurrent_chunks_are_refused_on_accelerators():
+  """Sub-batches only help XLA:CPU's concurrent thunks; on a TPU or GPU they would duplicate the whole graph."""
+  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  config = _config("bench_cpu")
+  assert config.train.concurrent_chunks == 2
+  layout = dry_run.planned_layout(config)
+  assert train.make_step_inputs(config, layout, platform="cpu").concurrent_chunks == 2
+  for platform in ("tpu", "gpu"):
+    with pytest.raises(configuration.ConfigError, match="concurrent_chunks=2.*set it to 1"):
+      train.make_step_inputs(config, layout, platform=platform)

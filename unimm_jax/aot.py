@@ -8,8 +8,9 @@ executable it reports, per chip:
 * memory (``memory_analysis()``): arguments, outputs, the part of them aliased (the donated train state),
   temporaries, generated code, and their total against the chip's HBM (:data:`CHIPS`);
 * FLOPs (``cost_analysis()``) against the model FLOPs of the formula (``bench.model_flops_per_step``). XLA counts
-  the body of a loop once, so with ``model.scan_layers`` its figure holds one layer's work, not all of them:
-  ``--flops_check`` compiles an unscanned copy at depths 1 and 2 and extends the line to the full depth;
+  the body of a loop once: the layer scan of ``model.scan_layers``, and the loops XLA makes of FSDP matmuls on a
+  large mesh (collective-permutes around partial matmuls), so there its figure is a fraction of the work and the
+  report lists the loops' trip counts; an unscanned model on a small mesh gives the whole count;
 * the collectives of the optimized HLO (kind, dtype, count, bytes), the custom kernels (``custom-call`` targets:
   ``tpu_custom_call`` is a Pallas kernel such as splash attention), and the compile time.
 
@@ -217,6 +218,13 @@ def matmuls_with_float32_operands(hlo: str) -> list[dict]:
   return found
 
 
+def loops(hlo: str) -> dict[str, int]:
+  """How many ``while`` loops optimized HLO has, and how many of them XLA made of matmuls (``windowed_dot_general``:
+  an FSDP weight's all-gather done as collective-permutes around partial matmuls); XLA counts each body once."""
+  bodies = re.findall(r"\swhile\(.*?body=%([\w.\-]+)", hlo)
+  return {"while": len(bodies), "windowed_dot_general": sum("windowed_dot_general" in b for b in bodies)}
+
+
 def loop_carried_shapes(hlo: str) -> list[str]:
   """Shapes of every array a ``while`` loop carries (its state tuple): what a scan over layers keeps across it."""
   shapes = []
@@ -309,12 +317,12 @@ def model_flops(programs: Programs) -> float:
 def describe_program(compiled, hbm: int | None, lower_s: float, compile_s: float, devices: int) -> dict:
   hlo = compiled.as_text()
   return {"compile_s": round(compile_s, 2), "lower_s": round(lower_s, 2), "memory": memory(compiled, hbm),
+          "loops": loops(hlo),
           "xla_flops_per_device": xla_flops(compiled), "xla_flops_all_devices": xla_flops(compiled) * devices,
           "collectives": collectives(hlo), "custom_calls": custom_calls(hlo), "pallas_kernels": pallas_kernels(hlo)}
 
 
-def compile_for_topology(config, topology: str, *, sampler: bool = True, hlo_dir: str | None = None,
-                         flops_check: bool = False) -> dict:
+def compile_for_topology(config, topology: str, *, sampler: bool = True, hlo_dir: str | None = None) -> dict:
   """Compiles the train step (and the sampling loop) of ``config`` for a TPU slice; the report as a dict."""
   chip, devices = topology_devices(topology)
   programs = build(config, devices, "tpu", topology)
@@ -328,32 +336,15 @@ def compile_for_topology(config, topology: str, *, sampler: bool = True, hlo_dir
   train = describe_program(compiled, chip.hbm_bytes, lower_s, compile_s, len(devices))
   train["model_flops"] = model_flops(programs)
   train["xla_over_model_flops"] = train["xla_flops_all_devices"] / train["model_flops"]
-  train["loop_body_counted_once"] = bool(programs.config.model.scan_layers)
   train["bf16_step_s_at_peak"] = train["model_flops"] / (chip.peak_bf16_flops * len(devices))
   report["train"] = train
   _write_hlo(hlo_dir, "train", compiled.as_text())
-  if flops_check and programs.config.model.scan_layers:
-    report["train"]["xla_flops_unrolled"] = unrolled_flops(config, devices)
-    report["train"]["xla_over_model_flops"] = report["train"]["xla_flops_unrolled"] / train["model_flops"]
   if sampler:
     compiled, lower_s, compile_s = _compile(programs.sampler, *programs.sampler_args)
     report["sample"] = describe_program(compiled, chip.hbm_bytes, lower_s, compile_s, len(devices))
     report["sample"]["batch"] = programs.config.eval.batch_size
     _write_hlo(hlo_dir, "sample", compiled.as_text())
   return report
-
-
-def unrolled_flops(config, devices) -> float:
-  """XLA's FLOPs of the train step over all devices at full depth, from unscanned copies of depth 1 and 2 (a
-  loop's body is counted once; FLOPs are linear in depth): F(L) = F(1) + (L - 1) (F(2) - F(1))."""
-  counts = []
-  for depth in (1, 2):
-    c = config.copy_and_resolve_references()
-    c.model.num_layers, c.model.scan_layers = depth, False
-    p = build(c, devices, "tpu")
-    compiled, _, _ = _compile(p.train_step, p.abstract_state, p.batch)
-    counts.append(xla_flops(compiled) * len(devices))
-  return counts[0] + (config.model.num_layers - 1) * (counts[1] - counts[0])
 
 
 def _write_hlo(hlo_dir, name, text):
@@ -419,10 +410,12 @@ def format_report(r: dict) -> str:
                  f"{_gib(m['outputs'])} (aliased {_gib(m['aliased'])}), temporaries {_gib(m['temporaries'])}, "
                  f"code {_gib(m['generated_code'])}")
     if "model_flops" in p:
-      note = " (a scanned layer counted once)" if p["loop_body_counted_once"] and "xla_flops_unrolled" not in p else ""
-      lines.append(f"  FLOPs: XLA {p.get('xla_flops_unrolled', p['xla_flops_all_devices']):.4g} vs formula "
-                   f"{p['model_flops']:.4g} (ratio {p['xla_over_model_flops']:.3f}){note}; at the bf16 peak a step "
-                   f"takes {1e3 * p['bf16_step_s_at_peak']:.1f} ms")
+      n = p["loops"]
+      loops = (f" (XLA counts each loop body once: {n['while']} loops, {n['windowed_dot_general']} of them FSDP "
+               "matmul loops)") if n["while"] else ""
+      lines.append(f"  FLOPs: XLA {p['xla_flops_all_devices']:.4g} vs formula {p['model_flops']:.4g} (ratio "
+                   f"{p['xla_over_model_flops']:.3f}){loops}; at the bf16 peak a step takes "
+                   f"{1e3 * p['bf16_step_s_at_peak']:.1f} ms")
     for c in p["collectives"][:8]:
       lines.append(f"  {c['kind']:<18} {c['dtype']:<9} x{c['count']:<4} {c['bytes'] / 2**20:10.1f} MiB")
     lines.append(f"  custom calls: {p['custom_calls'] or 'none'}; Pallas kernels: {p['pallas_kernels'] or 'none'}")
@@ -444,8 +437,6 @@ def main(argv=None) -> int:
   flags.DEFINE_string("hlo_dir", None, "write the optimized HLO (and the CUDA StableHLO) here", flag_values=fl)
   flags.DEFINE_bool("sampler", True, "also compile the sampling loop", flag_values=fl)
   flags.DEFINE_bool("cuda", False, "also export the train step for CUDA and list its custom calls", flag_values=fl)
-  flags.DEFINE_bool("flops_check", False, "scanned models: compile unscanned depths 1 and 2 for XLA's full-depth "
-                    "FLOPs", flag_values=fl)
   fl(argv)
   topology = fl.topology or (fl.config.mesh.get("topology", "") if fl.config is not None else "")
   if fl.config is None or not topology:
@@ -455,8 +446,7 @@ def main(argv=None) -> int:
   try:
     parse_topology(topology)
     config = configuration.validate(fl.config)
-    report = compile_for_topology(config, topology, sampler=fl.sampler, hlo_dir=fl.hlo_dir,
-                                  flops_check=fl.flops_check)
+    report = compile_for_topology(config, topology, sampler=fl.sampler, hlo_dir=fl.hlo_dir)
     print(format_report(report), flush=True)
     if fl.cuda:
       report["cuda"] = export_cuda(config, fl.hlo_dir)
