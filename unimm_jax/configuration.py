@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import difflib
 import os
+import re
 import sys
 from typing import Any
 
@@ -366,12 +367,44 @@ def split_cpu_devices(n: int) -> None:
   A small model's step is bound by per-operation overhead, which one thread per device and the batch split over
   the cores (a real SPMD program, collectives included) cut by 10-15 % on 2 cores (BENCHMARKS.md). Must happen
   before JAX starts (this module never imports JAX); flags already in XLA_FLAGS are left as they are, and
-  other backends (GPU, TPU) ignore these CPU flags.
+  other backends (GPU, TPU) ignore these CPU flags. Whoever set the device count (this function, or
+  ``launch.local --cpu_devices``), :func:`reserve_cpu_client_threads` then gives XLA's CPU client the threads
+  that many devices need.
   """
-  if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return
-  flags_ = f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags_).strip()
+  if n > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    flags_ = f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags_).strip()
+  reserve_cpu_client_threads()
+
+
+def reserve_cpu_client_threads() -> int:
+  """Gives XLA's CPU client 2N threads for N fake CPU devices, so their collectives cannot deadlock; returns them.
+
+  The client runs launches and programs on one pool of ``max(cores, N)`` threads (``NPROC``, when set, stands for
+  the core count). A device's share of a program holds a thread until the program ends; a device's launch of the
+  next program holds one too while it waits for a slot, once that device has 32 programs in flight. So with N
+  devices on N cores, a host loop that dispatches 32 steps ahead (the train loop between two log lines, when the
+  host is faster than the step) parks a launch on one of the threads, one device's share of the step in flight
+  finds none free, and the other device waits for it in the all-reduce until XLA aborts the process (a warning
+  after 20 s, ``rendezvous.cc: Termination timeout ... only 1 of them arrived on time`` 40 s later, SIGABRT).
+  That is a deadlock, with or without other load: a longer
+  ``--xla_cpu_collective_call_terminate_timeout_seconds`` (jax-ml/jax#31818) only makes it a hang. With 2N
+  threads, N parked launches still leave N for the step (BENCHMARKS.md, "CPU split under load"). ``NPROC`` also
+  sizes the intra-op pool that the devices' matmuls use: 2N threads there too where the machine has fewer cores.
+  A larger ``NPROC`` is left as it is; fewer than 2 devices change nothing (returns 0). Must run before JAX starts.
+  """
+  match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  devices = int(match.group(1)) if match else 0
+  if devices < 2:
+    return 0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  threads = max(cores, 2 * devices)
+  try:
+    threads = max(threads, int(os.environ.get("NPROC", "0")))
+  except ValueError:
+    pass   # not a number: XLA ignores it too, and the value set below replaces it
+  os.environ["NPROC"] = str(threads)
+  return threads
 
 
 def prepare_host(config: ConfigDict) -> None:
