@@ -169,9 +169,12 @@ def test_cuda_export_of_bench_gpu_calls_cudnn_flash_attention_forward_and_backwa
   assert any(c.startswith("__cudnn$fmha") and c.endswith("Backward") for c in calls), calls
 
 
-def test_auto_attention_on_gpu_with_float32_is_refused_not_replaced():
+def test_cuda_export_of_a_float32_model_runs_the_xla_path_and_explicit_cudnn_is_refused():
   config = _config("bench_gpu")
   config.model.dtype = "float32"
+  report = aot.export_cuda(config)
+  assert report["attention"] == "xla" and not any(c.startswith("__cudnn$fmha") for c in report["custom_calls"])
+  config.model.attention = "cudnn"
   with pytest.raises(attention.AttentionConfigError, match="config.model.dtype='float32'"):
     aot.export_cuda(config)
 

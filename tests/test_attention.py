@@ -31,16 +31,28 @@ def test_auto_picks_the_platform_kernel():
   assert attention.resolve("xla", "gpu", dtype="float32", own_scores=masked) == "xla"
 
 
-@pytest.mark.parametrize("kind,dtype,masked,field", [
-    ("cudnn", "float32", {}, "config.model.dtype='float32'"),
-    ("auto", "float32", {}, "config.model.dtype='float32'"),
-    ("cudnn", "bfloat16", {"directional_heads": True}, "config.model.directional_heads"),
-    ("auto", "bfloat16", {"cross_modal_rope": True}, "config.model.cross_modal_rope"),
+@pytest.mark.parametrize("dtype,masked,field", [
+    ("float32", {}, "config.model.dtype='float32'"),
+    ("bfloat16", {"directional_heads": True}, "config.model.directional_heads"),
+    ("bfloat16", {"cross_modal_rope": True}, "config.model.cross_modal_rope"),
 ])
-def test_a_kernel_that_cannot_take_the_settings_is_an_error_naming_them(kind, dtype, masked, field):
+def test_cudnn_that_cannot_take_the_settings_is_an_error_naming_them_and_auto_says_why_it_took_xla(
+    dtype, masked, field, caplog):
   with pytest.raises(configuration.ConfigError) as e:
-    attention.resolve(kind, "gpu", dtype=dtype, own_scores=masked)
-  assert field in str(e.value) and "config.model.attention" in str(e.value)
+    attention.resolve("cudnn", "gpu", dtype=dtype, own_scores=masked)
+  assert field in str(e.value) and "config.model.attention='cudnn'" in str(e.value)
+  with caplog.at_level("INFO"):
+    assert attention.resolve("auto", "gpu", dtype=dtype, own_scores=masked) == "xla"
+  assert field in caplog.text and "XLA attention path" in caplog.text
+
+
+def test_a_kernel_for_another_platform_is_an_error():
+  plain = {"directional_heads": False, "cross_modal_rope": False}
+  with pytest.raises(configuration.ConfigError, match="'splash' is a TPU kernel and the program is for cpu"):
+    attention.resolve("splash", "cpu", dtype="float32", own_scores=plain)
+  with pytest.raises(configuration.ConfigError, match="'cudnn' is a GPU kernel and the program is for tpu"):
+    attention.resolve("cudnn", "tpu", dtype="bfloat16", own_scores=plain)
+  assert attention.resolve("splash", "any", dtype="float32", own_scores=plain) == "splash"
 
 
 def test_explicit_cudnn_with_a_mask_fails_validation_on_any_host():

@@ -1,5 +1,5 @@
-"""The main job's persistent compilation cache (``train.compilation_cache``, unimm_jax/main.py): where it goes,
-that the main job fills it before its first compile, that a second process loads the programs from it, and that
+"""The main job's persistent compilation cache (``train.compilation_cache``, unimm_jax/compilation_cache.py): where
+it goes, that the main job fills it before its first compile, that a second process loads the programs from it, and that
 a ``gs://`` workdir holds it. The evidence of a load is JAX's own: its "Persistent compilation cache hit" log line
 and its ``/jax/compilation_cache/cache_hits`` event, never a timing.
 
@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from unimm_jax import main
+from unimm_jax import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -33,15 +33,15 @@ def _entries(cache_dir):
 
 
 def test_cache_directory_of_each_setting():
-  assert main.compilation_cache_dir("auto", "runs/a", {}) == os.path.abspath("runs/a/compilation_cache")
-  assert main.compilation_cache_dir("auto", "gs://bucket/runs/a", {}) == "gs://bucket/runs/a/compilation_cache"
+  assert compilation_cache.directory("auto", "runs/a", {}) == os.path.abspath("runs/a/compilation_cache")
+  assert compilation_cache.directory("auto", "gs://bucket/runs/a", {}) == "gs://bucket/runs/a/compilation_cache"
   # A cache the environment names (a test session, a sweep) is kept by auto, not by an explicit setting.
-  assert main.compilation_cache_dir("auto", "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) == "/shared/c"
-  assert main.compilation_cache_dir("/tmp/c", "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) == "/tmp/c"
-  assert main.compilation_cache_dir("gs://b/c", "runs/a", {}) == "gs://b/c"
-  assert main.compilation_cache_dir("~/c", "runs/a", {}) == os.path.expanduser("~/c")
+  assert compilation_cache.directory("auto", "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) == "/shared/c"
+  assert compilation_cache.directory("/tmp/c", "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) == "/tmp/c"
+  assert compilation_cache.directory("gs://b/c", "runs/a", {}) == "gs://b/c"
+  assert compilation_cache.directory("~/c", "runs/a", {}) == os.path.expanduser("~/c")
   for off in ("none", "None", "", " "):
-    assert main.compilation_cache_dir(off, "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) is None
+    assert compilation_cache.directory(off, "runs/a", {"JAX_COMPILATION_CACHE_DIR": "/shared/c"}) is None
 
 
 def test_main_job_fills_the_workdir_cache_and_a_second_run_loads_every_program_from_it(tmp_path):
@@ -84,8 +84,8 @@ sys.path.insert(0, {TESTS!r})
 from fake_gcs import fake_gcs
 setting, workdir, root = sys.argv[1:]
 with fake_gcs(root):
-  from unimm_jax import main
-  path = main.enable_compilation_cache(setting, workdir)   # what the main job's start-up does
+  from unimm_jax import compilation_cache
+  path = compilation_cache.enable(setting, workdir)   # what the main job's start-up does
   import jax, jax.numpy as jnp
   hits = []
   jax.monitoring.register_event_listener(

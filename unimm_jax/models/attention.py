@@ -2,14 +2,16 @@
 
 ``model.attention``:
 
-* ``auto`` (default): ``splash`` on TPU, ``cudnn`` on GPU, ``xla`` on CPU (:func:`resolve`);
+* ``auto`` (default): ``splash`` on TPU; on GPU ``cudnn`` where the config allows it (bfloat16 or float16, no mask),
+  else ``xla``, with a log line saying why; ``xla`` on CPU (:func:`resolve`);
 * ``xla``: :func:`xla_attention`, scores in memory ([B, N, S, S] per layer), every mask the model has;
 * ``splash``: the Pallas TPU kernel (``jax.experimental.pallas.ops.tpu.splash_attention``), tiled, scores never in
   HBM, inside ``shard_map`` over the mesh (batch over ``data`` x ``fsdp``, heads over ``tensor``); the model's masks
   (directional heads, rotary within a segment) are static block-sparse splash masks built from the layout;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``, bfloat16 (or float16) only, no mask.
 
-A combination a kernel cannot take is a :class:`AttentionConfigError` naming the fields, never a silent fallback.
+A kernel named explicitly that cannot take the config (cuDNN with float32 or a mask, a kernel of another platform)
+is an :class:`AttentionConfigError` naming the fields, never a silent fallback.
 
 The masks. With ``directional_heads = P``, within a text segment the first P heads see only the same or earlier
 words and the next P only the same or later ones. With rotary offsets within a segment only (``cross_modal_rope
@@ -28,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 from unimm_jax import configuration
@@ -47,7 +50,8 @@ def resolve(kind: str, platform: str, *, dtype: str, own_scores: dict[str, bool]
 
   Args:
     kind: ``config.model.attention``.
-    platform: the target devices' platform (``tpu``, ``gpu``, ``cpu``): the mesh's, not necessarily this host's.
+    platform: the target devices' platform (``tpu``, ``gpu``, ``cpu``): the mesh's, not necessarily this host's;
+      ``any`` checks only what holds on every platform (config validation).
     dtype: the compute dtype (``config.model.dtype``).
     own_scores: setting name -> whether it is on, for the settings that need a mask (``directional_heads``,
       ``cross_modal_rope=False`` with rotary positions).
@@ -58,17 +62,29 @@ def resolve(kind: str, platform: str, *, dtype: str, own_scores: dict[str, bool]
     raise AttentionConfigError(f"config.model.attention={kind!r} is not one of {KINDS}")
   chosen = AUTO.get(platform, "xla") if kind == "auto" else kind
   why = f"config.model.attention={kind!r}" + (f" (on {platform}: {chosen})" if kind == "auto" else "")
+  home = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}.get(chosen)
+  if home and platform != "any" and platform not in home:
+    raise AttentionConfigError(f"{why} is a {home[0].upper()} kernel and the program is for {platform}: set "
+                               "config.model.attention=auto (or xla)")
   if chosen == "cudnn":
-    problems = []
-    if dtype not in ("bfloat16", "float16"):
-      problems.append(f"it takes bfloat16 or float16, not config.model.dtype={dtype!r} (set "
-                      "config.model.dtype=bfloat16)")
-    problems += [f"it cannot express the mask of config.model.{name} (turn it off)"
-                 for name, on in own_scores.items() if on]
+    problems = _cudnn_problems(dtype, own_scores)
+    if problems and kind == "auto":
+      # auto's rule on GPU: cuDNN where the config allows it, else the XLA path, said in the log.
+      logging.info("config.model.attention='auto' on %s: the XLA attention path, since cuDNN flash attention %s",
+                   platform, ", and ".join(problems))
+      return "xla"
     if problems:
-      raise AttentionConfigError(f"{why} runs cuDNN flash attention: " + "; ".join(problems) +
-                                 "; or set config.model.attention=xla")
+      raise AttentionConfigError(f"{why} runs cuDNN flash attention, which " + ", and ".join(problems) +
+                                 "; or set config.model.attention=xla (or auto)")
   return chosen
+
+
+def _cudnn_problems(dtype: str, own_scores: dict[str, bool]) -> list[str]:
+  problems = []
+  if dtype not in ("bfloat16", "float16"):
+    problems.append(f"takes bfloat16 or float16, not config.model.dtype={dtype!r} (set config.model.dtype=bfloat16)")
+  problems += [f"cannot express the mask of config.model.{name} (turn it off)" for name, on in own_scores.items() if on]
+  return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
