@@ -139,11 +139,15 @@ def xla_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None, allowed=N
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
   score = lambda q, k: _einsum("bnqh,bnkh->bnqk", heads_first(q) * scale, heads_first(k))
+  # The masks enter as arithmetic on [1, .., S, S] constants, not as selects: a select's backward keeps its
+  # predicate broadcast to [B, N, S, S], which a scan over rematerialised layers then carries for every layer.
+  # Both are exact: s * 1 + t * 0 = s for finite scores, and s - 1e30 = -1e30 in float32 for |s| << 1e22.
   scores = score(q, k)
   if rotated_where is not None:
-    scores = jnp.where(rotated_where, scores, score(q_raw, k_raw))
+    rotated = rotated_where.astype(jnp.float32)
+    scores = scores * rotated + score(q_raw, k_raw) * (1.0 - rotated)
   if allowed is not None:
-    scores = jnp.where(allowed, scores, -1e30)
+    scores = scores + jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
   # Normalised after the value matmul, as flash attention does: one divide per output [.., S, H] instead of per
   # score [.., S, S]. The max is a constant shift (softmax ignores it), so it takes no gradient.
   weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
