@@ -132,9 +132,10 @@ def test_dry_run_of_the_large_config_prints_the_hand_computed_memory(tmp_path):
                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  # By hand: d 2048, 24 layers, 16 heads x 128, MLP 5632, vocab 257 + 16384 + MASK = 16642 padded to 16768,
-  # 256 text positions, 16 image rows and 16 columns.
-  d, layers, vocab = 2048, 24, 16768
+  # By hand: d 2048, 24 layers, 16 heads x 128, MLP 5632; vocabulary: 257 text ids, the image range from 384 (the
+  # next multiple of sequence.id_align=128) to 16768, MASK 16768: 16769 rows padded to 16896; 256 text positions,
+  # 16 image rows and 16 columns.
+  d, layers, vocab = 2048, 24, 16896
   per_layer = 2 * d + 3 * d * 16 * 128 + 16 * 128 * d + 3 * d * 5632
   params = vocab * d + 2 * d + 256 * d + 16 * d + 16 * d + layers * per_layer + d + d * vocab
   assert f"dry run: {params:,} parameters" in out and params > 1e9

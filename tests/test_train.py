@@ -13,6 +13,7 @@ from unimm_jax.data import input_pipeline, shapes
 
 def tiny_config(**overrides):
   c = configuration.base_config()
+  c.sequence.id_align = 1    # packed ids, as configs/shapes.py on CPU (the tests' models and figures predate it)
   c.model.d_model = 32
   c.model.num_layers = 2
   c.model.num_heads = 2
