@@ -84,11 +84,12 @@ def small_tpu():
   chip, devices = aot.topology_devices("v5e:2x2")
   programs = aot.build(config, devices, "tpu", "v5e:2x2")
   compiled, _, compile_s = aot._compile(programs.train_step, programs.abstract_state, programs.batch)  # pylint: disable=protected-access
-  report = aot.describe_program(compiled, chip.hbm_bytes, 0.0, compile_s, len(devices))
+  hlo = compiled.as_text()
+  report = aot.describe_program(compiled, hlo, chip.hbm_bytes, 0.0, compile_s, len(devices))
   report["model_flops"] = aot.model_flops(programs)
   report["attention"] = programs.method.model.config.attention
   report["seq_len"] = programs.layout.seq_len
-  return report, compiled.as_text()
+  return report, hlo
 
 
 @needs_libtpu

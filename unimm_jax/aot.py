@@ -314,11 +314,12 @@ def model_flops(programs: Programs) -> float:
                                     programs.config.train.batch_size, programs.layout.seq_len)
 
 
-def describe_program(compiled, hbm: int | None, lower_s: float, compile_s: float, devices: int) -> dict:
-  hlo = compiled.as_text()
+def describe_program(compiled, hlo: str, hbm: int | None, lower_s: float, compile_s: float,
+                     devices: int) -> dict:
+  """The report of one compiled program; ``hlo`` is its ``as_text()`` (taken once by the caller, also for files)."""
+  flops = xla_flops(compiled)
   return {"compile_s": round(compile_s, 2), "lower_s": round(lower_s, 2), "memory": memory(compiled, hbm),
-          "loops": loops(hlo),
-          "xla_flops_per_device": xla_flops(compiled), "xla_flops_all_devices": xla_flops(compiled) * devices,
+          "loops": loops(hlo), "xla_flops_per_device": flops, "xla_flops_all_devices": flops * devices,
           "collectives": collectives(hlo), "custom_calls": custom_calls(hlo), "pallas_kernels": pallas_kernels(hlo)}
 
 
@@ -333,17 +334,19 @@ def compile_for_topology(config, topology: str, *, sampler: bool = True, hlo_dir
             "mesh": dict(programs.mesh.shape), "sequence": programs.layout.seq_len,
             "batch": programs.config.train.batch_size}
   compiled, lower_s, compile_s = _compile(programs.train_step, programs.abstract_state, programs.batch)
-  train = describe_program(compiled, chip.hbm_bytes, lower_s, compile_s, len(devices))
+  hlo = compiled.as_text()
+  train = describe_program(compiled, hlo, chip.hbm_bytes, lower_s, compile_s, len(devices))
   train["model_flops"] = model_flops(programs)
   train["xla_over_model_flops"] = train["xla_flops_all_devices"] / train["model_flops"]
   train["bf16_step_s_at_peak"] = train["model_flops"] / (chip.peak_bf16_flops * len(devices))
   report["train"] = train
-  _write_hlo(hlo_dir, "train", compiled.as_text())
+  _write_hlo(hlo_dir, "train", hlo)
   if sampler:
     compiled, lower_s, compile_s = _compile(programs.sampler, *programs.sampler_args)
-    report["sample"] = describe_program(compiled, chip.hbm_bytes, lower_s, compile_s, len(devices))
+    hlo = compiled.as_text()
+    report["sample"] = describe_program(compiled, hlo, chip.hbm_bytes, lower_s, compile_s, len(devices))
     report["sample"]["batch"] = programs.config.eval.batch_size
-    _write_hlo(hlo_dir, "sample", compiled.as_text())
+    _write_hlo(hlo_dir, "sample", hlo)
   return report
 
 
