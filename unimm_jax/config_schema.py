@@ -48,6 +48,8 @@ FIELDS: tuple[Field, ...] = (
     F("data.train_size", int, 100_000, "shapes: examples in the train split (procedural, so size is free)",
       bounds=">0"),
     F("data.val_size", int, 512, "shapes: examples in the val split", bounds=">0"),
+    F("data.shapes_kinds", tuple, (("caption", 1.0),), "shapes: kinds of example and their shares, "
+      "(kind, weight) pairs of caption | edit | vqa (data/shapes_tasks.py); caption only is the original data"),
     F("data.fit_examples", int, 5_000, "training examples used to fit the tokenizers at the first run", bounds=">0"),
     F("data.num_threads", int, 1, "grain prefetch threads; 0 reads in the main thread", bounds=">=0"),
     # tfds: any TFDS image dataset with captions or class labels, read through tfds.data_source (no TensorFlow)
@@ -60,7 +62,8 @@ FIELDS: tuple[Field, ...] = (
     F("data.text_key", str, "", "feature holding the caption (a string, or a sequence: its first) ..."),
     F("data.label_key", str, "", "... or a ClassLabel, whose name goes into a template (exactly one of the two)"),
     F("data.caption_templates", tuple, ("a photo of a {}.",), "label captions; example i uses template i mod len"),
-    F("data.fields", tuple, (), "(segment, source key) pairs: where a segment's value comes from; default its name"),
+    F("data.fields", tuple, (), "(segment, source key, ...) entries: where a segment's value comes from, the first "
+      "key an example has (none: the segment is absent); default its name"),
 
     F("sequence.segments", tuple, (), "named segments of a sequence, e.g. (('caption', 'text', 24), ('image', "
       "'image')); () = today's [text | image]. Specs: (name, 'text'[, length]) (length default text.max_len), "
@@ -160,7 +163,7 @@ FIELDS: tuple[Field, ...] = (
     F("diffusion.image_loss_weight", float, 1.0, "multiplies the image tokens' loss", bounds=">=0"),
     F("diffusion.tasks", float, {"joint": 0.4, "text_to_image": 0.2, "image_to_text": 0.2, "image_only": 0.1,
                                  "text_only": 0.1}, _TASKS_DOC, open=True),
-    F("diffusion.task_roles", str, {}, "tasks declared here: name -> 'segment:role ...' (clean | noised | null), "
+    F("diffusion.task_roles", str, {}, "tasks declared here: name -> 'segment:role ...' (clean | noised | null | absent), "
       "e.g. 'text:clean image:noised'", open=True),
 
     F("train.steps", int, 2_000, "optimizer steps", bounds=">0"),

@@ -14,6 +14,12 @@ Segments of one modality share that modality's range (one vocabulary, one tokeni
 fixed tokens (a task token, begin/end of image) that are always given and never generated. With no special
 tokens the ranges are exactly those of the two-segment code before segments: ``[text | image | MASK]``.
 
+Examples of different kinds can share one layout that covers them all (``[text | image | target | answer]``
+serves caption pairs, edits and questions): a segment an example does not have is *absent*, every position of it
+holding the special token :data:`ABSENT` (``sequence.specials`` must name it). The token is always given, never
+predicted and never carries loss, so the network reads "not part of this example" from the input itself, the
+same way on every attention kernel; :meth:`SequenceLayout.present` recovers which segments an example has.
+
 This module is the only place that knows where a segment starts and ends in the flat sequence: positions
 (1-D within a text or special segment, 2-D (row, column) within an image segment), segment and modality ids,
 the ids each position may predict, slicing a per-position array into segments, and pack/unpack between
@@ -30,6 +36,8 @@ import numpy as np
 TEXT, IMAGE, SPECIAL = "text", "image", "special"
 MODALITIES = (TEXT, IMAGE, SPECIAL)   # modality id = index here; the id ranges follow this order
 MODALITY_ID = {m: i for i, m in enumerate(MODALITIES)}
+ABSENT = "<absent>"        # the special token that fills a segment an example does not have
+LOCAL_ABSENT = -2          # pack(): a local id of -2 means ABSENT (-1 means MASK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +170,15 @@ class SequenceLayout:
     return self.id_range(SPECIAL)[0] + self.specials.index(token)
 
   @property
+  def has_absent(self) -> bool:
+    """Whether examples may leave segments out (the layout has the :data:`ABSENT` token)."""
+    return ABSENT in self.specials
+
+  @property
+  def absent_id(self) -> int:
+    return self.special_id(ABSENT)
+
+  @property
   def mask_id(self) -> int:
     """MASK, right after the last range (specials, or the image range's aligned end when there are none)."""
     return self.id_range(SPECIAL)[1]
@@ -251,6 +268,18 @@ class SequenceLayout:
       out[lo:hi] = True
     return out
 
+  def segment_starts(self) -> np.ndarray:
+    """int32 [G]: the first position of each segment."""
+    return np.asarray(self._starts[:-1], np.int32)
+
+  def present(self, tokens, xp=np):
+    """bool [..., G]: whether each segment of each example is present (its first token is not :data:`ABSENT`);
+    all True in a layout without the token. ``tokens``: int [..., S] global ids (numpy, or JAX with xp=jnp)."""
+    first = tokens[..., self.segment_starts()]
+    if not self.has_absent:
+      return xp.ones(first.shape, bool)
+    return first != self.absent_id
+
   # ---- traced per-position quantities (built in the program from iota comparisons) -------------------------
   def modality_masks(self, xp=np) -> dict[str, Any]:
     """{modality: bool [S]}, from comparisons of an iota with the segment boundaries (no [S]-sized constant)."""
@@ -302,8 +331,9 @@ class SequenceLayout:
   def pack(self, values: Mapping[str, Any], batch: int | None = None) -> np.ndarray:
     """{segment: local ids} -> int32 [B, S] global ids.
 
-    Local ids are the tokenizer's (0 .. vocab - 1); -1 (or a segment left out) means MASK. Special segments
-    are filled with their tokens and must not be given.
+    Local ids are the tokenizer's (0 .. vocab - 1); -1 (or a segment left out) means MASK, -2
+    (:data:`LOCAL_ABSENT`, only in a layout with the :data:`ABSENT` token) means the segment is absent, and must
+    then fill the whole row of the segment. Special segments are filled with their tokens and must not be given.
     """
     unknown = set(values) - set(self.names)
     if unknown:
@@ -326,10 +356,15 @@ class SequenceLayout:
         raise ValueError(f"segment {s.name!r} holds {s.size} tokens per example: expected [{batch}, {s.size}], "
                          f"got {ids.shape}")
       lo, hi = self.id_range(s.modality)
-      if ids.size and (ids.max() >= hi - lo or ids.min() < -1):
-        raise ValueError(f"segment {s.name!r}: local ids must be in [0, {hi - lo}) or -1 (MASK), got "
-                         f"[{ids.min()}, {ids.max()}]")
-      parts.append(np.where(ids < 0, self.mask_id, ids + lo))
+      floor = LOCAL_ABSENT if self.has_absent else -1
+      if ids.size and (ids.max() >= hi - lo or ids.min() < floor):
+        raise ValueError(f"segment {s.name!r}: local ids must be in [0, {hi - lo}) or -1 (MASK)"
+                         f"{' or -2 (absent)' if self.has_absent else ''}, got [{ids.min()}, {ids.max()}]")
+      absent = ids == LOCAL_ABSENT
+      if absent.any() and not (absent.all(axis=1) | ~absent.any(axis=1)).all():
+        raise ValueError(f"segment {s.name!r}: an absent segment (-2) must be absent in every position of its row")
+      parts.append(np.where(absent, self.absent_id if self.has_absent else 0,
+                            np.where(ids < 0, self.mask_id, ids + lo)))
     return np.concatenate(parts, axis=1).astype(np.int32)
 
   def random_tokens(self, rng: np.random.Generator, batch: int) -> np.ndarray:
@@ -343,8 +378,8 @@ class SequenceLayout:
     return self.pack(values, batch=batch)
 
   def unpack(self, tokens) -> dict[str, Any]:
-    """int [..., S] global ids -> {segment: local ids}, MASK as -1 (numpy or JAX arrays). Special segments are
-    left out."""
+    """int [..., S] global ids -> {segment: local ids}, MASK as -1 and ABSENT as -2 (numpy or JAX arrays).
+    Special segments are left out."""
     if isinstance(tokens, np.ndarray):
       xp = np
     else:
@@ -355,7 +390,8 @@ class SequenceLayout:
         continue
       lo, hi = self.span(s.name)
       part = tokens[..., lo:hi]
-      out[s.name] = xp.where(part == self.mask_id, -1, part - self.id_range(s.modality)[0])
+      local = xp.where(part == self.mask_id, -1, part - self.id_range(s.modality)[0])
+      out[s.name] = xp.where(part == self.absent_id, LOCAL_ABSENT, local) if self.has_absent else local
     return out
 
   # ---- description ---------------------------------------------------------------------------------------------

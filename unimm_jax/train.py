@@ -188,7 +188,8 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
   tokens = batch["tokens"]
   key = jax.random.fold_in(state.rng, state.step)
   k_corruption, k_mask = jax.random.split(key)
-  corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0])
+  present = method.layout.present(tokens, jnp) if method.layout.has_absent else None
+  corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0], present=present)
   noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
 
   def loss_fn(params):
@@ -234,7 +235,8 @@ def validation_tasks(layout: SequenceLayout) -> tuple[tuple[str, np.ndarray], ..
     for name in generative:
       roles = np.full(len(layout.segments), tasks_lib.CLEAN, np.int32)
       roles[layout.index(name)] = tasks_lib.NOISED
-      out.append((f"{name}_given_{'+'.join(g for g in generative if g != name)}", roles.astype(np.int32)))
+      given = "rest" if layout.has_absent else "+".join(g for g in generative if g != name)   # rest: what is present
+      out.append((f"{name}_given_{given}", roles.astype(np.int32)))
   return tuple((n, np.asarray(r, np.int32)) for n, r in out)
 
 
@@ -249,17 +251,36 @@ def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
   Columns: each modality with every segment noised (the joint ELBO, split by modality), then each segment given
   the others clean (:func:`validation_tasks`). Times are low-discrepancy per segment, so a batch averages over the
   whole t range; a fixed key makes the validation figure of two evaluations comparable.
+
+  In a layout with absent segments each example's absent segments stay absent under every task, and a column
+  that measures nothing for an example (its noised segments are all absent) is NaN there; :func:`validate`
+  averages each column over the examples where it is finite.
   """
   k_corruption, k_mask = jax.random.split(key)
-  diffusion = method.diffusion
+  diffusion, layout = method.diffusion, method.layout
   t = diffusion.sample_times(k_corruption, tokens.shape[0])
+  present = layout.present(tokens, jnp) if layout.has_absent else None
   out = []
-  for i, (_, roles) in enumerate(validation_tasks(method.layout)):
-    corruption = diffusion.corruption_at(t, roles)
+  for i, (_, roles) in enumerate(validation_tasks(layout)):
+    example_roles = roles if present is None else jnp.where(present, roles[None], tasks_lib.ABSENT)
+    corruption = diffusion.corruption_at(t, example_roles)
     noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
     bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens), masked, corruption)
-    per_modality = diffusion.modality_bits(bits, roles)
-    out.extend(per_modality.values() if i == 0 else [bits[:, int(np.argmax(roles == 0))]])
+    if i and present is None:
+      out.append(bits[:, int(np.argmax(roles == 0))])
+    elif i:
+      g = int(np.argmax(roles == 0))
+      out.append(jnp.where(present[:, g], bits[:, g], jnp.nan))
+    elif present is None:
+      out.extend(diffusion.modality_bits(bits, roles).values())
+    else:   # token-weighted over each example's present segments of the modality
+      for modality in layout.modalities:
+        if modality == "special":
+          continue
+        idx = np.asarray([layout.index(n) for n in layout.of_modality(modality)])
+        w = jnp.asarray([layout.segments[g].size for g in idx], jnp.float32)[None] * present[:, idx]
+        total = w.sum(axis=1)
+        out.append(jnp.where(total > 0, (bits[:, idx] * w).sum(axis=1) / jnp.maximum(total, 1.0), jnp.nan))
   return jnp.stack(out, axis=1)
 
 
@@ -280,13 +301,14 @@ def compile_steps(method: StepInputs, mesh, rules, shardings: TrainState):
 
 def validate(eval_fn, params, batches, seed: int, figures: tuple[str, ...]) -> dict[str, float]:
   """Mean val bits per token over every example once: {'text', 'image'} (joint ELBO) and the conditionals."""
-  total, count = np.zeros(len(figures)), 0.0
+  total, count = np.zeros(len(figures)), np.zeros(len(figures))
   base = jax.random.PRNGKey(seed + 1)
   for i, batch in enumerate(batches):
     bits = np.asarray(eval_fn(params, batch["tokens"], jax.random.fold_in(base, i)))
-    total += (bits * batch["weight"][:, None]).sum(axis=0)
-    count += batch["weight"].sum()
-  return {name: float(v / count) for name, v in zip(figures, total)}
+    weight = batch["weight"][:, None] * np.isfinite(bits)     # NaN: the column measures nothing for the example
+    total += (np.nan_to_num(bits) * weight).sum(axis=0)
+    count += weight.sum(axis=0)
+  return {name: float(v / c) if c else float("nan") for name, v, c in zip(figures, total, count)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from etils import epath
 
 from unimm_jax import configuration, sequence
 from unimm_jax import tokenizers
-from unimm_jax.data import folder, pretokenized, shapes, tfds_source
+from unimm_jax.data import folder, pretokenized, shapes, shapes_tasks, tfds_source
 from unimm_jax.sequence import SequenceLayout
 
 TOKENIZER_DIR = "tokenizers"
@@ -52,6 +52,9 @@ def make_source(config, split: str):
           f"config.data.source='shapes' makes {shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE} RGB images, but "
           f"config.image.size={config.image.size}, config.image.channels={config.image.channels}")
     size = config.data.train_size if split == "train" else config.data.val_size
+    kinds = tuple(map(tuple, config.data.get("shapes_kinds", (("caption", 1.0),))))
+    if kinds != (("caption", 1.0),):
+      return shapes_tasks.MixedShapesSource.from_kinds(split, size, config.data.seed, kinds)
     return shapes.ShapesSource(split, size, seed=config.data.seed)
   if config.data.source == "folder":
     image_keys, text_keys = source_keys(config)
@@ -65,19 +68,28 @@ def make_source(config, split: str):
                                   "shapes, folder, tfds, pretokenized")
 
 
+MISSING_KEY = "missing"   # an item's fields that this example does not have, comma-separated (values: placeholders)
+
+
 def source_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(image keys, text keys): the fields of a source's items that the config's segments read (``data.fields``
-  maps a segment to a field; by default a segment reads the field of its own name). Today's layout reads
-  ``image`` and ``text``."""
-  fields = dict(map(tuple, config.data.fields))
+  """(image keys, text keys): the fields of a source's items that the config's segments read. ``data.fields``
+  maps a segment to one field or to several, ``(segment, field, field, ...)``: an example's segment then reads
+  the first of them the example has (an edit's ``source`` or a caption pair's ``image``), and is absent when it
+  has none; by default a segment reads the field of its own name. Today's layout reads ``image`` and ``text``."""
+  fields = {f[0]: tuple(f[1:]) for f in map(tuple, config.data.fields)}
   specs = tuple(config.sequence.segments) or (("text", "text"), ("image", "image"))
   keys = {"image": [], "text": []}
   for spec in specs:
     name, modality = spec[0], spec[1]
-    key = fields.get(name, name)
-    if modality in keys and key not in keys[modality]:
-      keys[modality].append(key)
+    for key in fields.get(name, (name,)):
+      if modality in keys and key not in keys[modality]:
+        keys[modality].append(key)
   return tuple(keys["image"]), tuple(keys["text"])
+
+
+def missing_fields(item: dict) -> set[str]:
+  """The fields an item (or one row of a batch) does not have: the names in its ``missing`` entry."""
+  return set(str(item.get(MISSING_KEY, "")).split(",")) - {""}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,30 +122,66 @@ class Tokenizers:
                           self.text.vocab_size, self.image.vocab_size, tuple(self.specials), id_align=self.id_align)
 
   def field(self, segment: str) -> str:
-    """The source key a segment reads."""
-    return dict(self.fields).get(segment, segment)
+    """The (first) source key a segment reads."""
+    return self.fields_of(segment)[0]
+
+  def fields_of(self, segment: str) -> tuple[str, ...]:
+    """The source keys a segment reads, in order of preference (``data.fields``; default its own name)."""
+    for entry in self.fields:
+      if entry[0] == segment:
+        return tuple(entry[1:])
+    return (segment,)
+
+  def _rows_of(self, batch: dict[str, Any], segment: str) -> list[str | None]:
+    """Per row of a batch, the key that ``segment`` reads (the first of its fields the row has), or None when
+    the row has none of them (the segment is absent there)."""
+    keys = self.fields_of(segment)
+    n = len(next(iter(v for k, v in batch.items() if k != MISSING_KEY)))
+    missing = ([missing_fields({MISSING_KEY: m}) for m in batch[MISSING_KEY]] if MISSING_KEY in batch
+               else [set()] * n)
+    have = [k for k in keys if k in batch or f"{k}_tokens" in batch]
+    if not have:
+      _column(batch, keys[0], segment)   # raises: names the key and the item's keys
+    return [next((k for k in have if k not in m), None) for m in missing]
 
   def encode(self, text: str, image: np.ndarray) -> np.ndarray:
     """One pair of the two-segment layout -> int32 [S] packed global ids."""
     return self.encode_batch({"text": [text], "image": np.asarray(image)[None]})[0]
 
   def encode_segments(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """{source key: B raw values} -> {segment: int32 [B, n] local ids} for every generative segment."""
+    """{source key: B raw values} -> {segment: int32 [B, n] local ids} for every generative segment; a segment
+    that a row does not have (none of its fields, per the ``missing`` entry) is -2 there (absent), which the
+    layout must allow (``<absent>`` in ``sequence.specials``)."""
     out = {}
     for seg in self.layout.segments:
-      key = self.field(seg.name)
+      if seg.modality == sequence.SPECIAL:
+        continue
+      rows = self._rows_of(batch, seg.name)
+      absent = np.asarray([k is None for k in rows])
+      if absent.any() and not self.layout.has_absent:
+        raise ValueError(f"{int(absent.sum())} example(s) have none of the fields {self.fields_of(seg.name)} of "
+                         f"segment {seg.name!r}; a layout whose examples may lack segments needs "
+                         f"'{sequence.ABSENT}' in config.sequence.specials")
       if seg.modality == sequence.TEXT:
-        out[seg.name] = self.text.encode_batch([str(t) for t in _column(batch, key, seg.name)], seg.length)
-      elif seg.modality == sequence.IMAGE:
-        if f"{key}_tokens" in batch:
-          ids = np.asarray(batch[f"{key}_tokens"])
-          if ids.shape[1:] != (seg.size,) or (ids.size and (ids.min() < 0 or ids.max() >= self.image.vocab_size)):
-            raise ValueError(f"pretokenized image ids of shape {ids.shape} do not fit the image tokenizer "
-                             f"({seg.size} tokens of {self.image.vocab_size} ids)")
-          out[seg.name] = ids
-        else:
-          out[seg.name] = self.image.encode(np.asarray(_column(batch, key, seg.name)))
+        texts = ["" if k is None else str(batch[k][i]) for i, k in enumerate(rows)]
+        ids = self.text.encode_batch(texts, seg.length)
+      else:
+        ids = np.zeros((len(rows), seg.size), np.int32)
+        for key in dict.fromkeys(k for k in rows if k is not None):
+          where = np.asarray([k == key for k in rows])
+          ids[where] = self._image_ids(batch, key, seg)[where]
+      out[seg.name] = np.where(absent[:, None], sequence.LOCAL_ABSENT, ids).astype(np.int32)
     return out
+
+  def _image_ids(self, batch: dict[str, Any], key: str, seg) -> np.ndarray:
+    """int32 [B, n]: the image key's ids for every row (pretokenized under ``{key}_tokens``, else encoded)."""
+    if f"{key}_tokens" in batch:
+      ids = np.asarray(batch[f"{key}_tokens"])
+      if ids.shape[1:] != (seg.size,) or (ids.size and (ids.min() < 0 or ids.max() >= self.image.vocab_size)):
+        raise ValueError(f"pretokenized image ids of shape {ids.shape} do not fit the image tokenizer "
+                         f"({seg.size} tokens of {self.image.vocab_size} ids)")
+      return ids
+    return self.image.encode(np.asarray(batch[key]))
 
   def encode_batch(self, batch: dict[str, Any]) -> np.ndarray:
     """{source key: B raw values} -> int32 [B, S] global ids."""
@@ -190,9 +238,10 @@ def _fit_tokenizers(config, source) -> tuple[tokenizers.TextTokenizer, tokenizer
   image_keys, text_keys = source_keys(config)
   # Every text field fits the one text tokenizer, every image field the one image tokenizer (in that order, so
   # today's layout, which reads 'text' and 'image', fits exactly as before).
-  text_tok = tokenizers.make_text_tokenizer(config, [item[k] for item in items for k in text_keys])
+  have = lambda item, k: k in item and k not in missing_fields(item)
+  text_tok = tokenizers.make_text_tokenizer(config, [item[k] for item in items for k in text_keys if have(item, k)])
   if not isinstance(source, pretokenized.PretokenizedSource) and image_keys != ("image",):
-    items = [{"image": item[k]} for item in items for k in image_keys]
+    items = [{"image": item[k]} for item in items for k in image_keys if have(item, k)]
   image_tok = make_image_tokenizer(config, source, items)
   logging.info("fitted tokenizers on %d training examples: text %s (%d ids), image %s (%d ids)", n,
                text_tok.kind, text_tok.vocab_size, image_tok.kind, image_tok.vocab_size)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -54,7 +55,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "exists": ("is there a {colour} {kind}?", "does the image have a {colour} {kind}?", "can you see a {colour} {kind}?"),
 }
 _ATTRIBUTES = ("colour", "kind", "size", "cell")
-_TASK_STREAM = {"edit": 1, "vqa": 2}   # the caption examples use the stream without a fourth key
+_TASK_STREAM = {"edit": 1, "vqa": 2, "kind": 3}   # the caption examples use the stream without a fourth key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,3 +207,83 @@ def sample_question(split: str, seed: int, index: int) -> Question:
 def check_answer(expected: str, answer: str) -> bool:
   """Exact comparison after trimming spaces and case."""
   return " ".join(answer.lower().split()) == expected
+
+
+# ---- one source of every kind ---------------------------------------------------------------------------------
+EXAMPLE_KINDS: tuple[str, ...] = ("caption", "edit", "vqa")
+# The fields of a mixed item, as a folder's JSON lines name them; an item lacks those of other kinds.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "caption": ("text", "image"),
+    "edit": ("instruction", "source", "target"),
+    "vqa": ("image", "question", "answer"),
+}
+TEXT_FIELDS = ("text", "instruction", "question", "answer")
+IMAGE_FIELDS = ("image", "source", "target")
+
+
+def example_kind(split: str, seed: int, index: int, shares: Sequence[float]) -> str:
+  """The kind of mixed example ``index`` (drawn with ``shares`` over :data:`EXAMPLE_KINDS`, its own stream)."""
+  rng = np.random.default_rng([int(seed), shapes_lib._split_code(split), int(index), _TASK_STREAM["kind"]])  # pylint: disable=protected-access
+  p = np.asarray(shares, np.float64)
+  return EXAMPLE_KINDS[int(rng.choice(len(EXAMPLE_KINDS), p=p / p.sum()))]
+
+
+def mixed_item(kind: str, split: str, seed: int, index: int) -> dict:
+  """One item of every field of :data:`FIELDS` (placeholders: "" or a black image), the ones of other kinds
+  named in ``missing`` (the input pipeline's convention): example ``index`` of its kind's stream."""
+  blank = np.zeros((shapes_lib.IMAGE_SIZE, shapes_lib.IMAGE_SIZE, 3), np.uint8)
+  item = {k: "" for k in TEXT_FIELDS} | {k: blank for k in IMAGE_FIELDS}
+  if kind == "caption":
+    _, image, text = shapes_lib.sample_example(split, seed, index)
+    item.update(text=text, image=image)
+  elif kind == "edit":
+    edit = sample_edit(split, seed, index)
+    item.update(instruction=edit.instruction, source=shapes_lib.render(edit.source),
+                target=shapes_lib.render(edit.target))
+  elif kind == "vqa":
+    q = sample_question(split, seed, index)
+    item.update(image=shapes_lib.render(q.scene), question=q.question, answer=q.answer)
+  else:
+    raise ValueError(f"example kind {kind!r} is not one of {EXAMPLE_KINDS}")
+  item["missing"] = ",".join(k for k in TEXT_FIELDS + IMAGE_FIELDS if k not in FIELDS[kind])
+  return item
+
+
+class MixedShapesSource:
+  """A grain random-access source of ``shapes`` caption pairs, edits and questions mixed by ``shares``
+  (caption, edit, vqa); picklable, generated on access. Item i is example i of its kind's stream, so the caption
+  items are exactly :class:`~unimm_jax.data.shapes.ShapesSource`'s at the same indices."""
+
+  def __init__(self, split: str, num_examples: int, seed: int = 0, shares: Sequence[float] = (1.0, 0.0, 0.0)):
+    shapes_lib._split_code(split)  # pylint: disable=protected-access
+    if num_examples <= 0:
+      raise ValueError(f"MixedShapesSource num_examples={num_examples} must be positive")
+    shares = tuple(float(x) for x in shares)
+    if len(shares) != len(EXAMPLE_KINDS) or min(shares) < 0 or sum(shares) <= 0:
+      raise ValueError(f"shares {shares} must be {len(EXAMPLE_KINDS)} non-negative weights of {EXAMPLE_KINDS}")
+    self.split, self.num_examples, self.seed, self.shares = split, int(num_examples), int(seed), shares
+
+  @classmethod
+  def from_kinds(cls, split: str, num_examples: int, seed: int, kinds) -> "MixedShapesSource":
+    """From ``data.shapes_kinds``: (kind, weight) pairs."""
+    weights = dict((str(k), float(w)) for k, w in kinds)
+    unknown = set(weights) - set(EXAMPLE_KINDS)
+    if unknown:
+      raise ValueError(f"config.data.shapes_kinds names {sorted(unknown)}; kinds are {EXAMPLE_KINDS}")
+    return cls(split, num_examples, seed, tuple(weights.get(k, 0.0) for k in EXAMPLE_KINDS))
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def kind(self, index: int) -> str:
+    return example_kind(self.split, self.seed, index, self.shares)
+
+  def __getitem__(self, index: int) -> dict:
+    index = operator.index(index)
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"MixedShapesSource index {index} out of range [0, {self.num_examples})")
+    return mixed_item(self.kind(index), self.split, self.seed, index)
+
+  def __repr__(self) -> str:  # grain checkpoints the data iterator by the source's repr
+    return (f"MixedShapesSource(split={self.split!r}, num_examples={self.num_examples}, seed={self.seed}, "
+            f"shares={self.shares})")

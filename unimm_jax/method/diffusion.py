@@ -120,12 +120,25 @@ class MaskedDiffusion:
     task = jnp.zeros(t.shape[:-1], jnp.int32) if task is None else task
     return Corruption(t=t, mask_prob=mask_prob.astype(jnp.float32), noised=roles == tasks_lib.NOISED, task=task)
 
-  def sample_corruption(self, key, batch: int, task_weights=None) -> Corruption:
-    """Draws a task of the mixture (or of ``task_weights`` over the same names) and the times of each example."""
+  def sample_corruption(self, key, batch: int, task_weights=None, present=None) -> Corruption:
+    """Draws a task of the mixture (or of ``task_weights`` over the same names) and the times of each example.
+
+    ``present`` (bool [B, G], ``SequenceLayout.present``; layouts with absent segments): each example draws among
+    the tasks whose absent segments are exactly the ones it lacks, their weights renormalised. An example that no
+    task fits carries no loss (its segments are all left as they are).
+    """
     weights = self.task_weights if task_weights is None else task_weights
     k_task = jax.random.split(key, 2 * len(self.layout.segments))[0]
-    task = jax.random.categorical(k_task, jnp.log(jnp.asarray(weights, jnp.float32)), shape=(batch,))
-    roles = jnp.asarray(np.asarray(self.task_roles, np.int32))[task]                   # [B, G]
+    log_w = jnp.log(jnp.asarray(weights, jnp.float32))
+    all_roles = jnp.asarray(np.asarray(self.task_roles, np.int32))                     # [T, G]
+    if present is None:
+      task = jax.random.categorical(k_task, log_w, shape=(batch,))
+      return self.corruption_at(self.sample_times(key, batch), all_roles[task], task)
+    fits = ((all_roles[None] == tasks_lib.ABSENT) == ~present[:, None, :]).all(axis=-1)  # [B, T]
+    fits = fits & (log_w > -jnp.inf)[None]
+    any_fit = fits.any(axis=1)
+    task = jax.random.categorical(k_task, jnp.where(fits | ~any_fit[:, None], log_w[None], -jnp.inf))
+    roles = jnp.where(any_fit[:, None], all_roles[task], tasks_lib.CLEAN)               # [B, G]
     return self.corruption_at(self.sample_times(key, batch), roles, task)
 
   def corrupt(self, key, tokens, corruption: Corruption):

@@ -6,7 +6,13 @@ role     what happens to the segment during training
 clean    given: never masked, carries no loss (the condition)
 noised   masked at the segment's own time t (probability 1 - alpha(t) per token), carries the loss
 null     all MASK, carries no loss: the null condition that classifier-free guidance needs
+absent   not part of the example: every position holds the ABSENT token, kept as it is, no loss
+         (only in a layout whose ``sequence.specials`` name ``<absent>``; see ``sequence``)
 =======  ===========================================================================================
+
+A task with absent segments applies only to the examples that lack exactly those segments: an example's task is
+drawn from the mixture's tasks that fit it (:meth:`MaskedDiffusion.sample_corruption`), so one mixture serves a
+batch of caption pairs, edits and questions, each kind of example trained on its own tasks.
 
 Special segments (task tokens, begin/end of image) are always clean. The config's mixture
 (``diffusion.tasks``, name -> weight) names tasks from the registry below or declared in the config
@@ -35,8 +41,8 @@ import numpy as np
 from unimm_jax.sequence import IMAGE, SPECIAL, TEXT, SequenceLayout
 
 # Role codes (int32 in the programs).
-NOISED, CLEAN, NULL = 0, 1, 2
-ROLES = {"noised": NOISED, "clean": CLEAN, "null": NULL}
+NOISED, CLEAN, NULL, ABSENT = 0, 1, 2, 3
+ROLES = {"noised": NOISED, "clean": CLEAN, "null": NULL, "absent": ABSENT}
 
 RolesFn = Callable[[SequenceLayout], Mapping[str, str]]
 _REGISTRY: dict[str, RolesFn] = {}
@@ -96,6 +102,9 @@ def roles_of(name: str, layout: SequenceLayout, declared: Mapping[str, str] | No
       raise ValueError(f"task {name!r}: role {role!r} of {seg!r} is not one of {tuple(ROLES)}")
     if layout.segment(seg).modality == SPECIAL and role != "clean":
       raise ValueError(f"task {name!r}: special segment {seg!r} is always clean, not {role!r}")
+    if role == "absent" and not layout.has_absent:
+      raise ValueError(f"task {name!r}: segment {seg!r} is absent, but the layout has no '<absent>' token; add it "
+                       "to config.sequence.specials")
     out[layout.index(seg)] = ROLES[role]
   missing = [s for s in generative if s not in roles]
   if missing:

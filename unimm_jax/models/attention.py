@@ -174,7 +174,7 @@ def directional_masks(segment, is_text, num_heads: int, directional: int, xp=np)
 
 
 def splash_mask(segment: np.ndarray, is_text: np.ndarray, num_heads: int, directional: int,
-                within_segment_rope: bool) -> np.ndarray:
+                within_segment_rope: bool, groups: np.ndarray | None = None) -> np.ndarray:
   """bool [N, S', K'] of the splash call: S' = S padded to a multiple of :data:`SPLASH_BLOCK`; K' = S' (one key
   set) or 2 S' (keys scored with the rotated q, k within a segment, then the unrotated ones across segments).
 
@@ -182,7 +182,8 @@ def splash_mask(segment: np.ndarray, is_text: np.ndarray, num_heads: int, direct
   s = segment.shape[0]
   pad = -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
   allowed = directional_masks(segment, is_text, num_heads, directional)                # [N, S, S]
-  same = segment[:, None] == segment[None, :]
+  groups = segment if groups is None else groups   # the rotating pairs: within a group (layers.Attention)
+  same = groups[:, None] == groups[None, :]
   parts = [allowed & same, allowed & ~same] if within_segment_rope else [allowed]
   out = np.zeros((num_heads, pad, pad * len(parts)), bool)
   for i, part in enumerate(parts):

@@ -78,25 +78,28 @@ class Attention(nn.Module):
   rope_fraction: float = 1.0  # share of each head's dimensions that rotate (a multiple of 4 of them)
   kernel: str = "xla"        # xla | splash | cudnn (attention.resolve)
   fused_qkv: bool = True     # one [D, 3, N, H] projection (one matmul) instead of three
-  cross_modal_rope: bool = True  # False: pairs across segments score with the unrotated q, k (see __call__)
+  cross_modal_rope: bool = True  # False: pairs across modalities score with the unrotated q, k (see __call__)
   directional_heads: int = 0  # P > 0: P heads see only earlier caption words, P only later ones (see __call__)
   qk_norm: bool = False      # RMS-normalise each head's query and key (learned scale) before the rotary embedding
   interpret: bool = False    # splash only: the Pallas interpreter (tests on CPU)
   # splash only: (segment index, is-text) of each position as static tuples, which the kernel's masks are built from
-  static_segments: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
+  static_segments: tuple[tuple, ...] | None = None   # (segment index, is-text[, modality id]) per position
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, segments=None):
-    """x: [B, S, D], positions: int32 [S, 2], segments: (segment index int [S], is-text bool [S]) of each position
-    (needed when not cross_modal_rope, or with directional heads) -> [B, S, D].
+    """x: [B, S, D], positions: int32 [S, 2], segments: (segment index int [S], is-text bool [S][, modality id
+    int [S]]) of each position (needed when not cross_modal_rope, or with directional heads; without the modality
+    ids, pairs rotate within a segment) -> [B, S, D].
 
-    With ``cross_modal_rope=False``, the rotary embedding applies within a segment only: a pair of positions of
-    one segment scores with the rotated q, k (relative offsets in the caption, on the grid), a pair across
-    segments with the unrotated ones over the whole head, so that a caption word finds its grid cell by content
-    and absolute position alone. Across segments a rotary offset (text index i against grid cell (r, c), or two
-    captions' indices, which both start at 0) means nothing and only adds noise to those scores.
+    With ``cross_modal_rope=False``, the rotary embedding applies within a modality only: a pair of positions of
+    one modality scores with the rotated q, k (relative offsets in a caption; on the grid, also between two image
+    segments, whose grids are the same tokenizer's, so an edit's target cell finds the same cell of its source at
+    offset 0), a pair across modalities with the unrotated ones over the whole head, so that a caption word finds
+    its grid cell by content and absolute position alone. Across modalities a rotary offset (text index i against
+    grid cell (r, c)) means nothing and only adds noise to those scores. (With one segment per modality, as in
+    ``[text | image]``, within a modality is within a segment.)
 
     With ``directional_heads=P``, between the words of one text segment the first P heads attend only to the same
     or earlier words and the next P heads only to the same or later ones (every other pair, and every other
@@ -149,16 +152,17 @@ class Attention(nn.Module):
     elif self.kernel == "splash":
       if self.static_segments is None:
         raise ValueError("Attention(kernel='splash') needs static_segments")
-      segment, text = (np.asarray(a) for a in self.static_segments)
-      mask = attention.splash_mask(segment, text, self.num_heads, self.directional_heads, within_segment_rope)
+      segment, text, *groups = (np.asarray(a) for a in self.static_segments)
+      mask = attention.splash_mask(segment, text, self.num_heads, self.directional_heads, within_segment_rope,
+                                   groups=groups[0] if groups else None)
       out = attention.splash_attention(q, k, v, mask, q_raw, k_raw, r, interpret=self.interpret)
     else:
       allowed = None
       if self.directional_heads:
-        allowed = attention.directional_masks(*segments, self.num_heads, self.directional_heads, xp=jnp)[None]
+        allowed = attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads, xp=jnp)[None]
       if within_segment_rope:
-        segment = segments[0]
-        same = (segment[:, None] == segment[None, :])[None, None]                        # [1, 1, S, S]
+        group = segments[2] if len(segments) > 2 else segments[0]   # the modality (default: the segment)
+        same = (group[:, None] == group[None, :])[None, None]                            # [1, 1, S, S]
         out = attention.xla_attention(q, k, v, q_raw, k_raw, same, allowed=allowed)
       else:
         out = attention.xla_attention(q, k, v, allowed=allowed)
@@ -241,7 +245,7 @@ class Block(nn.Module):
   directional_heads: int = 0
   qk_norm: bool = False
   interpret: bool = False
-  static_segments: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
+  static_segments: tuple[tuple, ...] | None = None   # (segment index, is-text[, modality id]) per position
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -76,7 +76,7 @@ class TransformerConfig:
   scan_layers: bool = False    # one nn.scan over stacked layers: compile time flat in depth
   remat: str = "none"          # rematerialisation policy of a block: none | REMAT_POLICIES
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
-  cross_modal_rope: bool = True  # False: rotary offsets only within a segment (layers.Attention)
+  cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
@@ -107,9 +107,12 @@ def token_positions(layout: SequenceLayout) -> np.ndarray:
 
 
 def segment_info(layout: SequenceLayout):
-  """(segment index int32 [S], is-text bool [S]) of each position, built in the program from iota comparisons."""
-  text = layout.modality_masks(jnp).get(TEXT, jnp.zeros(layout.seq_len, bool))
-  return layout.segment_index(jnp), text
+  """(segment index int32 [S], is-text bool [S], modality id int32 [S]) of each position, built in the program
+  from iota comparisons. The modality id groups the positions whose pairs rotate (``cross_modal_rope=False``)."""
+  masks = layout.modality_masks(jnp)
+  text = masks.get(TEXT, jnp.zeros(layout.seq_len, bool))
+  modality = sum(MODALITIES.index(m) * w.astype(jnp.int32) for m, w in masks.items())
+  return layout.segment_index(jnp), text, modality
 
 
 class Transformer(nn.Module):
@@ -191,7 +194,8 @@ class Transformer(nn.Module):
     static_segments = None
     if cfg.attention == "splash":   # the kernel's block masks are built from the static segment ids
       static_segments = (tuple(int(i) for i in layout.segment_index(np)),
-                         tuple(bool(b) for b in layout.modality_masks(np).get(TEXT, np.zeros(layout.seq_len, bool))))
+                         tuple(bool(b) for b in layout.modality_masks(np).get(TEXT, np.zeros(layout.seq_len, bool))),
+                         tuple(int(i) for i in layout.modality_ids()))
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, cfg.attention, cfg.rope_fraction,
                   cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
                   static_segments)
