@@ -1,22 +1,39 @@
-"""User data: a folder of images with captions in JSON lines.
+"""User data: a folder of images and texts in JSON lines: caption pairs, edits, questions, or a mix.
 
 Layout::
 
-  DIR/train.jsonl   one {"image": "relative/path.png", "text": "caption"} a line
+  DIR/train.jsonl   one JSON object a line (formats below)
   DIR/val.jsonl
-  DIR/...           the images, any format and mode PIL reads
+  DIR/...           the images, any format and mode PIL reads; paths in the lines are relative to DIR
 
-Layouts with more segments read more fields of each line (``data.fields`` maps segments to them), e.g. an edit
-dataset's {"instruction": "...", "source": "a.png", "target": "b.png"}: every field of an image segment is a path,
-every field of a text segment a string.
+With today's two-segment layout every line is a caption pair::
+
+  {"image": "relative/path.png", "text": "a caption"}
+
+Layouts with more segments read more fields of each line (``data.fields`` maps segments to them; every field of an
+image segment is a path, every field of a text segment a string). When the fields a layout reads hold more than
+one of the kinds of example below (``configs/shapes_unified.py`` reads all three), the file may mix them, one kind
+a line::
+
+  caption  {"image": "a.png", "text": "a red circle"}
+  edit     {"source": "a.png", "instruction": "make the circle blue", "target": "b.png"}
+  vqa      {"image": "a.png", "question": "what colour is the circle?", "answer": "red"}
+
+A line's kind is the one whose fields it has, exactly (a field that is null counts as not there): a line with only
+some of a kind's fields (an edit without its target), or with the fields of two kinds, is skipped. Every item still
+has every field the layout reads (grain batches them): those its kind lacks hold placeholders ("" for a text, a
+black image) and are named, comma-separated, in the item's ``missing`` string (the input pipeline's convention: the
+segments that read them are absent for that example). A layout whose fields form one kind only (e.g. the caption
+pair) needs every field on every line, and its items have no ``missing``.
 
 `FolderSource` is a grain random-access source of {field: value}, by default
 {'image': uint8 [S, S, C], 'text': str}. Every image is decoded, converted and
 resized once, at construction: datasets in this format are small, and a bad
 file found at construction is reported with the others in one log line,
 whereas one found mid-training would stop a run hours in (or be silently
-skipped). The decoded images are kept in memory, so `__getitem__` is a copy;
-S*S*C bytes per example (12 KiB at 64x64 RGB). For data that does not fit,
+skipped). The decoded images are kept in memory, once per distinct file
+(lines that share an image share its copy), so `__getitem__` is a copy;
+S*S*C bytes per image (12 KiB at 64x64 RGB). For data that does not fit,
 convert it to ArrayRecord or TFDS instead.
 
 All file access goes through `etils.epath`, so `gs://` directories work.
@@ -37,7 +54,19 @@ from PIL import Image
 from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
-SKIP_REASONS = ('bad_line', 'empty_caption', 'missing_image', 'unreadable_image')
+# The kinds of example a line may be, by their fields. A source whose fields hold two or more of them reads them
+# mixed (each line is the kind whose fields it has; see the module docstring); any other source reads one kind, of
+# all its fields.
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ('caption', ('image', 'text')),
+    ('edit', ('source', 'instruction', 'target')),
+    ('vqa', ('image', 'question', 'answer')),
+)
+# Every reason a line of these kinds may be skipped for, in the order counts are listed (`FolderSource.skipped`
+# holds those of its fields: an empty text field other than these is 'empty_<field>').
+SKIP_REASONS = ('bad_line', 'incomplete_example', 'mixed_kinds', 'empty_caption', 'empty_instruction',
+                'empty_question', 'empty_answer', 'missing_image', 'unreadable_image')
+MISSING_KEY = 'missing'   # = input_pipeline.MISSING_KEY: an item's fields its example lacks, comma-separated
 # How many examples of each skip reason to log with their error.
 _LOG_EXAMPLES = 3
 # Reading and decoding overlap well in threads (PIL and file reads release
@@ -121,32 +150,90 @@ def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
 
 
-def _parse_line(line: str, image_keys=('image',), text_keys=('text',)) -> tuple[dict, dict] | str:
-  """({image field: path}, {text field: stripped text}) of a jsonl line, or the skip reason."""
+def empty_reason(text_key: str) -> str:
+  """The skip reason of a line whose text field ``text_key`` is empty: 'empty_caption' for 'text'."""
+  return 'empty_caption' if text_key == 'text' else f'empty_{text_key}'
+
+
+def source_kinds(image_keys=('image',), text_keys=('text',)) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """The kinds of example a source of these fields reads: the :data:`KINDS` whose fields are all among them, when
+  two or more are (a mixed source; every field must then belong to one of them), else one kind of every field."""
+  keys = (*image_keys, *text_keys)
+  kinds = tuple((name, fields) for name, fields in KINDS if set(fields) <= set(keys))
+  if len(kinds) < 2:
+    return (('caption' if set(keys) == {'image', 'text'} else 'example', keys),)
+  stray = [k for k in keys if not any(k in fields for _, fields in kinds)]
+  if stray:
+    raise ValueError(
+        f'folder source: the fields {stray} belong to none of the kinds of example '
+        f'{", ".join(name for name, _ in kinds)} that the fields {keys} read mixed; a folder with several kinds '
+        f'of example reads only the fields of {", ".join(f"{n} {list(f)}" for n, f in KINDS)}')
+  return kinds
+
+
+def skip_reasons(image_keys=('image',), text_keys=('text',)) -> tuple[str, ...]:
+  """The skip reasons of a source of these fields, in order (a caption source: today's four)."""
+  mixed = len(source_kinds(image_keys, text_keys)) > 1
+  return (('bad_line',) + (('incomplete_example', 'mixed_kinds') if mixed else ())
+          + tuple(dict.fromkeys(empty_reason(k) for k in text_keys)) + ('missing_image', 'unreadable_image'))
+
+
+def line_formats(image_keys=('image',), text_keys=('text',)) -> str:
+  """What a line of a source of these fields looks like, e.g. 'caption {"image": "a.png", "text": "..."}'."""
+  def fmt(fields):
+    return '{' + ', '.join(f'"{k}": "{"a.png" if k in image_keys else "..."}"' for k in fields) + '}'
+  return '; '.join(f'{name} {fmt(fields)}' for name, fields in source_kinds(image_keys, text_keys))
+
+
+def _parse_line(line: str, image_keys=('image',), text_keys=('text',),
+                kinds=None) -> tuple[str, dict, dict] | str:
+  """(kind, {image field: path}, {text field: stripped text}) of a jsonl line, or the skip reason.
+
+  With one kind every field is needed (a field that is not there, or not a string: 'bad_line'). With several, a
+  field that is not there (or null) is one the line lacks, and the fields it has must be exactly one kind's.
+  """
+  kinds = kinds or source_kinds(image_keys, text_keys)
   try:
     record = json.loads(line)
   except json.JSONDecodeError:
     return 'bad_line'
   if not isinstance(record, dict):
     return 'bad_line'
-  images = {k: record.get(k) for k in image_keys}
-  texts = {k: record.get(k) for k in text_keys}
-  if (any(not isinstance(v, str) or not v for v in images.values())
-      or any(not isinstance(v, str) for v in texts.values())):
-    return 'bad_line'
-  texts = {k: v.strip() for k, v in texts.items()}
-  if any(not v for v in texts.values()):
-    return 'empty_caption'
-  return images, texts
+  keys = (*image_keys, *text_keys)
+  present = [k for k in keys if record.get(k) is not None] if len(kinds) > 1 else keys
+  for k in present:
+    value = record.get(k)
+    if not isinstance(value, str) or (k in image_keys and not value):
+      return 'bad_line'
+  kind = next((name for name, fields in kinds if set(fields) == set(present)), None)
+  if kind is None:
+    complete = [set(fields) for _, fields in kinds if set(fields) <= set(present)]
+    return 'mixed_kinds' if len(complete) > 1 and set().union(*complete) == set(present) else 'incomplete_example'
+  images = {k: record[k] for k in image_keys if k in present}
+  texts = {k: record[k].strip() for k in text_keys if k in present}
+  for k, text in texts.items():
+    if not text:
+      return empty_reason(k)
+  return kind, images, texts
 
 
 class FolderSource:
   """Grain random-access source over `{path}/{split}.jsonl`.
 
   Items: {'image': uint8 [S, S, C], 'text': str (whitespace-stripped)}, in
-  file order. `skipped` counts the lines left out, by reason: 'bad_line' (not
-  JSON, or no string 'image' / 'text'), 'empty_caption', 'missing_image',
-  'unreadable_image' (PIL cannot open and decode it). Blank lines are ignored.
+  file order; with other fields (``image_keys``, ``text_keys``) one entry for
+  each. When the fields hold several kinds of example (:func:`source_kinds`),
+  a line is one of them, the others' fields are placeholders ("", a black
+  image) and the item's 'missing' names them, comma-separated; `kind_counts`
+  counts the usable lines of each kind.
+
+  `skipped` counts the lines left out, by reason (:func:`skip_reasons`):
+  'bad_line' (not a JSON object, or a field that is not a string; with one
+  kind, a field that is not there), 'incomplete_example' (some of a kind's
+  fields but not all, or fields of no kind), 'mixed_kinds' (the fields of two
+  kinds), 'empty_caption' (an empty 'text'; 'empty_instruction' etc. for
+  another text field), 'missing_image', 'unreadable_image' (PIL cannot open
+  and decode it). Blank lines are ignored.
   Picklable (plain arrays and strings), as grain's worker processes need.
   """
 
@@ -156,65 +243,83 @@ class FolderSource:
     self.image_keys, self.text_keys = tuple(image_keys), tuple(text_keys)
     self.split = split
     self.image_size, self.channels = image_size, channels
+    self.kinds = source_kinds(self.image_keys, self.text_keys)
+    self.mixed = len(self.kinds) > 1
     self.jsonl = self.path / f'{split}.jsonl'
+    formats = line_formats(self.image_keys, self.text_keys)
     if not self.jsonl.exists():
       raise ValueError(
           f'folder source: {self.jsonl} does not exist; a folder dataset needs '
-          f'{split}.jsonl with lines {{"image": "relative/path.png", "text": "caption"}}'
+          f'{split}.jsonl with lines {formats}'
       )
-    self.skipped: dict[str, int] = {reason: 0 for reason in SKIP_REASONS}
-    examples: dict[str, list[str]] = {reason: [] for reason in SKIP_REASONS}
+    reasons = skip_reasons(self.image_keys, self.text_keys)
+    self.skipped: dict[str, int] = {reason: 0 for reason in reasons}
+    examples: dict[str, list[str]] = {reason: [] for reason in reasons}
 
     def skip(reason: str, where: str) -> None:
       self.skipped[reason] += 1
       if len(examples[reason]) < _LOG_EXAMPLES:
         examples[reason].append(where)
 
-    candidates = []  # (line number, {image field: path}, {text field: text})
+    candidates = []  # (line number, kind, {image field: path}, {text field: text})
     for lineno, line in enumerate(self.jsonl.read_text().splitlines(), 1):
       if not line.strip():
         continue
-      parsed = _parse_line(line, self.image_keys, self.text_keys)
+      parsed = _parse_line(line, self.image_keys, self.text_keys, self.kinds)
       if isinstance(parsed, str):
         skip(parsed, f'line {lineno}')
       else:
-        candidates.append((lineno, {k: self.path / v for k, v in parsed[0].items()}, parsed[1]))
+        kind, image_paths, texts = parsed
+        candidates.append((lineno, kind, {k: self.path / v for k, v in image_paths.items()}, texts))
 
-    def read(candidate) -> dict[str, np.ndarray] | tuple[str, str]:
-      lineno, image_paths, _ = candidate
-      out = {}
-      for key, image_path in image_paths.items():
-        if not image_path.exists():
-          return 'missing_image', f'line {lineno}: {image_path}'
-        try:
-          out[key] = load_image(image_path, image_size, channels)
-        except Exception as e:  # pylint: disable=broad-except
-          # PIL raises many types for bad files (OSError, SyntaxError,
-          # ValueError, DecompressionBombError, ...); any of them means this
-          # file cannot be used, and the count + examples say which one.
-          return 'unreadable_image', f'line {lineno}: {image_path} ({type(e).__name__}: {e})'
-      return out
+    def read(image_path: epath.Path) -> np.ndarray | tuple[str, str]:
+      if not image_path.exists():
+        return 'missing_image', str(image_path)
+      try:
+        return load_image(image_path, image_size, channels)
+      except Exception as e:  # pylint: disable=broad-except
+        # PIL raises many types for bad files (OSError, SyntaxError,
+        # ValueError, DecompressionBombError, ...); any of them means this
+        # file cannot be used, and the count + examples say which one.
+        return 'unreadable_image', f'{image_path} ({type(e).__name__}: {e})'
 
-    images, texts = [], []
+    # Each distinct file is read and decoded once, however many lines name it.
+    paths = list(dict.fromkeys(p for c in candidates for p in c[2].values()))
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-      for candidate, result in zip(candidates, pool.map(read, candidates)):
-        if isinstance(result, tuple):
-          skip(*result)
-        else:
-          images.append(result)
-          texts.append(candidate[2])
+      decoded = dict(zip(paths, pool.map(read, paths)))
 
-    summary = f'folder source {self.jsonl}: {len(texts)} usable, skipped ' + (
+    rows: dict[epath.Path, int] = {}   # file -> its row of self._pixels
+    index = {k: [] for k in self.image_keys}
+    texts, missing = [], []
+    self.kind_counts: dict[str, int] = {name: 0 for name, _ in self.kinds}
+    for lineno, kind, image_paths, line_texts in candidates:
+      bad = next((decoded[p] for p in image_paths.values() if isinstance(decoded[p], tuple)), None)
+      if bad is not None:
+        skip(bad[0], f'line {lineno}: {bad[1]}')
+        continue
+      for k in self.image_keys:
+        p = image_paths.get(k)
+        index[k].append(-1 if p is None else rows.setdefault(p, len(rows)))
+      texts.append({k: line_texts.get(k, '') for k in self.text_keys})
+      missing.append(','.join(k for k in (*self.text_keys, *self.image_keys)
+                              if k not in image_paths and k not in line_texts))
+      self.kind_counts[kind] += 1
+
+    kinds = f' ({", ".join(f"{n} {k}" for k, n in self.kind_counts.items())})' if self.mixed else ''
+    summary = f'folder source {self.jsonl}: {len(texts)} usable{kinds}, skipped ' + (
         ', '.join(f'{n} {r}' for r, n in self.skipped.items() if n) or 'none')
     logging.info('%s', summary)
     for reason, where in examples.items():
       if where:
         logging.warning('folder source %s: %s, e.g. %s', self.jsonl, reason, '; '.join(where))
     if not texts:
-      raise ValueError(f'{summary}: no usable examples in {self.jsonl}')
+      raise ValueError(f'{summary}: no usable examples in {self.jsonl} (a line is {formats})')
 
-    self._images = {k: np.stack([im[k] for im in images]) for k in self.image_keys}  # uint8 [N, S, S, C] each
+    shape = (image_size, image_size, channels)
+    self._pixels = np.stack([decoded[p] for p in rows]) if rows else np.zeros((0, *shape), np.uint8)  # uint8 [U, S, S, C]
+    self._index = {k: np.asarray(v, np.int32) for k, v in index.items()}  # [N] row of each example's image; -1: none
     self._texts = texts   # [{text field: str}]
+    self._missing = missing if self.mixed else None   # [str]
 
   def __len__(self) -> int:
     return len(self._texts)
@@ -223,8 +328,14 @@ class FolderSource:
     i = operator.index(index)
     if not 0 <= i < len(self._texts):
       raise IndexError(f'index {index} out of range for {len(self._texts)} examples')
-    # A copy, so a transform that edits the image in place cannot change the cache.
-    return {**{k: v[i].copy() for k, v in self._images.items()}, **self._texts[i]}
+    item = {}
+    for k, rows in self._index.items():
+      # A copy, so a transform that edits the image in place cannot change the cache.
+      item[k] = self._pixels[rows[i]].copy() if rows[i] >= 0 else np.zeros(self._pixels.shape[1:], np.uint8)
+    item.update(self._texts[i])
+    if self._missing is not None:
+      item[MISSING_KEY] = self._missing[i]
+    return item
 
   def __repr__(self) -> str:
     # grain checkpoints record the source's repr.
