@@ -215,6 +215,8 @@ FIELDS: tuple[Field, ...] = (
     F("sample.i2t_candidates", int, 1, "K > 1: K captions per image, the one that makes the image likeliest kept",
       bounds=">0"),
     F("sample.joint_steps", int, 32, "steps of joint generation (per stage)", bounds=">0"),
+    F("sample.edit_steps", int, 16, "steps of instruction editing (the target image)", bounds=">0"),
+    F("sample.vqa_steps", int, 3, "steps of visual question answering (the answer)", bounds=">0"),
     F("sample.temperature", float, 1.0, "sampling temperature; 0 = argmax", bounds=">=0"),
     F("sample.confidence_noise", float, 1.0, "confidence: Gumbel noise on the confidences at the first step, "
       "annealed to 0", bounds=">=0"),

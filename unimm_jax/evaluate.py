@@ -7,7 +7,11 @@ seen in training):
 * text->image accuracy: share of images drawn for val captions whose shape set equals the caption's; per
   attribute, share whose multiset of that attribute (colour, kind, size, position, count) matches;
 * image->text accuracy: share of captions written for val images that parse and equal the image's set;
-* joint consistency: share of jointly generated pairs whose caption parses, is non-empty and equals its image.
+* joint consistency: share of jointly generated pairs whose caption parses, is non-empty and equals its image;
+* for a model trained on edits and questions too (``data.shapes_kinds``, ``configs/shapes_unified.py``): edit
+  accuracy, the share of val edits whose generated target holds exactly the expected shapes, overall and per
+  edit kind; VQA accuracy, the share of val questions answered exactly, overall and per question kind (the first
+  ``eval.num_generate`` val edits and questions, whose source scenes were never trained on).
 
 Other data sources have no checker: those figures are null. ``report.json`` gets the figures (beside the ELBO
 and timing of training); ``report.html`` shows them with the samples, side by side.
@@ -27,7 +31,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from unimm_jax import pipeline as pipeline_lib, storage
-from unimm_jax.data import pretokenized, shapes
+from unimm_jax.data import pretokenized, shapes, shapes_tasks
 
 ATTRIBUTES = ("colour", "kind", "size", "cell")
 
@@ -93,6 +97,17 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
   mask[:, :, images.shape[2] // 2:] = True
   inpainted = pipe.inpaint(images[:k], mask, prompts=captions[:k], seed=seed,
                            **pipeline_lib.sampler_kwargs(config, "inpaint"))
+  kinds = dict(map(tuple, config.data.get("shapes_kinds", ())))
+  if kinds.get("edit", 0) > 0:
+    start = time.perf_counter()
+    edit_figures, samples_edit = edit_scores(pipe, config, num, seed)
+    timing["edit_s"] = time.perf_counter() - start
+    figures.update(edit_figures)
+  if kinds.get("vqa", 0) > 0:
+    start = time.perf_counter()
+    vqa_figures, samples_vqa = vqa_scores(pipe, config, num, seed)
+    timing["vqa_s"] = time.perf_counter() - start
+    figures.update(vqa_figures)
   figures["sample_seconds"] = {k_: round(v, 2) for k_, v in timing.items()}
   samples = {
       "t2i": list(zip(captions[:12], drawn[:12], [r == s for r, s in zip(read[:12], sets[:12])])),
@@ -100,7 +115,55 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
       "joint": list(zip(joint_texts[:12], joint_images[:12], consistent[:12])),
       "inpaint": list(zip(images[:k], mask, inpainted, captions[:k])),
   }
+  if kinds.get("edit", 0) > 0:
+    samples["edit"] = samples_edit
+  if kinds.get("vqa", 0) > 0:
+    samples["vqa"] = samples_vqa
   return figures, samples
+
+
+def _by_kind(correct, kinds, names) -> dict[str, float | None]:
+  """Accuracy over the examples of each kind (None for a kind with no example)."""
+  out = {}
+  for name in names:
+    hits = [c for c, k in zip(correct, kinds) if k == name]
+    out[name] = float(np.mean(hits)) if hits else None
+  return out
+
+
+def edit_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, list]:
+  """({'edit_accuracy', 'edit_accuracy_by_kind', 'edit_val_pairs_unseen'}, html rows) on the first ``num`` val
+  edits: each generated target read back from its pixels and compared with the expected shapes exactly."""
+  edits = [shapes_tasks.sample_edit("val", config.data.seed, i) for i in range(num)]
+  sources = np.stack([shapes.render(e.source) for e in edits])
+  out = pipe.edit(sources, [e.instruction for e in edits], guidance_scale=config.sample.guidance_scale, seed=seed,
+                  **pipeline_lib.sampler_kwargs(config, "edit"))
+  correct = [shapes_tasks.check_edit(e.target, img) for e, img in zip(edits, out)]
+  figures = {
+      "edit_accuracy": float(np.mean(correct)),
+      "edit_accuracy_by_kind": _by_kind(correct, [e.kind for e in edits], shapes_tasks.EDIT_KINDS),
+      # A train (scene, edit) pair has a train scene as its source: a val pair with a val source was never seen.
+      "edit_val_pairs_unseen": float(np.mean([shapes.split_of(e.source) == "val" for e in edits])),
+  }
+  rows = [(sources[i], edits[i].instruction, out[i], shapes.render(edits[i].target), correct[i])
+          for i in range(min(12, num))]
+  return figures, rows
+
+
+def vqa_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, list]:
+  """({'vqa_accuracy', 'vqa_accuracy_by_kind'}, html rows) on the first ``num`` val questions, answers compared
+  exactly (:func:`shapes_tasks.check_answer`)."""
+  questions = [shapes_tasks.sample_question("val", config.data.seed, i) for i in range(num)]
+  images = np.stack([shapes.render(q.scene) for q in questions])
+  answers = pipe.answer(images, [q.question for q in questions], guidance_scale=config.sample.guidance_scale,
+                        seed=seed, **pipeline_lib.sampler_kwargs(config, "vqa"))
+  correct = [shapes_tasks.check_answer(q.answer, a) for q, a in zip(questions, answers)]
+  figures = {
+      "vqa_accuracy": float(np.mean(correct)),
+      "vqa_accuracy_by_kind": _by_kind(correct, [q.kind for q in questions], shapes_tasks.QUESTION_KINDS),
+  }
+  rows = [(images[i], questions[i].question, answers[i], questions[i].answer, correct[i]) for i in range(min(12, num))]
+  return figures, rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,6 +188,8 @@ def render_html(report: dict, samples: dict | None) -> str:
   def by_count(key):
     split = report.get(key) or {}
     return ", ".join(f"{n} shape{'s' if n != '1' else ''}: {pct(v)}" for n, v in split.items()) or "n/a"
+  def by_kind(key):
+    return ", ".join(f"{k}: {pct(v)}" for k, v in (report.get(key) or {}).items()) or "n/a"
   rows = [
       ("step", report.get("step")),
       ("val bits/token, text", f"{bits.get('text', float('nan')):.4f}"),
@@ -136,6 +201,10 @@ def render_html(report: dict, samples: dict | None) -> str:
       ("text&rarr;image by shape count", by_count("t2i_accuracy_by_count")),
       ("image&rarr;text by shape count", by_count("i2t_accuracy_by_count")),
       ("joint consistency", pct(report.get("joint_consistency"))),
+      *((("edit accuracy", pct(report.get("edit_accuracy"))),
+         ("edit accuracy by kind", by_kind("edit_accuracy_by_kind"))) if "edit_accuracy" in report else ()),
+      *((("VQA accuracy", pct(report.get("vqa_accuracy"))),
+         ("VQA accuracy by kind", by_kind("vqa_accuracy_by_kind"))) if "vqa_accuracy" in report else ()),
       ("training wall time", f"{report.get('train_wall_s')} s"),
       ("training tokens/s", report.get("train_tokens_per_s")),
   ]
@@ -160,6 +229,18 @@ def render_html(report: dict, samples: dict | None) -> str:
       kept = np.where(mask[..., None], 64, img).astype(np.uint8)
       parts.append(f"<tr><td>{png_html(img)}</td><td>{png_html(kept)}</td><td>{png_html(out)}</td><td>{html.escape(cap)}</td></tr>")
     parts.append("</table>")
+    if samples.get("edit"):
+      parts.append("<h2>Editing (val source images)</h2><table>"
+                   "<tr><th>source</th><th>instruction</th><th>result</th><th>expected</th><th></th></tr>")
+      parts += [f"<tr><td>{png_html(src)}</td><td>{html.escape(text)}</td><td>{png_html(out)}</td>"
+                f"<td>{png_html(want)}</td><td>{_mark(ok)}</td></tr>" for src, text, out, want, ok in samples["edit"]]
+      parts.append("</table>")
+    if samples.get("vqa"):
+      parts.append("<h2>Visual question answering (val images)</h2><table>"
+                   "<tr><th>image</th><th>question</th><th>answer</th><th>expected</th><th></th></tr>")
+      parts += [f"<tr><td>{png_html(img)}</td><td>{html.escape(q)}</td><td>{html.escape(a)}</td>"
+                f"<td>{html.escape(want)}</td><td>{_mark(ok)}</td></tr>" for img, q, a, want, ok in samples["vqa"]]
+      parts.append("</table>")
   return "\n".join(parts)
 
 
@@ -193,6 +274,10 @@ def evaluate_workdir(workdir, config=None) -> dict:
     logging.info("text->image accuracy %.3f, image->text accuracy %.3f, joint consistency %.3f (%d val examples)",
                  figures["t2i_accuracy"], figures["i2t_accuracy"], figures["joint_consistency"],
                  config.eval.num_generate)
+    for task in ("edit", "vqa"):
+      if f"{task}_accuracy" in figures:
+        logging.info("%s accuracy %.3f; by kind: %s", task, figures[f"{task}_accuracy"],
+                     ", ".join(f"{k} {v:.3f}" for k, v in figures[f"{task}_accuracy_by_kind"].items() if v is not None))
   else:
     report.update({"t2i_accuracy": None, "i2t_accuracy": None, "joint_consistency": None})
   report_path.write_text(json.dumps(report, indent=2, default=float))

@@ -16,9 +16,13 @@
     bits = pipe.score(prompts, images)                         # {'text': [N], 'image': [N]} bits per token
     bits = pipe.score(prompts, images, given="text")           # {'image': [N]}: the image given the caption
     bits = pipe.likelihood({"text": prompts, "image": images}, noised=["image"])   # any segments given any others
+    # A model trained on edits and questions too (configs/shapes_unified.py):
+    edited = pipe.edit(images, ["make the red circle blue"] * len(images))                  # uint8 [N, H, W, C]
+    answers = pipe.answer(images, ["what colour is the circle?"] * len(images))             # list[str]
 
 Every call builds the starting sequences (MASK where something is to be generated, the given tokens elsewhere;
-a segment neither given nor generated is all MASK, the null condition of training) and runs the one jitted
+a segment neither given nor generated is all MASK, the null condition of training, or, in a layout whose
+examples may lack segments, absent) and runs the one jitted
 sampling loop of :mod:`unimm_jax.method.samplers` over batches padded to a fixed compiled size, so a call of any
 size compiles nothing new. Each example's randomness comes from ``fold_in(PRNGKey(seed), i)`` with i its index in
 the call: the same seed gives the same output, whatever the batch size.
@@ -44,11 +48,12 @@ from unimm_jax.models import transformer
 JOINT_ORDERS = ("together", "text_first", "image_first")
 HOLE = "<mask>"   # infill: one masked text token
 _STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
-              "joint": "joint_steps"}
+              "joint": "joint_steps", "edit": "edit_steps", "vqa": "vqa_steps"}
 
 
 def sampler_kwargs(config, task: str) -> dict:
-  """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill) as call arguments."""
+  """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill | edit | vqa) as call
+  arguments."""
   s = config.sample
   kw = dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
             confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
@@ -196,12 +201,36 @@ class Pipeline:
     return self.tokenizers.image.encode(images.astype(np.uint8))
 
   def _segment_of(self, modality: str) -> sequence.Segment:
-    """The layout's one segment of ``modality`` (the recipes' text or image); ValueError if not exactly one."""
+    """The recipes' text or image segment: the layout's one segment of ``modality``, or, with several, the one
+    that reads the data field of that name (:meth:`segment_for`); ValueError if there is none."""
     names = self.layout.of_modality(modality)
-    if len(names) != 1:
-      raise ValueError(f"this recipe needs exactly one {modality} segment; the model's layout is "
-                       f"{self.layout.describe()}: use Pipeline.complete with segment names")
-    return self.layout.segment(names[0])
+    if len(names) == 1:
+      return self.layout.segment(names[0])
+    try:
+      return self.segment_for(modality)
+    except ValueError:
+      raise ValueError(f"this recipe needs one {modality} segment; the model's layout is "
+                       f"{self.layout.describe()}: use Pipeline.complete with segment names") from None
+
+  def segment_for(self, field: str) -> sequence.Segment:
+    """The segment that holds a data field (``text``, ``image``, ``instruction``, ``source``, ``target``,
+    ``question``, ``answer``): the one ``data.fields`` maps the field to, else the segment of that name."""
+    for entry in self.config.data.fields:
+      if field in tuple(entry[1:]) and entry[0] in self.layout.names:
+        return self.layout.segment(entry[0])
+    if field in self.layout.names:
+      return self.layout.segment(field)
+    raise ValueError(f"this model has no segment for {field!r}: its layout is {self.layout.describe()} and "
+                     f"config.data.fields={tuple(map(tuple, self.config.data.fields))}")
+
+  def _absent(self, tokens: np.ndarray, keep) -> np.ndarray:
+    """In a layout with absent segments, every segment not in ``keep`` made absent (the ``<absent>`` token), as
+    training had it for an example without that segment; unchanged otherwise."""
+    if not self.layout.has_absent:
+      return tokens
+    tokens = np.array(tokens)
+    tokens[:, self.layout.positions_of([g for g in self.layout.names if g not in keep])] = self.layout.absent_id
+    return tokens
 
   def _local_ids(self, name: str, value) -> np.ndarray:
     """A segment's value -> local ids int32 [N, n] (-1 where to generate): a list of strings (text), uint8 images
@@ -240,14 +269,14 @@ class Pipeline:
   def complete(self, given: Mapping[str, Any] | None = None, generate: Sequence[str] | Sequence[Sequence[str]] = (),
                *, n: int | None = None, steps: int = 16, guidance_scale: float = 0.0,
                guidance_null: Sequence[str] | None = None, temperature: float = 1.0, seed: int = 0,
-               method: str = "confidence", **options) -> dict[str, Any]:
+               method: str = "confidence", null: Sequence[str] = (), **options) -> dict[str, Any]:
     """Generates segments given others: ``{segment: value}`` of every generated segment.
 
     Args:
       given: {segment: value}: a list of N strings (text), uint8 images [N, H, W, C] (image), or int32 local
         ids [N, n] where -1 marks tokens to generate (the rest are given). Segments neither given nor generated
         are all MASK while sampling: the null condition of training (e.g. a caption drawn with no image is
-        drawn from p(text)).
+        drawn from p(text)); in a layout with absent segments they are absent instead, unless named in ``null``.
       generate: segment names to generate together; or a list of lists, generated in that order (stage by
         stage, each ``steps`` steps; later stages see the earlier ones finished). Holes (-1) of given segments
         are filled in the first stage.
@@ -259,7 +288,7 @@ class Pipeline:
       {segment: list of N strings | uint8 images [N, H, W, C]} for the generated segments (and those given
       with holes).
     """
-    tokens, stages, holed = self._plan(given or {}, generate, n)
+    tokens, stages, holed = self._plan(given or {}, generate, n, null)
     null = [g for g in (given or {}) if self.layout.segment(g).generative] if guidance_null is None \
         else list(guidance_null)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
@@ -267,8 +296,9 @@ class Pipeline:
                          holed=holed)
     return self.tokenizers.decode_segments(out, [s for st in stages for s in st] + holed)
 
-  def _plan(self, given, generate, n):
-    """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes)."""
+  def _plan(self, given, generate, n, null=()):
+    """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes); segments
+    neither given, generated nor ``null`` are absent in a layout with absent segments."""
     if n is None and not given:
       raise ValueError("nothing is given: pass n, the number of examples to generate")
     if n is not None and n < 1:
@@ -283,6 +313,9 @@ class Pipeline:
     if both or len(set(names)) != len(names):
       raise ValueError(f"segments {sorted(both) or names} are both given and generated, or generated twice")
     tokens = self._start(given, n) if given else self.layout.pack({}, batch=n)
+    for name in null:
+      self.layout.index(name)
+    tokens = self._absent(tokens, set(names) | set(given) | set(null))
     parts = self.layout.split(tokens)
     holed = [g for g in given if (parts[g] == self.layout.mask_id).any()]
     if not names and not holed:
@@ -327,7 +360,8 @@ class Pipeline:
     drawn, bits = self._caption_candidates(images, candidates, seed, steps=steps, temperature=temperature,
                                            guidance_scale=guidance_scale, method=method, **options)
     best = drawn[bits.argmin(axis=0), np.arange(drawn.shape[1])]
-    return self.tokenizers.decode_segments(best)[self._segment_of(sequence.TEXT).name]
+    text = self._segment_of(sequence.TEXT).name
+    return self.tokenizers.decode_segments(best, [text])[text]
 
   def _caption_candidates(self, images, candidates: int, seed: int, *, steps, temperature, guidance_scale, method,
                           **options) -> tuple[np.ndarray, np.ndarray]:
@@ -428,12 +462,55 @@ class Pipeline:
     return self.complete(given, [] if images is not None else [image], steps=steps, guidance_null=[],
                          temperature=temperature, seed=seed, method=method, **options)[text.name]
 
+  # ---- recipes over complete: editing and visual question answering ----------------------------------------------
+  def _texts(self, texts, what: str, n: int) -> list[str]:
+    """Checks a call's instructions or questions: a list of n non-empty strings."""
+    if isinstance(texts, str):
+      raise TypeError(f"{what}s must be a list of strings, not one string")
+    texts = list(texts)
+    if len(texts) != n:
+      raise ValueError(f"{len(texts)} {what}s for {n} images")
+    empty = [i for i, t in enumerate(texts) if not str(t).strip()]
+    if empty:
+      raise ValueError(f"{what} {empty[0]} is empty ({len(empty)} empty of {n}): every image needs its {what}")
+    return [str(t) for t in texts]
+
+  def edit(self, images, instructions: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
+           temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> np.ndarray:
+    """Each image edited by its instruction ("make the red circle blue"): uint8 [N, H, W, C].
+
+    The segments holding ``instruction``, ``source`` and ``target`` (:meth:`segment_for`) are given, given and
+    generated; guidance nulls the instruction. A model not trained on edits has no such segments (ValueError).
+    """
+    instruction, source, target = (self.segment_for(f).name for f in ("instruction", "source", "target"))
+    ids = self._image_ids(images)
+    texts = self._texts(instructions, "instruction", len(ids))
+    return self.complete({instruction: texts, source: ids}, [target], steps=steps, guidance_scale=guidance_scale,
+                         guidance_null=[instruction], temperature=temperature, seed=seed, method=method,
+                         **options)[target]
+
+  def answer(self, images, questions: Sequence[str], steps: int = 3, guidance_scale: float = 0.0,
+             temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> list[str]:
+    """The answer to each question about its image ("what colour is the circle?" -> "red"): list[str].
+
+    The segments holding ``image``, ``question`` and ``answer`` (:meth:`segment_for`) are given, given and
+    generated; guidance nulls the question.
+    """
+    image, question, answer = (self.segment_for(f).name for f in ("image", "question", "answer"))
+    ids = self._image_ids(images)
+    texts = self._texts(questions, "question", len(ids))
+    return self.complete({question: texts, image: ids}, [answer], steps=steps, guidance_scale=guidance_scale,
+                         guidance_null=[question], temperature=temperature, seed=seed, method=method,
+                         **options)[answer]
+
   # ---- likelihood ----------------------------------------------------------------------------------------------
   def _roles(self, roles: Mapping[str, str]) -> tuple[int, ...]:
-    """Role codes per segment (a task as data): the named ones as given, special segments clean, others null."""
+    """Role codes per segment (a task as data): the named ones as given, special segments clean, others null (or
+    absent, in a layout with absent segments)."""
     out = []
+    other = "absent" if self.layout.has_absent else "null"
     for seg in self.layout.segments:
-      role = "clean" if seg.modality == sequence.SPECIAL else roles.get(seg.name, "null")
+      role = "clean" if seg.modality == sequence.SPECIAL else roles.get(seg.name, other)
       out.append(tasks_lib.ROLES[role])
     return tuple(out)
 
@@ -474,12 +551,12 @@ class Pipeline:
   def likelihood(self, values: Mapping[str, Any], noised: Sequence[str], seed: int = 0,
                  num_samples: int = 16) -> dict[str, np.ndarray]:
     """Per-example negative ELBO (an upper bound on -log p) of the ``noised`` segments given the other segments
-    of ``values`` (clean), with the segments not in ``values`` all MASK (null): {segment: float [N]} bits per
-    token. ``values`` as for :meth:`complete` (no holes)."""
+    of ``values`` (clean), with the segments not in ``values`` all MASK (null; absent in a layout with absent
+    segments): {segment: float [N]} bits per token. ``values`` as for :meth:`complete` (no holes)."""
     for name in noised:
       if name not in values:
         raise ValueError(f"segment {name!r} is to be scored but has no value; give it in values")
-    tokens = self._start(values, None)
+    tokens = self._absent(self._start(values, None), set(values))
     if (tokens[:, self.layout.positions_of(list(values))] == self.layout.mask_id).any():
       raise ValueError("likelihood needs whole segments: their values hold -1 (MASK) tokens")
     roles = self._roles({name: "noised" if name in noised else "clean" for name in values})

@@ -6,6 +6,8 @@ Tasks:
   joint    --num=N
   inpaint  --image=FILE --mask=FILE [--prompt=TEXT]   (mask: an image, white = redraw)
   infill   --prompt="a <mask> red circle at the top left"  (each <mask> is one token) [--image=FILE]
+  edit     --image=FILE --instruction="make the red circle blue"   (repeatable, one per image, or one for all)
+  vqa      --image=FILE --question="what colour is the circle?"    (repeatable, one per image, or one for all)
 
 Writes PNGs into OUT and ``OUT/samples.json`` listing what was generated (prompts, captions, files). Bad input
 (a missing flag, a file that is not an image, a directory that is no trained model) is one ``error:`` line on
@@ -24,12 +26,14 @@ from PIL import Image
 
 from unimm_jax.data import folder
 
-TASKS = ("t2i", "i2t", "joint", "inpaint", "infill")
+TASKS = ("t2i", "i2t", "joint", "inpaint", "infill", "edit", "vqa")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _TASK = flags.DEFINE_enum("task", "t2i", TASKS, "What to generate.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption(s) for t2i / inpaint, text with <mask> for infill.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s) for i2t / inpaint / infill.")
 _MASK = flags.DEFINE_string("mask", None, "inpaint: mask image, white (>= 128) = redraw.")
+_INSTRUCTION = flags.DEFINE_multi_string("instruction", [], "edit: instruction(s), one per --image or one for all.")
+_QUESTION = flags.DEFINE_multi_string("question", [], "vqa: question(s), one per --image or one for all.")
 _NUM = flags.DEFINE_integer("num", 4, "t2i: images per prompt; joint: pairs.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config.sample.*_steps).")
@@ -118,6 +122,26 @@ def main(argv):
     result = pipe.inpaint(images, mask[None], prompts=prompts, guidance_scale=guidance, **kw)[0]
     records.append({"image": _IMAGE.value[0], "mask": _MASK.value, "prompt": prompts and prompts[0],
                     "inpainted": _save(out, "inpaint_000.png", result)})
+  elif task in ("edit", "vqa"):
+    flag, texts = ("instruction", _INSTRUCTION.value) if task == "edit" else ("question", _QUESTION.value)
+    images = _load_images(_IMAGE.value, size, channels)
+    if not texts:
+      _fail(f"--task={task} needs --{flag}=TEXT")
+    if len(texts) not in (1, len(images)):
+      _fail(f"--task={task}: {len(texts)} --{flag} for {len(images)} --image; give one per image or one for all")
+    texts = texts * len(images) if len(texts) == 1 else texts
+    try:
+      if task == "edit":
+        results = pipe.edit(images, texts, guidance_scale=guidance, **kw)
+      else:
+        results = pipe.answer(images, texts, guidance_scale=guidance, **kw)
+    except ValueError as e:   # an empty instruction or question; a model not trained on the task
+      _fail(f"--task={task}: {e}")
+    for i, (path, text, result) in enumerate(zip(_IMAGE.value, texts, results)):
+      if task == "edit":
+        records.append({"image": path, "instruction": text, "edited": _save(out, f"edit_{i:03d}.png", result)})
+      else:
+        records.append({"image": path, "question": text, "answer": result})
   else:
     if not _PROMPT.value:
       _fail('--task=infill needs --prompt="text with <mask> holes"')

@@ -189,10 +189,12 @@ class Tokenizers:
 
   def decode_segments(self, tokens: np.ndarray, names=None) -> dict[str, Any]:
     """int [N, S] global ids -> {segment: list of N strings (text) | uint8 [N, H, W, C] (image)} of the named
-    segments (default: every generative one), which must hold no MASK."""
+    segments (default: every generative one not absent), which must hold no MASK."""
     out = {}
     for name, ids in self.layout.unpack(np.asarray(tokens)).items():
       if names is not None and name not in names:
+        continue
+      if names is None and (ids == sequence.LOCAL_ABSENT).any():
         continue
       if self.layout.segment(name).modality == sequence.TEXT:
         out[name] = [self.text.decode(row) for row in ids]
