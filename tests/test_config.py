@@ -12,8 +12,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as cf
 
-from unimm_jax import config_schema, configuration
-from unimm_jax.sequence import SequenceLayout
+from unimm_jax import config_schema, configuration, sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -35,8 +34,7 @@ def test_every_config_validates_and_traces_one_train_step(path):
     config.model.attention = "xla"   # cuDNN flash attention traces only for a GPU; the rest of the step is the same
   h, w = configuration.image_token_grid(config)
   # Vocabulary sizes come from fitted tokenizers; any plausible sizes trace the same program shape.
-  layout = SequenceLayout.two_segment(text_vocab=64, image_vocab=256, text_len=config.text.max_len,
-                                     image_grid=(h, w))
+  layout = sequence.from_config(config, text_vocab=64, image_vocab=256, image_grid=(h, w))   # the config's segments
   method = train.make_step_inputs(config, layout)
   state = jax.eval_shape(lambda: train.init_state(method, 0))
   batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32)}
