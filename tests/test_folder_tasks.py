@@ -2,51 +2,26 @@
 configs/shapes_unified.py's field-to-segment map: items, placeholders, skips by reason, training, and the error for
 a file with nothing usable."""
 
-import importlib.util
 import json
 import logging
-import pathlib
 import pickle
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from test_unified import unified_config as tiny_unified_config  # tests/ is on sys.path (as test_train)
 from unimm_jax import train
 from unimm_jax.data import folder, input_pipeline, shapes, shapes_tasks
 
-UNIFIED = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'shapes_unified.py'
 IMAGE_KEYS = ('image', 'source', 'target')
 TEXT_KEYS = ('text', 'instruction', 'question', 'answer')
 
 
 def unified_config(data_dir, **overrides):
-  spec = importlib.util.spec_from_file_location('_shapes_unified_config', UNIFIED)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.data.source = 'folder'
-  c.data.path = str(data_dir)
-  c.image.size = 24
-  c.data.fit_examples = 32
-  c.mesh.cpu_devices = 0
-  c.model.d_model = 32
-  c.model.num_layers = 1
-  c.model.num_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 64
-  c.model.directional_heads = 0
-  c.train.steps = 3
-  c.train.log_every = 1
-  c.train.batch_size = 4
-  c.optim.warmup_steps = 1
-  c.eval.batch_size = 4
-  c.eval.every_steps = 3
-  c.ckpt.every_steps = 3
-  for key, value in overrides.items():
-    group, name = key.split('.')
-    c[group][name] = value
-  return c
+  """test_unified's tiny configs/shapes_unified.py, reading the folder ``data_dir``."""
+  return tiny_unified_config(**{"data.source": "folder", "data.path": str(data_dir), "data.fit_examples": 32,
+                                "train.batch_size": 4, "eval.batch_size": 4, **overrides})
 
 
 def _save(root, name, image):
