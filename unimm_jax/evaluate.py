@@ -177,6 +177,11 @@ def png_html(image: np.ndarray, scale: int = 4) -> str:
   return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def _cell(value) -> str:
+  """An html table cell's content: an image (uint8 array) or escaped text."""
+  return png_html(value) if isinstance(value, np.ndarray) else html.escape(str(value))
+
+
 def _mark(ok: bool) -> str:
   return '<span class="ok">&#10003;</span>' if ok else '<span class="bad">&#10007;</span>'
 
@@ -229,18 +234,14 @@ def render_html(report: dict, samples: dict | None) -> str:
       kept = np.where(mask[..., None], 64, img).astype(np.uint8)
       parts.append(f"<tr><td>{png_html(img)}</td><td>{png_html(kept)}</td><td>{png_html(out)}</td><td>{html.escape(cap)}</td></tr>")
     parts.append("</table>")
-    if samples.get("edit"):
-      parts.append("<h2>Editing (val source images)</h2><table>"
-                   "<tr><th>source</th><th>instruction</th><th>result</th><th>expected</th><th></th></tr>")
-      parts += [f"<tr><td>{png_html(src)}</td><td>{html.escape(text)}</td><td>{png_html(out)}</td>"
-                f"<td>{png_html(want)}</td><td>{_mark(ok)}</td></tr>" for src, text, out, want, ok in samples["edit"]]
-      parts.append("</table>")
-    if samples.get("vqa"):
-      parts.append("<h2>Visual question answering (val images)</h2><table>"
-                   "<tr><th>image</th><th>question</th><th>answer</th><th>expected</th><th></th></tr>")
-      parts += [f"<tr><td>{png_html(img)}</td><td>{html.escape(q)}</td><td>{html.escape(a)}</td>"
-                f"<td>{html.escape(want)}</td><td>{_mark(ok)}</td></tr>" for img, q, a, want, ok in samples["vqa"]]
-      parts.append("</table>")
+    tables = (("edit", "Editing (val source images)", ("source", "instruction", "result", "expected")),
+              ("vqa", "Visual question answering (val images)", ("image", "question", "answer", "expected")))
+    for key, title, headers in tables:
+      if samples.get(key):   # rows: (four cells: an image or a text each, right or not)
+        parts.append(f"<h2>{title}</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in headers) + "<th></th></tr>")
+        parts += ["<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row[:-1]) + f"<td>{_mark(row[-1])}</td></tr>"
+                  for row in samples[key]]
+        parts.append("</table>")
   return "\n".join(parts)
 
 
