@@ -132,15 +132,17 @@ def test_corruption_and_validation_leave_absent_segments_alone():
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
   step_inputs = train.StepInputs(model=model, diffusion=method, tx=None)
   bits = np.asarray(train.eval_step(step_inputs, params, tokens, jax.random.PRNGKey(4)))
-  figures = train.val_figures(lay)
-  assert figures == ("text", "image", "text_given_rest", "image_given_rest", "target_given_rest", "answer_given_rest")
+  assert train.val_figures(seq.SequenceLayout.two_segment(10, 5, 4, (2, 2))) == (
+      "text", "image", "text_given_image", "image_given_text")   # the two-segment figures, as before
+  figures = train.val_figures(lay, method)
+  assert figures == ("text", "image", "text_to_image", "image_to_text", "edit", "vqa")   # tasks nulling nothing
   col = dict(zip(figures, bits.T))
-  assert np.isnan(col["target_given_rest"][0]) and np.isfinite(col["target_given_rest"][1])
-  assert np.isnan(col["answer_given_rest"]).all() and np.isfinite(col["text_given_rest"]).all()
+  # Example 0 is a caption pair, example 1 an edit: each task's figure counts only the examples it fits.
+  assert np.isfinite(col["text_to_image"][0]) and np.isnan(col["text_to_image"][1])
+  assert np.isnan(col["edit"][0]) and np.isfinite(col["edit"][1]) and np.isnan(col["vqa"]).all()
   means = train.validate(lambda p, t, k: bits, params, [{"tokens": tokens, "weight": np.ones(2, np.float32)}], 0,
                          figures)
-  assert means["target_given_rest"] == pytest.approx(float(col["target_given_rest"][1]))
-  assert np.isnan(means["answer_given_rest"])
+  assert means["edit"] == pytest.approx(float(col["edit"][1])) and np.isnan(means["vqa"])
 
 
 def test_rotary_pairs_rotate_within_a_modality_across_segments():

@@ -201,6 +201,8 @@ def render_html(report: dict, samples: dict | None) -> str:
       ("val bits/token, image", f"{bits.get('image', float('nan')):.4f}"),
       ("val bits/token, text given the image", f"{bits.get('text_given_image', float('nan')):.4f}"),
       ("val bits/token, image given the text", f"{bits.get('image_given_text', float('nan')):.4f}"),
+      *((f"val bits/token, {name.replace('_', ' ')}", f"{value:.4f}") for name, value in bits.items()
+        if name not in ("text", "image", "text_given_image", "image_given_text")),   # e.g. the unified tasks'
       ("text&rarr;image accuracy", pct(report.get("t2i_accuracy"))),
       ("image&rarr;text accuracy", pct(report.get("i2t_accuracy"))),
       ("text&rarr;image by shape count", by_count("t2i_accuracy_by_count")),

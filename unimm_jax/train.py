@@ -224,25 +224,36 @@ def sequence_nll(method: StepInputs, params, noisy, tokens):
   return transformer.sequence_nll(method.model, params, noisy, tokens)
 
 
-def validation_tasks(layout: SequenceLayout) -> tuple[tuple[str, np.ndarray], ...]:
+def validation_tasks(layout: SequenceLayout, diffusion: MaskedDiffusion | None = None
+                     ) -> tuple[tuple[str, np.ndarray], ...]:
   """What validation measures: (name, roles [G]) pairs. ``joint`` (every segment noised, reported per modality),
   then each generative segment given the others clean: ``text_given_image`` and ``image_given_text`` for the
   two-segment layout, the conditionals that captioning and drawing sample from (the joint figure mostly measures
-  the marginals)."""
+  the marginals).
+
+  In a layout with absent segments the conditionals are instead the mixture's tasks that noise one segment and
+  null none (``text_to_image``, ``image_to_text``, ``edit``, ``vqa`` in ``configs/shapes_unified.py``), each
+  measured on the examples it fits (:func:`eval_step`), so each figure is one task's, not a mix of kinds.
+  """
   generative = [s.name for s in layout.segments if s.generative]
   out = [("joint", np.where([s.generative for s in layout.segments], tasks_lib.NOISED, tasks_lib.CLEAN))]
-  if len(generative) > 1:
+  if layout.has_absent and diffusion is not None:
+    for name, roles in zip(diffusion.task_names, diffusion.task_roles):
+      roles = np.asarray(roles, np.int32)
+      if (roles == tasks_lib.NOISED).sum() == 1 and not (roles == tasks_lib.NULL).any():
+        out.append((name, roles))
+  elif len(generative) > 1:
     for name in generative:
       roles = np.full(len(layout.segments), tasks_lib.CLEAN, np.int32)
       roles[layout.index(name)] = tasks_lib.NOISED
-      given = "rest" if layout.has_absent else "+".join(g for g in generative if g != name)   # rest: what is present
-      out.append((f"{name}_given_{given}", roles.astype(np.int32)))
+      out.append((f"{name}_given_{'+'.join(g for g in generative if g != name)}", roles.astype(np.int32)))
   return tuple((n, np.asarray(r, np.int32)) for n, r in out)
 
 
-def val_figures(layout: SequenceLayout) -> tuple[str, ...]:
+def val_figures(layout: SequenceLayout, diffusion: MaskedDiffusion | None = None) -> tuple[str, ...]:
   """Names of the columns of :func:`eval_step`: the joint ELBO per modality, then each conditional."""
-  return tuple(m for m in layout.modalities if m != "special") + tuple(n for n, _ in validation_tasks(layout)[1:])
+  return tuple(m for m in layout.modalities if m != "special") + \
+      tuple(n for n, _ in validation_tasks(layout, diffusion)[1:])
 
 
 def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
@@ -252,25 +263,25 @@ def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
   the others clean (:func:`validation_tasks`). Times are low-discrepancy per segment, so a batch averages over the
   whole t range; a fixed key makes the validation figure of two evaluations comparable.
 
-  In a layout with absent segments each example's absent segments stay absent under every task, and a column
-  that measures nothing for an example (its noised segments are all absent) is NaN there; :func:`validate`
-  averages each column over the examples where it is finite.
+  In a layout with absent segments each example's absent segments stay absent under the joint task, each
+  conditional (a task of the mixture) counts only the examples it fits, and a column that measures nothing for
+  an example is NaN there; :func:`validate` averages each column over the examples where it is finite.
   """
   k_corruption, k_mask = jax.random.split(key)
   diffusion, layout = method.diffusion, method.layout
   t = diffusion.sample_times(k_corruption, tokens.shape[0])
   present = layout.present(tokens, jnp) if layout.has_absent else None
   out = []
-  for i, (_, roles) in enumerate(validation_tasks(layout)):
+  for i, (_, roles) in enumerate(validation_tasks(layout, diffusion)):
     example_roles = roles if present is None else jnp.where(present, roles[None], tasks_lib.ABSENT)
     corruption = diffusion.corruption_at(t, example_roles)
     noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
     bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens), masked, corruption)
     if i and present is None:
       out.append(bits[:, int(np.argmax(roles == 0))])
-    elif i:
-      g = int(np.argmax(roles == 0))
-      out.append(jnp.where(present[:, g], bits[:, g], jnp.nan))
+    elif i:   # a task of the mixture: the examples whose absent segments are exactly the task's
+      fits = ((roles[None] == tasks_lib.ABSENT) == ~present).all(axis=1)
+      out.append(jnp.where(fits, bits[:, int(np.argmax(roles == 0))], jnp.nan))
     elif present is None:
       out.extend(diffusion.modality_bits(bits, roles).values())
     else:   # token-weighted over each example's present segments of the modality
@@ -404,7 +415,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   writer = train_loop.Writer(workdir)
   loop_start = time.perf_counter()
 
-  figures = val_figures(layout)
+  figures = val_figures(layout, method.diffusion)
 
   def run_eval(step):
     params = state.ema_params if config.eval.use_ema else state.params
