@@ -45,11 +45,7 @@ def _attribute_match(got: frozenset, want: frozenset) -> dict[str, bool]:
 def _by_count(correct, sets) -> dict[str, float]:
   """Accuracy over the examples of each shape count: {'1': ..., '2': ...}. Two shapes are where binding
   attributes to the right shape is tested, so this split says whether a model reads scenes or single objects."""
-  out = {}
-  for n in sorted({len(s) for s in sets}):
-    hits = [c for c, s in zip(correct, sets) if len(s) == n]
-    out[str(n)] = float(np.mean(hits))
-  return out
+  return _by_kind(correct, [str(len(s)) for s in sets], [str(n) for n in sorted({len(s) for s in sets})])
 
 
 def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict]:
@@ -98,16 +94,13 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
   inpainted = pipe.inpaint(images[:k], mask, prompts=captions[:k], seed=seed,
                            **pipeline_lib.sampler_kwargs(config, "inpaint"))
   kinds = dict(map(tuple, config.data.get("shapes_kinds", ())))
-  if kinds.get("edit", 0) > 0:
-    start = time.perf_counter()
-    edit_figures, samples_edit = edit_scores(pipe, config, num, seed)
-    timing["edit_s"] = time.perf_counter() - start
-    figures.update(edit_figures)
-  if kinds.get("vqa", 0) > 0:
-    start = time.perf_counter()
-    vqa_figures, samples_vqa = vqa_scores(pipe, config, num, seed)
-    timing["vqa_s"] = time.perf_counter() - start
-    figures.update(vqa_figures)
+  task_rows = {}
+  for task, scores in (("edit", edit_scores), ("vqa", vqa_scores)):
+    if kinds.get(task, 0) > 0:
+      start = time.perf_counter()
+      task_figures, task_rows[task] = scores(pipe, config, num, seed)
+      timing[f"{task}_s"] = time.perf_counter() - start
+      figures.update(task_figures)
   figures["sample_seconds"] = {k_: round(v, 2) for k_, v in timing.items()}
   samples = {
       "t2i": list(zip(captions[:12], drawn[:12], [r == s for r, s in zip(read[:12], sets[:12])])),
@@ -115,10 +108,7 @@ def generation_scores(pipe, config, num: int, seed: int = 0) -> tuple[dict, dict
       "joint": list(zip(joint_texts[:12], joint_images[:12], consistent[:12])),
       "inpaint": list(zip(images[:k], mask, inpainted, captions[:k])),
   }
-  if kinds.get("edit", 0) > 0:
-    samples["edit"] = samples_edit
-  if kinds.get("vqa", 0) > 0:
-    samples["vqa"] = samples_vqa
+  samples.update(task_rows)
   return figures, samples
 
 

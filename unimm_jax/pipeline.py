@@ -289,10 +289,10 @@ class Pipeline:
       with holes).
     """
     tokens, stages, holed = self._plan(given or {}, generate, n, null)
-    null = [g for g in (given or {}) if self.layout.segment(g).generative] if guidance_null is None \
+    nulled = [g for g in (given or {}) if self.layout.segment(g).generative] if guidance_null is None \
         else list(guidance_null)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
-    out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, null), seed,
+    out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, nulled), seed,
                          holed=holed)
     return self.tokenizers.decode_segments(out, [s for st in stages for s in st] + holed)
 
@@ -463,31 +463,32 @@ class Pipeline:
                          temperature=temperature, seed=seed, method=method, **options)[text.name]
 
   # ---- recipes over complete: editing and visual question answering ----------------------------------------------
-  def _texts(self, texts, what: str, n: int) -> list[str]:
-    """Checks a call's instructions or questions: a list of n non-empty strings."""
+  def _image_and_text(self, fields: tuple[str, str, str], images, texts, what: str, **kw):
+    """The generated field's value, given an image field and a text field (``fields``: image, text, generated;
+    segments by :meth:`segment_for`), ``texts`` checked to be one non-empty string per image; guidance nulls
+    the text."""
+    image, text, generated = (self.segment_for(f).name for f in fields)
+    ids = self._image_ids(images)
     if isinstance(texts, str):
       raise TypeError(f"{what}s must be a list of strings, not one string")
-    texts = list(texts)
-    if len(texts) != n:
-      raise ValueError(f"{len(texts)} {what}s for {n} images")
-    empty = [i for i, t in enumerate(texts) if not str(t).strip()]
+    texts = [str(t) for t in texts]
+    if len(texts) != len(ids):
+      raise ValueError(f"{len(texts)} {what}s for {len(ids)} images")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
-      raise ValueError(f"{what} {empty[0]} is empty ({len(empty)} empty of {n}): every image needs its {what}")
-    return [str(t) for t in texts]
+      raise ValueError(f"{what} {empty[0]} is empty ({len(empty)} empty of {len(ids)}): every image needs its {what}")
+    return self.complete({text: texts, image: ids}, [generated], guidance_null=[text], **kw)[generated]
 
   def edit(self, images, instructions: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
            temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> np.ndarray:
     """Each image edited by its instruction ("make the red circle blue"): uint8 [N, H, W, C].
 
-    The segments holding ``instruction``, ``source`` and ``target`` (:meth:`segment_for`) are given, given and
+    The segments holding ``source``, ``instruction`` and ``target`` (:meth:`segment_for`) are given, given and
     generated; guidance nulls the instruction. A model not trained on edits has no such segments (ValueError).
     """
-    instruction, source, target = (self.segment_for(f).name for f in ("instruction", "source", "target"))
-    ids = self._image_ids(images)
-    texts = self._texts(instructions, "instruction", len(ids))
-    return self.complete({instruction: texts, source: ids}, [target], steps=steps, guidance_scale=guidance_scale,
-                         guidance_null=[instruction], temperature=temperature, seed=seed, method=method,
-                         **options)[target]
+    return self._image_and_text(("source", "instruction", "target"), images, instructions, "instruction",
+                                steps=steps, guidance_scale=guidance_scale, temperature=temperature, seed=seed,
+                                method=method, **options)
 
   def answer(self, images, questions: Sequence[str], steps: int = 3, guidance_scale: float = 0.0,
              temperature: float = 1.0, seed: int = 0, method: str = "confidence", **options) -> list[str]:
@@ -496,12 +497,9 @@ class Pipeline:
     The segments holding ``image``, ``question`` and ``answer`` (:meth:`segment_for`) are given, given and
     generated; guidance nulls the question.
     """
-    image, question, answer = (self.segment_for(f).name for f in ("image", "question", "answer"))
-    ids = self._image_ids(images)
-    texts = self._texts(questions, "question", len(ids))
-    return self.complete({question: texts, image: ids}, [answer], steps=steps, guidance_scale=guidance_scale,
-                         guidance_null=[question], temperature=temperature, seed=seed, method=method,
-                         **options)[answer]
+    return self._image_and_text(("image", "question", "answer"), images, questions, "question", steps=steps,
+                                guidance_scale=guidance_scale, temperature=temperature, seed=seed, method=method,
+                                **options)
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
   def _roles(self, roles: Mapping[str, str]) -> tuple[int, ...]:

@@ -360,11 +360,13 @@ class SequenceLayout:
       if ids.size and (ids.max() >= hi - lo or ids.min() < floor):
         raise ValueError(f"segment {s.name!r}: local ids must be in [0, {hi - lo}) or -1 (MASK)"
                          f"{' or -2 (absent)' if self.has_absent else ''}, got [{ids.min()}, {ids.max()}]")
-      absent = ids == LOCAL_ABSENT
-      if absent.any() and not (absent.all(axis=1) | ~absent.any(axis=1)).all():
-        raise ValueError(f"segment {s.name!r}: an absent segment (-2) must be absent in every position of its row")
-      parts.append(np.where(absent, self.absent_id if self.has_absent else 0,
-                            np.where(ids < 0, self.mask_id, ids + lo)))
+      part = np.where(ids < 0, self.mask_id, ids + lo)
+      absent = ids == LOCAL_ABSENT       # only possible with the ABSENT token (the bound above)
+      if absent.any():
+        if not (absent.all(axis=1) | ~absent.any(axis=1)).all():
+          raise ValueError(f"segment {s.name!r}: an absent segment (-2) must be absent in every position of its row")
+        part = np.where(absent, self.absent_id, part)
+      parts.append(part)
     return np.concatenate(parts, axis=1).astype(np.int32)
 
   def random_tokens(self, rng: np.random.Generator, batch: int) -> np.ndarray:

@@ -277,21 +277,12 @@ def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
     corruption = diffusion.corruption_at(t, example_roles)
     noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
     bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens), masked, corruption)
-    if i and present is None:
-      out.append(bits[:, int(np.argmax(roles == 0))])
-    elif i:   # a task of the mixture: the examples whose absent segments are exactly the task's
-      fits = ((roles[None] == tasks_lib.ABSENT) == ~present).all(axis=1)
-      out.append(jnp.where(fits, bits[:, int(np.argmax(roles == 0))], jnp.nan))
+    if i == 0:
+      out.extend(diffusion.modality_bits(bits, roles, present).values())
     elif present is None:
-      out.extend(diffusion.modality_bits(bits, roles).values())
-    else:   # token-weighted over each example's present segments of the modality
-      for modality in layout.modalities:
-        if modality == "special":
-          continue
-        idx = np.asarray([layout.index(n) for n in layout.of_modality(modality)])
-        w = jnp.asarray([layout.segments[g].size for g in idx], jnp.float32)[None] * present[:, idx]
-        total = w.sum(axis=1)
-        out.append(jnp.where(total > 0, (bits[:, idx] * w).sum(axis=1) / jnp.maximum(total, 1.0), jnp.nan))
+      out.append(bits[:, int(np.argmax(roles == 0))])
+    else:   # a task of the mixture: the examples whose absent segments are exactly the task's
+      out.append(jnp.where(tasks_lib.fits(roles[None], present), bits[:, int(np.argmax(roles == 0))], jnp.nan))
   return jnp.stack(out, axis=1)
 
 

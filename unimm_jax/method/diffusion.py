@@ -134,8 +134,7 @@ class MaskedDiffusion:
     if present is None:
       task = jax.random.categorical(k_task, log_w, shape=(batch,))
       return self.corruption_at(self.sample_times(key, batch), all_roles[task], task)
-    fits = ((all_roles[None] == tasks_lib.ABSENT) == ~present[:, None, :]).all(axis=-1)  # [B, T]
-    fits = fits & (log_w > -jnp.inf)[None]
+    fits = tasks_lib.fits(all_roles[None], present[:, None, :]) & (log_w > -jnp.inf)[None]   # [B, T]
     any_fit = fits.any(axis=1)
     task = jax.random.categorical(k_task, jnp.where(fits | ~any_fit[:, None], log_w[None], -jnp.inf))
     roles = jnp.where(any_fit[:, None], all_roles[task], tasks_lib.CLEAN)               # [B, G]
@@ -213,9 +212,10 @@ class MaskedDiffusion:
     losses, _, _ = self.segment_losses(nll, masked, corruption, "elbo")
     return losses / math.log(2.0)
 
-  def modality_bits(self, bits, roles) -> dict[str, jax.Array]:
+  def modality_bits(self, bits, roles, present=None) -> dict[str, jax.Array]:
     """{modality: float [B]} from per-segment bits [B, G]: the token-weighted mean over the noised segments of
-    each modality (a modality with no noised segment under ``roles`` is left out)."""
+    each modality (a modality with no noised segment under ``roles`` is left out). With ``present`` (bool [B, G],
+    layouts with absent segments) each example's mean is over its present segments only, NaN where it has none."""
     out = {}
     for modality in self.layout.modalities:
       idx = [self.layout.index(n) for n in self.layout.of_modality(modality)
@@ -223,7 +223,12 @@ class MaskedDiffusion:
       if not idx:
         continue
       sizes = [self.layout.segments[i].size for i in idx]
-      if len(idx) == 1:
+      if present is not None:
+        w = jnp.asarray(sizes, jnp.float32)[None] * present[:, np.asarray(idx)]
+        total = w.sum(axis=1)
+        out[modality] = jnp.where(total > 0, (bits[:, np.asarray(idx)] * w).sum(axis=1) / jnp.maximum(total, 1.0),
+                                  jnp.nan)
+      elif len(idx) == 1:
         out[modality] = bits[:, idx[0]]
       else:
         out[modality] = sum(bits[:, i] * n for i, n in zip(idx, sizes)) / sum(sizes)

@@ -71,6 +71,12 @@ for _name, _roles in zip(BUILTIN, (("noised", "noised"), ("clean", "noised"), ("
   register_task(_name, _by_modality(*_roles))
 
 
+def fits(roles, present):
+  """bool [...]: whether a task's roles (int [..., G]) fit examples whose segments are ``present`` (bool [..., G],
+  ``SequenceLayout.present``): its absent segments are exactly the ones they lack. numpy or JAX, broadcast."""
+  return ((roles == ABSENT) == ~present).all(axis=-1)
+
+
 def parse_roles(spec: str) -> dict[str, str]:
   """``"instruction:clean source:clean target:noised"`` -> {segment: role}."""
   out = {}
