@@ -34,7 +34,9 @@ def test_every_config_validates_and_traces_one_train_step(path):
     config.model.attention = "xla"   # cuDNN flash attention traces only for a GPU; the rest of the step is the same
   h, w = configuration.image_token_grid(config)
   # Vocabulary sizes come from fitted tokenizers; any plausible sizes trace the same program shape.
-  layout = sequence.from_config(config, text_vocab=64, image_vocab=256, image_grid=(h, w))   # the config's segments
+  # (a MASK among the text ids, sequence.mask_id, needs a text vocabulary that holds it: LLaDA's 126,464)
+  text_vocab = max(64, config.sequence.mask_id + 1)
+  layout = sequence.from_config(config, text_vocab=text_vocab, image_vocab=256, image_grid=(h, w))
   method = train.make_step_inputs(config, layout)
   state = jax.eval_shape(lambda: train.init_state(method, 0))
   batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32)}

@@ -4,29 +4,33 @@
 neither, so the reader does not depend on the writer::
 
     OUT/model.json          what the bundle is: the run's full config, step, weights, dtype, format, parameter
-                            count, the report's figures, and the name, shape and dtype of every tensor
+                            count, the report's figures, the name, shape and dtype of every tensor, and the
+                            ``conventions`` of the forward pass (``export.conventions``)
     OUT/tokenizers/         the run's fitted tokenizers
     OUT/params/             (orbax) the parameters, one Orbax PyTree checkpoint
     OUT/model.safetensors   (safetensors) the parameters, one file, flat names (below)
     OUT/README.md           a model card for people
 
-Tensor names (safetensors): the parameter path joined by ``/``, e.g. ``token_embedding``,
-``block_0/attn/qkv/kernel`` (``[d_model, 3, heads, head_dim]``: q, k, v), ``block_0/mlp/wi_0/kernel``
-(``[d_model, mlp]``), ``head/kernel`` (``[d_model, vocab]``); with ``model.scan_layers`` the blocks are one stack, ``blocks/...``,
-with the layer as the leading dimension. A float32 file loads with ``safetensors.numpy.load_file`` alone. A
-bfloat16 file holds ``BF16`` tensors, which numpy has no dtype for: read it with a framework that has one
-(``safetensors.flax`` needs numpy too, so use :func:`read_safetensors` here, or export float32 for numpy).
+Tensor names (safetensors): the parameter path joined by ``/``, e.g. ``token_embedding`` (``[vocab, d_model]``),
+``block_0/attn/qkv/kernel`` (``[d_model, 3, heads, head_dim]``: q, k, v; with ``model.fused_qkv=False``
+``block_0/attn/query/kernel``, ``key``, ``value``, each ``[d_model, heads, head_dim]``), ``block_0/mlp/wi_0/kernel``
+(``[d_model, mlp]``), ``head/kernel`` (``[d_model, vocab]``), vocab padded to a multiple of ``model.vocab_multiple``;
+with ``model.scan_layers`` the blocks are one stack, ``blocks/...``, with the layer as the leading dimension. The
+card's "How to run the forward pass" says what each tensor does. A float32 file loads with
+``safetensors.numpy.load_file`` alone. A bfloat16 file holds ``BF16`` tensors, which numpy has no dtype for: read it
+with a framework that has one (``safetensors.flax`` needs numpy too, so use :func:`read_safetensors` here, or export
+float32 for numpy).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from unimm_jax import safetensors_io
 
 MODEL_FILE = "model.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -54,22 +58,9 @@ def unflatten(flat: dict) -> dict:
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-  """{name: array} of a .safetensors file, BF16 included (as ``jnp.bfloat16`` numpy arrays).
-
-  The format is 8 bytes of little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``
-  and the raw little-endian bytes; parsed here so bfloat16 needs no framework.
-  """
-  dtypes = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16, "I32": np.int32, "I64": np.int64}
-  data = epath.Path(path).read_bytes()
-  (n,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8:8 + n])
-  header.pop("__metadata__", None)
-  body = memoryview(data)[8 + n:]
-  out = {}
-  for name, info in header.items():
-    begin, end = info["data_offsets"]
-    out[name] = np.frombuffer(body[begin:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-  return out
+  """{name: array} of a .safetensors file, BF16 included (as ``jnp.bfloat16`` numpy arrays): parsed here
+  (:mod:`unimm_jax.safetensors_io`), so bfloat16 needs no framework."""
+  return safetensors_io.read_file(path)
 
 
 def load_params(directory, meta: dict):

@@ -153,30 +153,48 @@ def has_checkpoints(workdir) -> bool:
   return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def restore_weights(workdir, which: str = "ema_params", step: int | None = None, device=None) -> tuple[Any, int]:
-  """(one set of weights of a training checkpoint, its step), restored onto one device.
+def saved_weights_metadata(manager: ocp.CheckpointManager, step: int, which: str = "ema_params"):
+  """The ``which`` subtree of a step's saved train state, as Orbax array metadata (``.shape``, ``.dtype``)."""
+  tree = manager.item_metadata(step)["state"]
+  tree = getattr(tree, "tree", tree)
+  return tree[which]
 
-  Reads only the ``which`` subtree (``ema_params`` or ``params``) of the saved train state, by its own metadata:
-  no optimizer is built and no optimizer state is read, so inference needs nothing of training. FileNotFoundError
-  without a checkpoint.
-  """
+
+def weights_manager(workdir) -> ocp.CheckpointManager:
+  """A read-only CheckpointManager of ``WORKDIR/checkpoints`` that builds nothing of training (close it)."""
   quiet_library_logs()
-  directory = epath.Path(workdir) / "checkpoints"
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
+  return ocp.CheckpointManager(
+      epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
+
+
+def restore_weights(workdir, which: str = "ema_params", step: int | None = None, device=None,
+                    target=None) -> tuple[Any, int]:
+  """(one set of weights of a training checkpoint, its step), restored onto one device (``device``, or every
+  array with the sharding ``device`` when it is one), or onto ``target``.
+
+  Reads only the ``which`` subtree (``ema_params`` or ``params``) of the saved train state, by its own metadata:
+  no optimizer is built and no optimizer state is read, so inference needs nothing of training. ``target``
+  (a tree of ``jax.ShapeDtypeStruct`` with shardings, the saved tree's names and shapes) restores each array
+  straight into its sharding and dtype, each host reading only its shards (``init.from``). FileNotFoundError
+  without a checkpoint.
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  manager = weights_manager(workdir)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: {manager.all_steps()})")
-    tree = manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[which])}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    if target is None:
+      tree = saved_weights_metadata(manager, step, which)
+      sharding = device if isinstance(device, jax.sharding.Sharding) else \
+          jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    target = {which: target}
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
     return restored["state"][which], int(step)

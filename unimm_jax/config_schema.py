@@ -37,6 +37,9 @@ _TASKS_DOC = ("per-example task mixture, task name -> weight (normalised); any n
 _MESH_RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
                ("vocab", "tensor"), ("kv", None), ("length", None), ("layers", None))
 
+# What model.lora_targets may name (models/lora.py): projections of layers.Attention and layers.GatedMLP.
+LORA_TARGETS = ("qkv", "query", "key", "value", "out", "wi_0", "wi_1", "wo")
+
 F = Field
 FIELDS: tuple[Field, ...] = (
     F("seed", int, 0, "model: initialisation, masking noise, data order", bounds=">=0"),
@@ -74,18 +77,25 @@ FIELDS: tuple[Field, ...] = (
     F("sequence.id_align", int, 128, "the image and special id ranges start at multiples of this, so each "
       "modality's head columns start on a 128-lane boundary (1 = packed ranges)", bounds=">0", state=True,
       legacy=1),   # before: packed ranges [text | image | specials | MASK]
+    F("sequence.mask_id", int, -1, "-1: MASK is the id after the last range; >= 0: MASK is this text id (an "
+      "imported vocabulary's own, e.g. LLaDA's 126336), and the vocabulary has no extra row", bounds="[-1, 1e12)",
+      state=True),
 
-    F("text.tokenizer", str, "word", "text tokenizer kind", choices=("word", "byte", "sentencepiece"), state=True),
+    F("text.tokenizer", str, "word", "text tokenizer kind (hf: a Hugging Face tokenizer.json, text.hf_path)",
+      choices=("word", "byte", "sentencepiece", "hf"), state=True),
     F("text.max_len", int, 24, "text positions per sequence; captions are truncated / PAD-padded", bounds=">0",
       state=True),
     F("text.max_vocab", int, 0, "word: keep the most frequent N words (0 = all)", bounds=">=0"),
-    F("text.vocab_size", int, 8_000, "sentencepiece: pieces to train (an upper bound: small corpora get fewer)",
+    F("text.vocab_size", int, 8_000, "sentencepiece: pieces to train (an upper bound: small corpora get fewer); "
+      "hf: rows of the text vocabulary when more than the tokenizer's ids (the upstream's embedding size)",
       bounds=">0"),
     F("text.sentencepiece_type", str, "unigram", "sentencepiece: the model type", choices=("unigram", "bpe")),
     F("text.sentencepiece_model", str, "", "sentencepiece: a trained .model file to use instead of training one"),
+    F("text.hf_path", str, "", "hf: a Hugging Face model directory (tokenizer.json, tokenizer_config.json) or a "
+      "tokenizer.json file; read with the tokenizers package"),
 
     F("image.tokenizer", str, "patch", "image tokenizer kind (learned fsq | vq: config.tokenizer, tokenizer_main)",
-      choices=("pixel", "patch", "fsq", "vq"), state=True),
+      choices=("pixel", "patch", "fsq", "vq", "none"), state=True),
     F("image.tokenizer_path", str, "", "fsq | vq: the tokenizer_main workdir (or any directory with "
       "image_tokenizer.json)"),
     F("image.size", int, 24, "side of the (square) images in pixels", bounds=">0", state=True),
@@ -128,6 +138,16 @@ FIELDS: tuple[Field, ...] = (
     F("model.positions", str, "rope+learned", "rope (1-D text, 2-D image) | learned (absolute) | rope+learned",
       choices=("rope", "learned", "rope+learned"), state=True),
     F("model.rope_theta", float, 10_000.0, "base of the rotary frequencies", bounds=">0"),
+    F("model.rope_layout", str, "segment", "segment: rotary positions 1-D within a text segment, 2-D (row, col) "
+      "within an image grid; sequence: 1-D over the whole flat sequence with the standard frequencies "
+      "theta^(-2j/r), pairs (j, j + r/2) (LLaDA's)", choices=("segment", "sequence")),
+    F("model.norm_eps", float, 1e-6, "epsilon of every RMS norm (LLaDA: 1e-5)", bounds=">0"),
+    F("model.embedding_scale", float, 0.5773502691896258, "the input embeddings are multiplied by this (1/sqrt(3) "
+      "by default; imported backbones: 1.0)", bounds=">0"),
+    F("model.modality_embedding", bool, True, "add a learned vector per modality to the input (imported "
+      "text backbones have none)", state=True),
+    F("model.restrict_output", bool, True, "set the logits of ids outside a position's modality (and of MASK) to "
+      "-1e9; False returns the head's raw logits over the whole vocabulary (an imported text-only model)"),
     F("model.rope_fraction", float, 0.5, "share of each head's dimensions that rotate; the rest match by content "
       "(BENCHMARKS)", bounds="[0, 1]"),
     F("model.dtype", str, "float32", "compute dtype; bfloat16 keeps float32 master weights",
@@ -152,6 +172,14 @@ FIELDS: tuple[Field, ...] = (
     F("model.remat", str, "none", "rematerialise blocks: none | full | save_qkv | save_attention | minimal (named "
       "matmul outputs, never the attention scores) | dots | dots_no_batch (models/transformer.py)",
       choices=("none", "full", "save_qkv", "save_attention", "minimal", "dots", "dots_no_batch")),
+    F("model.lora_rank", int, 0, "r > 0: train low-rank adapters (rank r) on the projections of "
+      "model.lora_targets, the base frozen and taken from init.from (models/lora.py); 0 = train every weight",
+      bounds=">=0", state=True),
+    F("model.lora_alpha", float, 16.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank",
+      bounds=">0"),
+    F("model.lora_targets", tuple, ("qkv", "out", "wi_0", "wi_1", "wo"), "LoRA: the projections that get "
+      f"adapters, of {LORA_TARGETS}; qkv = the q, k, v projections (fused or not); the output head cannot be one",
+      state=True),
 
     F("diffusion.schedule", str, "linear", "masking schedule alpha(t)", choices=("linear", "cosine", "polynomial")),
     F("diffusion.poly_power", float, 2.0, "polynomial: alpha = 1 - t^k", bounds=">0"),
@@ -196,6 +224,10 @@ FIELDS: tuple[Field, ...] = (
     F("mesh.rules", tuple, _MESH_RULES, "logical axis -> mesh axes, in priority order (unimm_jax/sharding.py): a "
       "rule whose mesh axis an earlier dimension of the same array already took is skipped, so activations keep "
       "'embed' whole"),
+
+    F("init.from", str, "", "a training workdir (its newest checkpoint's EMA weights) or an export bundle whose "
+      "parameters a new run starts from, optimizer fresh at step 0; ignored when the workdir has checkpoints, "
+      "except by LoRA runs, whose frozen base it is (unimm_jax/init_from.py)"),
 
     F("ckpt.every_steps", int, 500, "steps between checkpoints", bounds=">0"),
     F("ckpt.max_to_keep", int, 3, "checkpoints kept", bounds=">0"),

@@ -27,6 +27,31 @@ from unimm_jax import tokenizers   # no JAX: the registry of tokenizer kinds and
 ConfigDict = ml_collections.ConfigDict
 
 
+def _accept_keyword_overrides() -> None:
+  """Lets ``--config.init.from=PATH`` through ml_collections' flag parser, which reads an override's path as a
+  Python expression, where ``init.from`` (``from`` is a keyword) is a syntax error. A path that fails that parse
+  but is a chain of names is split on its dots. Applied once, when this module is imported (every entry point
+  with ``--config`` flags imports it first)."""
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+  if getattr(config_path.split, "accepts_keywords", False):
+    return
+  split = config_path.split
+
+  def split_keywords_too(path: str):
+    try:
+      return split(path)
+    except ValueError:
+      parts = tuple(path.split("."))
+      if all(p.isidentifier() for p in parts):
+        return parts
+      raise
+  split_keywords_too.accepts_keywords = True
+  config_path.split = split_keywords_too
+
+
+_accept_keyword_overrides()
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message names each bad field."""
 
@@ -280,6 +305,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
                     f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "
                     f"config.model.num_heads is {c.model.num_heads}")
+  if c.model.lora_rank:
+    problems += _lora_problems(c)
   if c.train.concurrent_chunks > 0 and c.train.batch_size % c.train.concurrent_chunks:
     problems.append(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
                     f"config.train.concurrent_chunks={c.train.concurrent_chunks}")
@@ -320,6 +347,28 @@ def validate(config: ConfigDict) -> ConfigDict:
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
   return config
+
+
+def _lora_problems(c: ConfigDict) -> list[str]:
+  """What is wrong with a LoRA run's settings (``model.lora_rank`` > 0; unimm_jax/models/lora.py)."""
+  problems = []
+  targets = tuple(c.model.lora_targets)
+  if not c.init["from"]:
+    problems.append(f"config.model.lora_rank={c.model.lora_rank} trains adapters on a frozen base: set "
+                    "config.init.from=PATH (a training workdir or an export bundle holding the base)")
+  if not targets:
+    problems.append("config.model.lora_targets is empty; name projections from "
+                    f"{schema.LORA_TARGETS}, or set config.model.lora_rank=0")
+  for name in targets:
+    if name == "head":
+      problems.append("config.model.lora_targets: 'head' cannot take adapters (the trainer applies the output head "
+                      "per segment, outside the network); drop it, or fine-tune fully with config.model.lora_rank=0")
+    elif name not in schema.LORA_TARGETS:
+      problems.append(f"config.model.lora_targets: {name!r} is not one of {schema.LORA_TARGETS}")
+    elif c.model.fused_qkv and name in ("query", "key", "value"):
+      problems.append(f"config.model.lora_targets: {name!r} is part of the fused q/k/v projection of "
+                      "config.model.fused_qkv=True; name 'qkv' (or set config.model.fused_qkv=False)")
+  return problems
 
 
 def check_resumable(config: ConfigDict, saved: ConfigDict) -> None:

@@ -57,9 +57,13 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
       "ema_params": sharding_lib.per_device_bytes(abstract.ema_params, shardings.ema_params),
       "step_and_rng": sharding_lib.per_device_bytes((abstract.step, abstract.rng), (shardings.step, shardings.rng)),
   }
+  parts = ("params", "opt_state", "ema_params")
+  if isinstance(abstract, train.LoraTrainState):   # LoRA: the three above are the adapters'; the frozen base
+    per_device["base"] = sharding_lib.per_device_bytes(abstract.base, shardings.base)
+    parts += ("base",)
   per_device["total"] = sum(per_device.values())
   leaves = []
-  for part in ("params", "opt_state", "ema_params"):
+  for part in parts:
     tree, shs = getattr(abstract, part), getattr(shardings, part)
     for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shs)):
       nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
@@ -68,7 +72,7 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
                      "per_device_shape": list(sh.shard_shape(leaf.shape))})
   leaves.sort(key=lambda r: -r["bytes"])
   return {
-      "param_count": params_lib.param_count(abstract.params),
+      "param_count": params_lib.param_count(abstract.weights),
       "mesh": dict(zip(sharding_lib.AXES, shape)),
       "devices": n,
       "abstract_mesh": n != jax.device_count(),
@@ -95,6 +99,8 @@ def format_plan(p: dict) -> str:
       f"  opt_state   {pd['opt_state']:>16,} bytes  {_gib(pd['opt_state'])}",
       f"  ema_params  {pd['ema_params']:>16,} bytes  {_gib(pd['ema_params'])}",
       f"  step, rng   {pd['step_and_rng']:>16,} bytes",
+      *([f"  LoRA base   {pd['base']:>16,} bytes  {_gib(pd['base'])}  (params, opt_state, ema_params: the "
+         "adapters')"] if "base" in pd else []),
       f"  total       {pd['total']:>16,} bytes  {_gib(pd['total'])}",
       "ten largest arrays:",
   ]

@@ -124,7 +124,7 @@ def main(argv):
   from unimm_jax import evaluate, train
   try:
     report = train.train_and_evaluate(config, _WORKDIR.value)
-  except sharding.MeshError as e:
+  except (sharding.MeshError, configuration.ConfigError) as e:   # e.g. an init.from that does not fit
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if report.get("preempted"):

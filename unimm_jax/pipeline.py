@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import bundle, checkpointing, configuration, sequence, storage
+from unimm_jax import bundle, configuration, init_from, sequence, storage
 from unimm_jax.data import input_pipeline
 from unimm_jax.method import samplers
 from unimm_jax.method import tasks as tasks_lib
@@ -103,8 +103,9 @@ class Pipeline:
       raise ValueError(f"weights={weights!r} must be 'ema' or 'raw'")
     config = configuration.from_dict(json.loads(config_file.read_text()))
     toks = input_pipeline.load_tokenizers(path, config)
-    # Restored onto this process's first device, whatever mesh (and device count) the run trained on.
-    params, restored = checkpointing.restore_weights(path, "ema_params" if weights == "ema" else "params", step)
+    # Restored onto this process's first device, whatever mesh (and device count) the run trained on; a LoRA
+    # run's adapters merged into its base (init_from.workdir_weights).
+    params, restored = init_from.workdir_weights(path, "ema_params" if weights == "ema" else "params", step)
     logging.info("loaded %s weights of step %d from %s", weights, restored, path)
     return cls(config, params, toks, batch_size=batch_size, step=restored)
 
@@ -439,7 +440,10 @@ class Pipeline:
     """
     if isinstance(texts_with_holes, str) or len(texts_with_holes) == 0:
       raise ValueError("texts_with_holes must be a non-empty list of strings")
-    text, image = self._segment_of(sequence.TEXT), self._segment_of(sequence.IMAGE).name
+    text = self._segment_of(sequence.TEXT)
+    image = self._segment_of(sequence.IMAGE).name if sequence.IMAGE in self.layout.modalities else None
+    if images is not None and image is None:
+      raise ValueError(f"images given, but the layout {self.layout.describe()} has no image segment")
     tok, n = self.tokenizers.text, text.length
     rows = []
     for piece_text in texts_with_holes:
@@ -459,7 +463,7 @@ class Pipeline:
       given[image] = self._image_ids(images)
       if len(given[image]) != len(rows):
         raise ValueError(f"{len(rows)} texts for {len(given[image])} images")
-    return self.complete(given, [] if images is not None else [image], steps=steps, guidance_null=[],
+    return self.complete(given, [image] if images is None and image else [], steps=steps, guidance_null=[],
                          temperature=temperature, seed=seed, method=method, **options)[text.name]
 
   # ---- recipes over complete: editing and visual question answering ----------------------------------------------

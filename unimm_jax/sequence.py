@@ -114,6 +114,7 @@ class SequenceLayout:
   image_vocab: int
   specials: tuple[str, ...] = ()
   id_align: int = 1
+  explicit_mask_id: int = -1   # >= 0: MASK is this text id (an upstream vocabulary's own), no extra row
 
   def __post_init__(self):
     segments = tuple(self.segments)
@@ -124,9 +125,15 @@ class SequenceLayout:
       raise ValueError(f"segment names must be unique, got {names}")
     if self.id_align < 1:
       raise ValueError(f"SequenceLayout.id_align must be >= 1, got {self.id_align}")
-    for name in ("text_vocab", "image_vocab"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"SequenceLayout.{name} must be positive, got {getattr(self, name)}")
+    if self.text_vocab <= 0:
+      raise ValueError(f"SequenceLayout.text_vocab must be positive, got {self.text_vocab}")
+    has_image = any(s.modality == IMAGE for s in segments)
+    if self.image_vocab < 0 or (has_image and self.image_vocab == 0):
+      raise ValueError(f"SequenceLayout.image_vocab must be positive{' (the layout has image segments)' if has_image else ' or 0'}, "
+                       f"got {self.image_vocab}")
+    if self.explicit_mask_id >= self.text_vocab:
+      raise ValueError(f"SequenceLayout.explicit_mask_id={self.explicit_mask_id} must be a text id (< text_vocab "
+                       f"{self.text_vocab}), or -1 for a MASK row after the last range")
     grids = {s.grid for s in segments if s.modality == IMAGE}
     if len(grids) > 1:
       raise ValueError(f"image segments share one image tokenizer, so one grid; got {sorted(grids)}")
@@ -180,13 +187,15 @@ class SequenceLayout:
 
   @property
   def mask_id(self) -> int:
-    """MASK, right after the last range (specials, or the image range's aligned end when there are none)."""
-    return self.id_range(SPECIAL)[1]
+    """MASK, right after the last range (specials, or the image range's aligned end when there are none); or,
+    with ``explicit_mask_id`` (``sequence.mask_id``), that text id: vocabularies of imported checkpoints
+    (LLaDA's 126,464 ids, MASK 126,336) hold their MASK among their own ids."""
+    return self.explicit_mask_id if self.explicit_mask_id >= 0 else self.id_range(SPECIAL)[1]
 
   @property
   def size(self) -> int:
-    """Rows of the embedding table: text + image + specials + MASK."""
-    return self.mask_id + 1
+    """Rows of the embedding table: text + image + specials + MASK (no extra row with ``explicit_mask_id``)."""
+    return self.id_range(SPECIAL)[1] + (0 if self.explicit_mask_id >= 0 else 1)
 
   # ---- segments ----------------------------------------------------------------------------------------------
   @property
@@ -314,7 +323,8 @@ class SequenceLayout:
       lo = xp.where(where, r[0], lo)
       hi = xp.where(where, r[1], hi)
     v = xp.arange(self.size)[None, :]
-    return (v >= lo[:, None]) & (v < hi[:, None])
+    allowed = (v >= lo[:, None]) & (v < hi[:, None])
+    return allowed & (v != self.mask_id) if self.explicit_mask_id >= 0 else allowed
 
   # ---- slicing ---------------------------------------------------------------------------------------------
   def split(self, x, axis: int = 1) -> dict[str, Any]:
@@ -409,7 +419,8 @@ class SequenceLayout:
 
   def to_dict(self) -> dict:
     return {"segments": [dataclasses.asdict(s) for s in self.segments], "text_vocab": self.text_vocab,
-            "image_vocab": self.image_vocab, "specials": list(self.specials), "id_align": self.id_align}
+            "image_vocab": self.image_vocab, "specials": list(self.specials), "id_align": self.id_align,
+            "mask_id": self.mask_id}
 
 
 def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> SequenceLayout:
@@ -421,10 +432,12 @@ def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> Sequen
   """
   specs = tuple(config.sequence.segments)
   align = int(config.sequence.get("id_align", 1))
+  mask = int(config.sequence.get("mask_id", -1))
   if not specs:
-    return SequenceLayout.two_segment(text_vocab, image_vocab, config.text.max_len, image_grid, id_align=align)
+    return SequenceLayout((text(TEXT, config.text.max_len), image(IMAGE, image_grid)), text_vocab, image_vocab,
+                          id_align=align, explicit_mask_id=mask)
   return SequenceLayout(parse_segments(specs, config.text.max_len, image_grid), text_vocab, image_vocab,
-                        tuple(config.sequence.specials), id_align=align)
+                        tuple(config.sequence.specials), id_align=align, explicit_mask_id=mask)
 
 
 def parse_segments(specs, text_len: int, image_grid) -> tuple[Segment, ...]:

@@ -20,11 +20,12 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from unimm_jax import checkpointing, configuration, storage, train_loop
+from unimm_jax import checkpointing, configuration, init_from, storage, train_loop
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import input_pipeline
 from unimm_jax.method import tasks as tasks_lib
 from unimm_jax.method.diffusion import MaskedDiffusion
+from unimm_jax.models import lora as lora_lib
 from unimm_jax.models import params as params_lib
 from unimm_jax.models import transformer
 from unimm_jax.models.transformer import Transformer
@@ -38,6 +39,57 @@ class TrainState:
   opt_state: Any
   ema_params: Any       # exponential moving average of params
   rng: jax.Array        # uint32 [2]: base key; step s uses fold_in(rng, s), so a resumed run draws the same noise
+
+  def network_params(self, params):
+    """The parameters the network runs with, given trainable ``params`` (``self.params`` or the EMA twin)."""
+    return params
+
+  @property
+  def weights(self):
+    """The parameters ``init.from`` fills (here the trainable ones; a LoRA run's frozen base)."""
+    return self.params
+
+  def start_from(self, weights, tx: optax.GradientTransformation) -> "TrainState":
+    """This fresh state with ``weights`` (``init.from``) in place of the random ones: the parameters and their
+    EMA twin equal to them, the optimizer's state fresh."""
+    return self.replace(params=weights, opt_state=tx.init(weights), ema_params=weights)
+
+  def checkpointed(self) -> "TrainState":
+    """What a checkpoint holds of this state (all of it)."""
+    return self
+
+  def resumed(self, saved: "TrainState", weights=None) -> "TrainState":
+    """The state of a run resumed from ``saved`` (a restored :meth:`checkpointed`); ``weights`` unused here."""
+    del weights
+    return saved
+
+
+@flax.struct.dataclass
+class LoraTrainState(TrainState):
+  """A LoRA run's state (``model.lora_rank`` > 0, models/lora.py): ``params``, their EMA twin and the optimizer's
+  state are the adapters' only; the network's other parameters are the frozen ``base``, loaded from
+  ``init.from`` at every start (checkpoints do not hold it) and never differentiated."""
+
+  base: Any = None      # the frozen base parameters (the network's tree without the adapters)
+
+  def network_params(self, params):
+    return lora_lib.combine(self.base, params)
+
+  @property
+  def weights(self):
+    return self.base
+
+  def start_from(self, weights, tx: optax.GradientTransformation) -> "LoraTrainState":
+    del tx   # the adapters start as initialised (B = 0: the base model)
+    return self.replace(base=weights)
+
+  def checkpointed(self) -> TrainState:
+    return TrainState(step=self.step, params=self.params, opt_state=self.opt_state, ema_params=self.ema_params,
+                      rng=self.rng)
+
+  def resumed(self, saved: TrainState, weights=None) -> "LoraTrainState":
+    return LoraTrainState(step=saved.step, params=saved.params, opt_state=saved.opt_state,
+                          ema_params=saved.ema_params, rng=saved.rng, base=weights)
 
 
 @flax.struct.dataclass
@@ -60,10 +112,18 @@ class StepInputs:
   def schedule(self):
     return self.diffusion.schedule
 
+  @property
+  def lora(self) -> lora_lib.LoraSpec | None:
+    """The adapters of a LoRA run (the network is then a ``lora.LoraTransformer``); None otherwise."""
+    return getattr(self.model, "lora", None)
+
 
 def make_model(config, layout: SequenceLayout, platform: str | None = None) -> Transformer:
-  """The network, its attention kernel chosen for ``platform`` (default: JAX's default backend)."""
-  return transformer.from_config(config, layout, platform)
+  """The network, its attention kernel chosen for ``platform`` (default: JAX's default backend); with
+  ``model.lora_rank`` > 0, with adapters on the projections of ``model.lora_targets`` (models/lora.py)."""
+  model = transformer.from_config(config, layout, platform)
+  spec = lora_lib.LoraSpec.from_config(config.model)
+  return model if spec is None else lora_lib.LoraTransformer(model.config, lora=spec)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -113,6 +173,10 @@ def _initialiser(method: StepInputs, seed: int):
       boxed["image_code_features"] = boxed["image_code_features"].replace_boxed(
           jnp.asarray(method.image_code_features))
     params = nn.meta.unbox(boxed)
+    if method.lora is not None:   # the optimizer, the EMA and the gradient see the adapters only
+      base, params = lora_lib.split(params)
+      return boxed, LoraTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
+                                   ema_params=params, rng=state_key, base=base)
     return boxed, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=method.tx.init(params),
                              ema_params=params, rng=state_key)
   return init
@@ -121,30 +185,41 @@ def _initialiser(method: StepInputs, seed: int):
 def state_shardings(method: StepInputs, mesh, rules) -> tuple[TrainState, TrainState]:
   """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of NamedShardings).
 
-  Parameters (and EMA) are placed by their logical axis names through ``rules``; optimizer moments like their
-  parameter; step, rng and counts replicated. Computed with ``jax.eval_shape``: nothing is allocated.
+  Parameters (and EMA, and a LoRA run's base) are placed by their logical axis names through ``rules``; optimizer
+  moments like their parameter; step, rng and counts replicated. Computed with ``jax.eval_shape``: nothing is
+  allocated.
   """
   with sharding_lib.scope(mesh, rules):
     boxed, abstract = jax.eval_shape(_initialiser(method, 0))
   param_sh = sharding_lib.logical_shardings(boxed, mesh, rules)
   rep = sharding_lib.replicated(mesh)
-  shardings = TrainState(step=rep, params=param_sh,
-                         opt_state=sharding_lib.opt_state_shardings(method.tx, abstract.params, param_sh, mesh),
-                         ema_params=param_sh, rng=rep)
+  extra = {}
+  if isinstance(abstract, LoraTrainState):
+    extra["base"], param_sh = lora_lib.split(param_sh)
+  shardings = type(abstract)(step=rep, params=param_sh,
+                             opt_state=sharding_lib.opt_state_shardings(method.tx, abstract.params, param_sh, mesh),
+                             ema_params=param_sh, rng=rep, **extra)
   sharding_lib.check_divisible(abstract, shardings)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
   return abstract, shardings
 
 
-def init_state(method: StepInputs, seed: int, mesh=None, rules=()) -> TrainState:
+def init_state(method: StepInputs, seed: int, mesh=None, rules=(), weights=None) -> TrainState:
   """A fresh state, created directly sharded by one jitted call (never whole on one device).
 
   Without a mesh: on the first device. Random values do not depend on the mesh (partitionable threefry).
+  ``weights`` (``init.from``: the tree of :attr:`TrainState.weights`, already in its shardings) replace the
+  random parameters (:meth:`TrainState.start_from`); the random ones they replace are never computed (XLA drops
+  what no output needs).
   """
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   _, shardings = state_shardings(method, mesh, rules)
   init = _initialiser(method, seed)
-  return jax.jit(sharding_lib.in_scope(lambda: init()[1], mesh, rules), out_shardings=shardings)()
+
+  def fresh(weights):
+    state = init()[1]
+    return state if weights is None else state.start_from(weights, method.tx)
+  return jax.jit(sharding_lib.in_scope(fresh, mesh, rules), out_shardings=shardings, donate_argnums=0)(weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,8 +267,9 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
   corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0], present=present)
   noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
 
-  def loss_fn(params):
-    nll = concurrent_map(functools.partial(sequence_nll, method, params), method.concurrent_chunks, noisy, tokens)
+  def loss_fn(params):   # a LoRA run differentiates the adapters only: its base is a constant here
+    network = state.network_params(params)
+    nll = concurrent_map(functools.partial(sequence_nll, method, network), method.concurrent_chunks, noisy, tokens)
     return diffusion.loss(nll, masked, corruption)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -290,14 +366,14 @@ def compile_steps(method: StepInputs, mesh, rules, shardings: TrainState):
   """(train step, eval step), jitted with explicit in/out shardings (pjit) and traced under the logical rules.
 
   train: (state, {'tokens': [B, S] split over data x fsdp}) -> (state, replicated metrics), state donated.
-  eval: (params, tokens [B, S], key) -> replicated bits [B, 2] (every process can read it).
+  eval: (network params, tokens [B, S], key) -> replicated bits [B, 2] (every process can read it).
   """
   batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   step_fn = jax.jit(sharding_lib.in_scope(functools.partial(train_step, method), mesh, rules),
                     in_shardings=(shardings, {"tokens": batch_sh}), out_shardings=(shardings, rep),
                     donate_argnums=0)
   eval_fn = jax.jit(sharding_lib.in_scope(functools.partial(eval_step, method), mesh, rules),
-                    in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
+                    in_shardings=(shardings.network_params(shardings.params), batch_sh, rep), out_shardings=rep)
   return step_fn, eval_fn
 
 
@@ -324,6 +400,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """
   # ---- Config and workdir ------------------------------------------------------------------------------------
   configuration.validate(config)
+  if config.init["from"]:   # saved absolute in config.json: a LoRA workdir's readers find its base from anywhere
+    config = config.copy_and_resolve_references()
+    config.init["from"] = str(storage.absolute_path(config.init["from"]))
+    init_from.find(config.init["from"])   # a path that holds no weights fails here, before any data is read
   mesh = sharding_lib.make_mesh(config.mesh.shape)   # a shape that does not fit the devices fails here, first
   rules = sharding_lib.rules_of(config)
   workdir = storage.absolute_path(workdir)
@@ -341,7 +421,16 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   # ---- Input pipeline ------------------------------------------------------------------------------------------
   train_source = input_pipeline.make_source(config, "train")
   val_source = input_pipeline.make_source(config, "val")
-  toks = input_pipeline.fit_or_load_tokenizers(config, workdir, train_source)
+  tokenizer_home = workdir
+  if config.init["from"] and not checkpointing.has_checkpoints(workdir):
+    # A run that starts from other weights uses the tokenizers they were trained with (their ids are the rows of
+    # the embedding), not new ones fitted here; the workdir keeps a copy for its readers and resumes.
+    source_tokenizers = init_from.tokenizer_dir(config.init["from"])
+    if source_tokenizers is not None:
+      tokenizer_home = source_tokenizers.parent
+      if is_main:
+        storage.copy_tree(source_tokenizers, workdir / input_pipeline.TOKENIZER_DIR)
+  toks = input_pipeline.fit_or_load_tokenizers(config, tokenizer_home, train_source)
   layout = toks.layout
   if layout.seq_len > config.model.max_len:
     raise configuration.ConfigError(f"config.model.max_len={config.model.max_len} is smaller than the sequence "
@@ -372,8 +461,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         "the tokenizer's)")
   method = make_step_inputs(config, layout, code_features)
   abstract, shardings = state_shardings(method, mesh, rules)
-  logging.info("mesh: %s over %d devices (%d processes); model: %s parameters",
-               dict(mesh.shape), mesh.size, jax.process_count(), f"{params_lib.param_count(abstract.params):,}")
+  logging.info("mesh: %s over %d devices (%d processes); model: %s parameters%s",
+               dict(mesh.shape), mesh.size, jax.process_count(),
+               f"{params_lib.param_count(abstract.weights):,}",
+               f"; LoRA adapters of rank {method.lora.rank} on {', '.join(method.lora.targets)}: "
+               f"{params_lib.param_count(abstract.params):,} trained parameters" if method.lora else "")
 
   # ---- Checkpoint: resume or start ---------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.ckpt.every_steps,
@@ -384,14 +476,24 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   for name in ckpt.incomplete():
     logging.warning("ignoring %s in %s: not a complete checkpoint (a save that was cut off, or one set aside)",
                     name, ckpt.directory)
-  if ckpt.latest_step() is not None:
+  resume = ckpt.latest_step() is not None
+  weights = None
+  if config.init["from"] and (not resume or method.lora):
+    # Straight into this run's shardings; names and shapes checked before anything is read (init_from.py).
+    weights, source = init_from.load(config.init["from"], abstract.weights)
+    logging.info("%s%s", source.describe(), " (the frozen base of the LoRA adapters)" if method.lora else "")
+  elif config.init["from"]:
+    logging.info("init.from=%s ignored: resuming from the checkpoints in %s", config.init["from"], ckpt.directory)
+  if resume:
     # Restored straight onto this run's shardings, whatever the mesh that wrote it.
-    state, restored_step = ckpt.restore_newest_good(abstract, data_iter)
+    saved, restored_step = ckpt.restore_newest_good(abstract.checkpointed(), data_iter)
+    state = abstract.resumed(saved, weights)
     meta.update(ckpt.restore_meta(restored_step))
     logging.info("resuming from checkpoint at step %d in %s", int(state.step), ckpt.directory)
   else:
-    state = init_state(method, config.seed, mesh, rules)
+    state = init_state(method, config.seed, mesh, rules, weights)
     logging.info("no checkpoint in %s: starting from step 0", ckpt.directory)
+  del weights   # donated to the state: its parameters (full fine-tuning) or its frozen base (LoRA)
   start = int(state.step)
   report_path = workdir / "report.json"
   if start >= config.train.steps and report_path.exists():
@@ -409,7 +511,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   figures = val_figures(layout, method.diffusion)
 
   def run_eval(step):
-    params = state.ema_params if config.eval.use_ema else state.params
+    params = state.network_params(state.ema_params if config.eval.use_ema else state.params)
     batches = [{**b, "tokens": sharding_lib.global_array(b["tokens"], batch_sh)} for b in val_batches]
     bits = validate(eval_fn, params, batches, config.seed, figures)
     logging.info("step %d | val bits/token: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in bits.items()))
@@ -438,8 +540,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
 
   def save(step):
     wall = time.perf_counter() - loop_start
-    ckpt.save(step, state, data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
-                                       "train_s": meta["train_s"] + train_time}, force=True)
+    ckpt.save(step, state.checkpointed(), data_iter, {**meta, "train_wall_s": meta["train_wall_s"] + wall,
+                                                      "train_s": meta["train_s"] + train_time}, force=True)
 
   try:
     for step in range(start, total):
@@ -505,7 +607,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       "train_tokens_per_s": round(total * tokens_per_step / train_time, 1) if train_time > 0 else None,  # steps only
       "val_bits_per_token_initial": meta.get("val_bits_initial"),
       "val_curve": meta["val_curve"],   # [[step, text, image], ...] bits/token of every validation
-      "param_count": params_lib.param_count(state.params),
+      "param_count": params_lib.param_count(state.weights),       # the network's (a LoRA run's, once merged)
+      "trained_param_count": params_lib.param_count(state.params),   # a LoRA run: its adapters
       "data_skipped": {split: dict(getattr(src, "skipped", {}))
                        for split, src in (("train", train_source), ("val", val_source))},
       "sequence": {"segments": layout.to_dict()["segments"], "vocab": layout.size,

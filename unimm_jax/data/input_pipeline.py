@@ -112,14 +112,16 @@ class Tokenizers:
   specials: tuple = ()
   fields: tuple = ()  # ((segment, source key), ...)
   id_align: int = 1   # sequence.id_align
+  mask_id: int = -1   # sequence.mask_id
 
   @functools.cached_property
   def layout(self) -> SequenceLayout:
     if not self.segments:
-      return SequenceLayout.two_segment(self.text.vocab_size, self.image.vocab_size, self.text_len,
-                                        self.image.grid_shape, id_align=self.id_align)
-    return SequenceLayout(sequence.parse_segments(self.segments, self.text_len, self.image.grid_shape),
-                          self.text.vocab_size, self.image.vocab_size, tuple(self.specials), id_align=self.id_align)
+      segments = (sequence.text(sequence.TEXT, self.text_len), sequence.image(sequence.IMAGE, self.image.grid_shape))
+    else:
+      segments = sequence.parse_segments(self.segments, self.text_len, self.image.grid_shape)
+    return SequenceLayout(segments, self.text.vocab_size, self.image.vocab_size, tuple(self.specials),
+                          id_align=self.id_align, explicit_mask_id=self.mask_id)
 
   def field(self, segment: str) -> str:
     """The (first) source key a segment reads."""
@@ -224,7 +226,7 @@ def tokenizers_for(config, text, image) -> Tokenizers:
   """The :class:`Tokenizers` of a config's sequence layout over fitted or loaded tokenizers."""
   return Tokenizers(text, image, config.text.max_len, tuple(map(tuple, config.sequence.segments)),
                     tuple(config.sequence.specials), tuple(map(tuple, config.data.fields)),
-                    int(config.sequence.id_align))
+                    int(config.sequence.id_align), int(config.sequence.get("mask_id", -1)))
 
 
 def _column(batch: dict[str, Any], key: str, segment: str):

@@ -68,6 +68,27 @@ def apply_rope_2d(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+def apply_rope_1d(x, positions, theta: float):
+  """1-D rotary position embedding with the standard frequencies (RoFormer; LLaDA, LLaMA, GPT-NeoX's layout).
+
+  The head dimension H holds H/2 pairs (x[j], x[j + H/2]); pair j turns by ``position * theta^(-2j/H)``.
+
+  Args:
+    x: [B, S, N, H] queries or keys, H even.
+    positions: int32 [S]: each position's index.
+    theta: rotary base.
+  Returns:
+    [B, S, N, H], same dtype as x (computed in float32).
+  """
+  half = x.shape[-1] // 2
+  freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))   # [H/2]
+  angles = positions.astype(jnp.float32)[:, None] * freqs                               # [S, H/2]
+  sin = jnp.sin(angles)[None, :, None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
 class Attention(nn.Module):
   """Bidirectional multi-head self-attention with the kernel of :mod:`unimm_jax.models.attention` (``kernel``:
   xla | splash | cudnn, already resolved for the platform)."""
@@ -84,6 +105,8 @@ class Attention(nn.Module):
   interpret: bool = False    # splash only: the Pallas interpreter (tests on CPU)
   # splash only: (segment index, is-text) of each position as static tuples, which the kernel's masks are built from
   static_segments: tuple[tuple, ...] | None = None   # (segment index, is-text[, modality id]) per position
+  rope_1d: bool = False      # rotary over positions[:, 0] with the standard 1-D frequencies (apply_rope_1d)
+  norm_eps: float = 1e-6     # qk_norm's epsilon
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -126,15 +149,19 @@ class Attention(nn.Module):
     if self.qk_norm:
       # Query-key normalisation (ViT-22B, OLMo 2, Gemma 3): score scale set by a learned per-dimension gain rather
       # than by the growth of the projection weights, which weight decay holds back.
-      q = RMSNorm(name="query_norm", axis_name="kv", **kw)(q)
-      k = RMSNorm(name="key_norm", axis_name="kv", **kw)(k)
+      q = RMSNorm(self.norm_eps, name="query_norm", axis_name="kv", **kw)(q)
+      k = RMSNorm(self.norm_eps, name="key_norm", axis_name="kv", **kw)(k)
     q_raw, k_raw = q, k
     r = 0
     if self.rope_theta is not None:
       # Partial rotary: the unrotated dimensions score query-key pairs by content alone, whatever their positions,
       # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
       r = int(self.head_dim * self.rope_fraction) // 4 * 4
-      rot = lambda x: jnp.concatenate([apply_rope_2d(x[..., :r], positions, self.rope_theta), x[..., r:]], -1)
+      if self.rope_1d:
+        rope = lambda x: apply_rope_1d(x, positions[:, 0], self.rope_theta)
+      else:
+        rope = lambda x: apply_rope_2d(x, positions, self.rope_theta)
+      rot = lambda x: jnp.concatenate([rope(x[..., :r]), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     within_segment_rope = bool(not self.cross_modal_rope and r)
@@ -246,16 +273,18 @@ class Block(nn.Module):
   qk_norm: bool = False
   interpret: bool = False
   static_segments: tuple[tuple, ...] | None = None   # (segment index, is-text[, modality id]) per position
+  rope_1d: bool = False      # Attention.rope_1d
+  norm_eps: float = 1e-6     # of every RMS norm of the block
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, segments=None):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = RMSNorm(name="attn_norm", **kw)(x)
+    h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
                       self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
-                      self.static_segments, name="attn", **kw)(h, positions, segments)
-    h = RMSNorm(name="mlp_norm", **kw)(x)
+                      self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(h, positions, segments)
+    h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

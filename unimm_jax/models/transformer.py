@@ -80,6 +80,11 @@ class TransformerConfig:
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
+  rope_layout: str = "segment"  # segment: 1-D per text segment, 2-D per image grid | sequence: 1-D over all (LLaDA)
+  norm_eps: float = 1e-6       # every RMS norm
+  embedding_scale: float = 0.5773502691896258   # input embeddings times this (1/sqrt(3); imported backbones 1)
+  modality_embedding: bool = True   # a learned vector per modality added to the input
+  restrict_output: bool = True      # logits outside a position's modality (and MASK) set to NEG_INF
 
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
@@ -101,8 +106,13 @@ def own_scores(model_config) -> dict[str, bool]:
           "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True)}
 
 
-def token_positions(layout: SequenceLayout) -> np.ndarray:
-  """int32 [S, 2]: (i, i) for index i within a text segment; (row, col) for image grid cells (row-major)."""
+def token_positions(layout: SequenceLayout, rope_layout: str = "segment") -> np.ndarray:
+  """int32 [S, 2]: (i, i) for index i within a text segment; (row, col) for image grid cells (row-major). With
+  ``rope_layout='sequence'``: (i, i) for the index i in the flat sequence."""
+  if rope_layout == "sequence":
+    return np.repeat(np.arange(layout.seq_len, dtype=np.int32)[:, None], 2, axis=1)
+  if rope_layout != "segment":
+    raise ValueError(f"model.rope_layout={rope_layout!r} is not one of ('segment', 'sequence')")
   return layout.positions()
 
 
@@ -180,15 +190,17 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
     if cfg.code_feature_dim:
       x = x + self._code_embedding(tokens, param_dtype).astype(dtype)
-    x = x + self._modality_embedding(embed_init, param_dtype).astype(dtype)[None]
+    if cfg.modality_embedding:
+      x = x + self._modality_embedding(embed_init, param_dtype).astype(dtype)[None]
     if cfg.positions in ("learned", "rope+learned"):
       x = x + self._absolute_positions(embed_init, param_dtype).astype(dtype)[None]
     # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
     # (A numpy float64 scalar is not weakly typed: it would promote a bfloat16 residual stream to float32.)
-    x = x * jnp.asarray(1.0 / np.sqrt(3.0), dtype)
+    if cfg.embedding_scale != 1.0:
+      x = x * jnp.asarray(cfg.embedding_scale, dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    positions = jnp.asarray(token_positions(layout))
+    positions = jnp.asarray(token_positions(layout, cfg.rope_layout))
     segments = segment_info(layout)
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     static_segments = None
@@ -198,7 +210,7 @@ class Transformer(nn.Module):
                          tuple(int(i) for i in layout.modality_ids()))
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, cfg.attention, cfg.rope_fraction,
                   cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
-                  static_segments)
+                  static_segments, cfg.rope_layout == "sequence", cfg.norm_eps)
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
     block = layers.Block if cfg.remat == "none" else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -210,13 +222,15 @@ class Transformer(nn.Module):
     else:
       for i in range(cfg.num_layers):
         x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments)
-    x = layers.RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
     logits = layers.Projection((cfg.d_model,), (vocab,), ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
                                kernel_init=nn.initializers.zeros, name="head")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
     logits = logits[..., :layout.size] if vocab != layout.size else logits
+    if not cfg.restrict_output:
+      return logits
     return jnp.where(layout.allowed_ids(jnp)[None], logits, NEG_INF)
 
   def _modality_embedding(self, init, param_dtype):
@@ -261,6 +275,8 @@ def segment_nll(config: TransformerConfig, params, features, targets):
     lo, hi = layout.id_range(seg.modality)
     logits = layers.matmul_2d(feature_parts[seg.name].astype(dtype), kernel[:, lo:hi].astype(dtype), 1)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    if config.restrict_output and lo <= layout.mask_id < hi:   # a MASK among the text ids (sequence.mask_id)
+      logits = jnp.where(jnp.arange(hi - lo) == layout.mask_id - lo, NEG_INF, logits)
     local = jnp.clip(target_parts[seg.name] - lo, 0, hi - lo - 1)
     target_logit = jnp.take_along_axis(logits, local[..., None], axis=-1)[..., 0]
     out.append(jax.nn.logsumexp(logits, axis=-1) - target_logit)

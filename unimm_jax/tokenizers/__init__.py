@@ -3,6 +3,7 @@
   base     the interfaces (TextTokenizer, ImageTokenizer), saved-file helpers, and the registry: one record per
            kind that makes, loads and sizes it (its geometry from the config alone)
   text     word, byte, sentencepiece
+  hf       a Hugging Face tokenizer.json (the tokenizers package), for imported backbones
   image    pixel, patch (and quantize / dequantize); registers the learned kinds' geometry too
   learned  the fsq / vq autoencoder tokenizer (JAX; imported on use: ``from unimm_jax.tokenizers import learned``)
 
@@ -16,6 +17,7 @@ from unimm_jax.tokenizers.base import (
     ImageKind, ImageTokenizer, PathLike, TextKind, TextTokenizer, image_kind, load_image_tokenizer,
     load_text_tokenizer, make_text_tokenizer, register_image_kind, register_text_kind, text_kind)
 from unimm_jax.tokenizers.image import (
-    CODEBOOK_FILE, PatchTokenizer, PixelTokenizer, dequantize, patchify, quantize, unpatchify)
+    CODEBOOK_FILE, NoImageTokenizer, PatchTokenizer, PixelTokenizer, dequantize, patchify, quantize, unpatchify)
 from unimm_jax.tokenizers.text import (
     SENTENCEPIECE_FILE, ByteTokenizer, SentencePieceTokenizer, WordTokenizer, join_words, split_words)
+from unimm_jax.tokenizers.hf import HfTokenizer  # registered after the built-in text kinds

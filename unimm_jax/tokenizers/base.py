@@ -309,8 +309,12 @@ class ImageKind:
   fitted: bool = False    # make() fits it to the training items
   learned: bool = False   # trained by tokenizer_main; make() loads it from config.image.tokenizer_path
 
+  has_tokens: bool = True  # False: the 'none' kind of text-only models (no image segment, no image ids)
+
   def grid(self, config: ConfigDict) -> tuple[int, int]:
-    """(h, w) of the token grid: the image side over ``downsample``, both ways."""
+    """(h, w) of the token grid: the image side over ``downsample``, both ways ((0, 0) without image tokens)."""
+    if not self.has_tokens:
+      return 0, 0
     side = config.image.size // self.downsample(config)
     return side, side
 

@@ -387,3 +387,34 @@ base.register_image_kind(base.ImageKind(
     code_feature_dim=lambda config: _learned_look_dim(config) + config.tokenizer.vq_dim,
     learned=True,
 ))
+
+
+class NoImageTokenizer(base.ImageTokenizer):
+  """``image.tokenizer=none``: a text-only model (an imported LLaDA-class backbone) has no image ids and no image
+  segment; encoding or decoding an image is an error that says so."""
+
+  kind = 'none'
+
+  def __init__(self, size: int = 0, channels: int = 3):
+    self.image_shape = (size, size, channels)
+    self.grid_shape = (0, 0)
+
+  @property
+  def vocab_size(self) -> int:
+    return 0
+
+  def _encode(self, images: np.ndarray) -> np.ndarray:
+    raise ValueError('this model has no image tokenizer (config.image.tokenizer=none): it reads and writes text only')
+
+  _decode = _encode
+
+
+base.register_image_kind(base.ImageKind(
+    name='none',
+    make=lambda config, items: NoImageTokenizer(config.image.size, config.image.channels),
+    load=lambda directory, payload: NoImageTokenizer(payload['config']['size'], payload['config']['channels']),
+    downsample=lambda config: 1,
+    vocab_bound=lambda config: 0,
+    config_fields=('size', 'channels'),
+    has_tokens=False,
+))
