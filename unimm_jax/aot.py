@@ -259,7 +259,7 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
   from unimm_jax import dry_run, train  # pylint: disable=g-import-not-at-top
   from unimm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from unimm_jax.method import samplers  # pylint: disable=g-import-not-at-top
-  from unimm_jax.sequence import IMAGE  # pylint: disable=g-import-not-at-top
+  from unimm_jax.sequence import IMAGE, TEXT  # pylint: disable=g-import-not-at-top
 
   try:
     shape = sharding_lib.resolve_mesh_shape(config.mesh.shape, len(devices))
@@ -279,12 +279,14 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
   batch_sh = sharding_lib.batch_sharding(mesh)
   batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32, sharding=batch_sh)}
 
-  # Sampling: the image given the text, with the config's sampler settings (and guidance, if it has some).
+  # Sampling: the image given the text (a text-only model: the text), with the config's sampler settings (and
+  # guidance, if it has some).
   s = config.sample
   cfg = samplers.SamplerConfig(method=s.method, steps=s.t2i_steps, temperature=s.temperature,
                                confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule,
                                guidance_scale=s.guidance_scale)
-  image = layout.modality_masks(np)[IMAGE]
+  masks = layout.modality_masks(np)
+  image = masks[IMAGE] if IMAGE in masks else masks[TEXT]
   guide = ((jnp.asarray(image), jnp.asarray(~image)),) if s.guidance_scale > 0 else ()
 
   def sample(params, tokens, keys):

@@ -134,6 +134,38 @@ NOMINAL_PEAKS = (
 )
 
 
+IMPORT_SIZES = dict(d_model=2048, layers=16, heads=16, mlp=5632)   # 1,339,164,672 parameters with LLaDA's vocabulary
+
+
+def bench_import(param_dtype: str = "float32", directory=None) -> dict:
+  """The streaming import (``python -m unimm_jax.convert import``) of a synthetic 1.34B-parameter LLaDA-layout
+  checkpoint (bfloat16, :mod:`unimm_jax.convert.synthetic`): wall time and the import process's peak RSS against
+  the model's size in ``param_dtype`` plus its largest tensor."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from unimm_jax.convert import synthetic  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    cfg = synthetic.synthetic_config(IMPORT_SIZES["d_model"], IMPORT_SIZES["layers"], IMPORT_SIZES["heads"],
+                                     IMPORT_SIZES["mlp"])
+    written = synthetic.write_synthetic(f"{tmp}/hf", cfg)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "unimm_jax.convert", "import", "--format=llada", f"--src={tmp}/hf",
+                          f"--out={tmp}/bundle", "--seq_len=64", f"--param_dtype={param_dtype}"],
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    wall = time.perf_counter() - start
+    if run.returncode:
+      raise RuntimeError(f"the import failed: {run.stderr[-2000:]}")
+  itemsize = np.dtype(param_dtype if param_dtype == "float32" else jnp.bfloat16).itemsize
+  model_bytes = written["params"] * itemsize
+  largest = written["largest_tensor_bytes"] // 2 * itemsize     # the same tensor in the target dtype
+  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+  return {"params": written["params"], "upstream_bytes": written["bytes"], "param_dtype": param_dtype,
+          "model_bytes": model_bytes, "largest_tensor_bytes": largest, "import_s": wall,
+          "peak_rss_bytes": peak, "bound_bytes": model_bytes + largest, "within_bound": peak < model_bytes + largest,
+          "write_synthetic_s": written["write_s"]}
+
+
 def nominal_peak(device_kind: str) -> float | None:
   """The nominal dense bf16 FLOP/s of one device of this kind, or None (CPU, unknown chips)."""
   for name, peak in NOMINAL_PEAKS:
@@ -398,6 +430,12 @@ def _table(result: dict) -> str:
     lines.append(f"A/B against {a['against']}: this {1e3 * a['this_step_s']:.1f} ms, other {1e3 * a['other_step_s']:.1f} ms "
                  f"per step; ratio this/other {a['ratio_median']:.3f} median of {a['rounds']} rounds "
                  f"({a['ratio_min']:.3f}-{a['ratio_max']:.3f})")
+  if "import" in result:
+    i = result["import"]
+    lines.append(f"import: {i['params']:,} parameters ({i['upstream_bytes'] / 2**30:.2f} GiB bfloat16) to "
+                 f"{i['param_dtype']} in {i['import_s']:.1f} s; peak RSS {i['peak_rss_bytes'] / 2**30:.2f} GiB against "
+                 f"model {i['model_bytes'] / 2**30:.2f} GiB + largest tensor {i['largest_tensor_bytes'] / 2**30:.2f} "
+                 f"GiB = {i['bound_bytes'] / 2**30:.2f} GiB ({'within' if i['within_bound'] else 'OVER'})")
   return "\n".join(lines)
 
 
@@ -405,7 +443,7 @@ def _cli():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file("config", None, "A config file; overrides as in main.")
   workdir = flags.DEFINE_string("workdir", None, "sample: a trained workdir (else random weights of --config).")
-  what = flags.DEFINE_list("what", ["train"], "train, sample, data, scaling, compile, checkpoint, ab.")
+  what = flags.DEFINE_list("what", ["train"], "train, sample, data, scaling, compile, checkpoint, ab, import.")
   against = flags.DEFINE_string("against", None, "ab: another checkout (e.g. a git worktree at an older commit) "
                                 "whose train step is timed against this one's, alternating in one process.")
   rounds = flags.DEFINE_integer("rounds", 10, "ab: alternating rounds of --steps_per_round steps each.")
@@ -417,6 +455,7 @@ def _cli():
   sample_batches = flags.DEFINE_list("sample_batches", ["1", "8", "64"], "sample: batch sizes.")
   repeats = flags.DEFINE_integer("repeats", 5, "sample: timed repeats (median).")
   out_path = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+  import_dtype = flags.DEFINE_enum("import_dtype", "float32", ["float32", "bfloat16"], "import: parameter dtype.")
 
   def main(argv):
     if len(argv) > 1:
@@ -424,12 +463,12 @@ def _cli():
     logging.set_verbosity(logging.INFO)
     from unimm_jax import configuration  # pylint: disable=g-import-not-at-top
     cfg = config.value
-    if cfg is None and not (workdir.value and set(what.value) <= {"sample"}):
+    if cfg is None and not (workdir.value and set(what.value) <= {"sample"}) and set(what.value) != {"import"}:
       raise app.UsageError("--config=FILE is needed (only --what=sample with --workdir can do without)")
     if cfg is not None:
       configuration.validate(cfg)
       configuration.prepare_host(cfg)   # before JAX starts its backend, as main does
-    unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint", "ab"}
+    unknown = set(what.value) - {"train", "sample", "data", "scaling", "compile", "checkpoint", "ab", "import"}
     if unknown:
       raise app.UsageError(f"unknown --what: {sorted(unknown)}")
     result = {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
@@ -450,6 +489,8 @@ def _cli():
       result["compile"] = bench_compile(cfg, tuple(int(n) for n in layers.value))
     if "checkpoint" in what.value:
       result["checkpoint"] = bench_checkpoint(cfg)
+    if "import" in what.value:
+      result["import"] = bench_import(import_dtype.value)
     if "ab" in what.value:
       if not against.value:
         raise app.UsageError("--what=ab needs --against=DIR, a checkout to time against")

@@ -1,0 +1,75 @@
+"""``python -m unimm_jax.convert import|export`` (see :mod:`unimm_jax.convert`)::
+
+    python -m unimm_jax.convert import --format=llada --src=HF_DIR --out=BUNDLE [--config=configs/llada_8b.py]
+                                      [--seq_len=N] [--config.mesh.shape=...]
+    python -m unimm_jax.convert export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR
+                                      [--dtype=bfloat16|float32] [--max_shard_gb=5]
+
+Without ``--config``, import takes the upstream's architecture over a text-only layout of ``--seq_len`` tokens
+(default its ``max_sequence_length``). Errors are one line and exit 2; nothing is written to ``--out`` then.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from unimm_jax import configuration
+from unimm_jax import safetensors_io
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Target config (import); default: the upstream's "
+                                          "architecture.", lock_config=True)
+_FORMAT = flags.DEFINE_string("format", "llada", "Upstream layout: llada.")
+_SRC = flags.DEFINE_string("src", None, "import: the Hugging Face model directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "export: a bundle or a training workdir.")
+_OUT = flags.DEFINE_string("out", None, "The new directory to write.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "import without --config: tokens per sequence.")
+_DTYPE = flags.DEFINE_string("dtype", None, "export: stored dtype (default: each tensor's upstream dtype).")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors shard, in GB (2^30).")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "import without --config: the stored "
+                                 "dtype of the parameters (default float32, the trainer's master weights).")
+
+USAGE = ("usage: python -m unimm_jax.convert import --format=llada --src=HF_DIR --out=BUNDLE [--config=...] | "
+         "export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
+
+
+def main(argv):
+  logging.set_verbosity(logging.INFO)
+  from unimm_jax import convert  # pylint: disable=g-import-not-at-top
+  command = argv[1] if len(argv) == 2 else None
+  if command not in ("import", "export"):
+    print(f"error: expected one command, import or export; got {argv[1:]}\n{USAGE}", file=sys.stderr)
+    sys.exit(2)
+  need = {"import": (("src", _SRC), ("out", _OUT)), "export": (("workdir", _WORKDIR), ("out", _OUT))}[command]
+  missing = [f"--{name}" for name, flag in need if not flag.value]
+  if missing:
+    print(f"error: {command} needs {', '.join(missing)}\n{USAGE}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if command == "import":
+      config = _CONFIG.value
+      if config is None and _PARAM_DTYPE.value:
+        with open(f"{_SRC.value}/config.json") as f:
+          config = convert.llada.apply_backbone(configuration.base_config(), json.load(f), _SEQ_LEN.value)
+        config.model.param_dtype = _PARAM_DTYPE.value
+      if config is not None:
+        # Not prepare_host: its allocator setting (mesh.retain_host_memory) keeps every freed buffer in the
+        # process, which helps a loop of train steps and would make a streaming import hold each tensor it read.
+        configuration.split_cpu_devices(config.mesh.cpu_devices)
+      meta = convert.import_checkpoint(_FORMAT.value, _SRC.value, _OUT.value, config, seq_len=_SEQ_LEN.value)
+      print(f"imported {_SRC.value} -> {_OUT.value}: {meta['param_count']:,} parameters ({meta['dtype']})")
+    else:
+      files = convert.export_checkpoint(_FORMAT.value, _WORKDIR.value, _OUT.value, dtype=_DTYPE.value,
+                                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+      print(f"exported {_WORKDIR.value} -> {_OUT.value}: {', '.join(files)}")
+  except (convert.ConvertError, safetensors_io.CheckpointError, configuration.ConfigError,
+          FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
