@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -159,7 +160,12 @@ def bench_import(param_dtype: str = "float32", directory=None) -> dict:
   itemsize = np.dtype(param_dtype if param_dtype == "float32" else jnp.bfloat16).itemsize
   model_bytes = written["params"] * itemsize
   largest = written["largest_tensor_bytes"] // 2 * itemsize     # the same tensor in the target dtype
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+  # The import process's own peak (VmHWM, which it prints): getrusage(RUSAGE_CHILDREN) would count this
+  # process's pages too, which the child had until it exec'd.
+  match = re.search(r"peak RSS [0-9.]+ GiB \(([0-9]+) bytes\)", run.stdout)
+  if not match:
+    raise RuntimeError(f"the import did not report its peak memory: {run.stdout[-500:]}")
+  peak = int(match.group(1))
   return {"params": written["params"], "upstream_bytes": written["bytes"], "param_dtype": param_dtype,
           "model_bytes": model_bytes, "largest_tensor_bytes": largest, "import_s": wall,
           "peak_rss_bytes": peak, "bound_bytes": model_bytes + largest, "within_bound": peak < model_bytes + largest,

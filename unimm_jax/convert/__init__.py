@@ -82,7 +82,10 @@ def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = 
   if out.exists() and any(out.iterdir()):
     raise ConvertError(f"--out={out} exists and is not empty; choose a new directory")
   start = time.perf_counter()
-  imported = import_params(fmt, src, config, seq_len=seq_len)
+  # One process writes one file, each parameter made on the host on its turn (nothing is placed: a host would
+  # otherwise hold the model twice, once placed and once as the copies the writer reads); several processes
+  # place their shards and write them with Orbax.
+  imported = import_params(fmt, src, config, seq_len=seq_len, place=jax.process_count() > 1)
   write_bundle(imported, out)
   logging.info("imported %s -> %s: %s parameters in %.1f s", src, out, f"{imported.meta['param_count']:,}",
                time.perf_counter() - start)
@@ -93,15 +96,18 @@ def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = 
 class Imported:
   """An imported model: parameters in their shardings on ``mesh``, the tokenizers and the bundle's model.json."""
 
-  params: dict[str, jax.Array]     # flat name -> array
+  params: dict[str, Any]           # flat name -> jax.Array (placed), or a function making its host value
   meta: dict[str, Any]
   tokenizers: Any                  # input_pipeline.Tokenizers
   mesh: Any
+  shapes: dict[str, Any]           # flat name -> jax.ShapeDtypeStruct
 
 
-def import_params(fmt: str, src, config=None, *, seq_len: int | None = None) -> Imported:
-  """Reads, checks and places the upstream checkpoint in ``src`` (see :func:`import_checkpoint`); writes
-  nothing."""
+def import_params(fmt: str, src, config=None, *, seq_len: int | None = None, place: bool = True) -> Imported:
+  """Reads and checks the upstream checkpoint in ``src`` (see :func:`import_checkpoint`) and, with ``place``,
+  places every parameter into its sharding on the config's mesh; writes nothing. Without ``place``,
+  ``Imported.params`` holds, per parameter, a function that makes its whole value on the host (the one-process
+  bundle writer streams them to a file)."""
   module = _format(fmt)
   src = epath.Path(src)
   if not (src / CONFIG_FILE).exists():
@@ -127,31 +133,17 @@ def import_params(fmt: str, src, config=None, *, seq_len: int | None = None) -> 
     missing, extra = sorted(set(shapes) - set(by_path)), sorted(set(by_path) - set(shapes))
     raise ConvertError(f"the {fmt} mapping and the model disagree: parameters without a source {missing}, "
                        f"sources without a parameter {extra}")
-  logging.info("importing %s (%d tensors, %.2f GB) into %d parameters on mesh %s", src, len(reader.names()),
-               reader.total_bytes / 1e9, len(shapes), dict(mesh.shape))
-
-  def per_layer(mp):
-    return mp.to_ours([reader.read(name) for name in mp.sources])
-
+  logging.info("importing %s (%d tensors, %.2f GB) into %d parameters%s", src, len(reader.names()),
+               reader.total_bytes / 1e9, len(shapes), f" on mesh {dict(mesh.shape)}" if place else "")
   params = {}
   for i, (path, target) in enumerate(sorted(shapes.items())):
     maps = sorted(by_path[path], key=lambda m: -1 if m.layer is None else m.layer)
-    dtype = np.dtype(target.dtype)
-    cache = {}
-    if maps[0].layer is not None and scan:   # one slice of the stack per layer
-      def callback(index, maps=maps, dtype=dtype):
-        layers = range(len(maps))[index[0]]
-        return np.stack([np.asarray(per_layer(maps[l])[index[1:]], dtype) for l in layers])
-    elif maps[0].rows_to is not None and reader.info(maps[0].sources[0]).nbytes > ROW_BLOCK_BYTES:
-      def callback(index, mp=maps[0], dtype=dtype, shape=target.shape):
-        return _in_row_blocks(reader, mp, index, shape, dtype)
-    else:
-      def callback(index, mp=maps[0], dtype=dtype, cache=cache):
-        if "value" not in cache:   # read once for every shard of this parameter
-          cache["value"] = per_layer(mp)
-        return np.ascontiguousarray(cache["value"][index], dtype)
-    array = jax.make_array_from_callback(target.shape, shardings[path], callback)
-    cache.clear()   # the parameter's upstream tensors are not kept while the next one is read
+    shard = _shard_builder(reader, maps, target.shape, np.dtype(target.dtype), scan)
+    if not place:
+      full = tuple(slice(None) for _ in target.shape)
+      params[path] = lambda shard=shard, full=full: shard(full)
+      continue
+    array = jax.make_array_from_callback(target.shape, shardings[path], shard)
     if array.shape != target.shape:
       raise ConvertError(f"{path}: built {array.shape}, the model has {target.shape}")
     params[path] = array
@@ -161,15 +153,27 @@ def import_params(fmt: str, src, config=None, *, seq_len: int | None = None) -> 
                             fmt="orbax")
   meta["source"] = {"format": fmt, "convert_version": CONVERT_VERSION, "path": str(src), "config": upstream,
                     "tensor_dtypes": {n: st.NAMES[reader.info(n).dtype] for n in reader.names()}}
-  return Imported(params, meta, toks, mesh)
+  return Imported(params, meta, toks, mesh, shapes)
 
 
-def _host_copy(x: jax.Array) -> np.ndarray:
-  """A fresh numpy copy of a (process-local) array, assembled from its shards without caching a copy on ``x``."""
-  out = np.empty(x.shape, x.dtype)
-  for shard in x.addressable_shards:
-    out[shard.index] = np.asarray(shard.data)
-  return out
+def _shard_builder(reader, maps, shape, dtype, scan: bool):
+  """index -> the numpy value of that shard of one parameter (``maps``: its upstream mappings, one per layer of a
+  scanned stack), read from the upstream tensors when asked and not kept: every shard of a parameter made from
+  small tensors re-reads them, a large single tensor is read in row blocks."""
+  def per_layer(mp):
+    return mp.to_ours([reader.read(name) for name in mp.sources])
+
+  if maps[0].layer is not None and scan:   # one slice of the stack per layer
+    def shard(index):
+      layers = range(len(maps))[index[0]]
+      return np.stack([np.asarray(per_layer(maps[l])[tuple(index[1:])], dtype) for l in layers])
+  elif maps[0].rows_to is not None and reader.info(maps[0].sources[0]).nbytes > ROW_BLOCK_BYTES:
+    def shard(index):
+      return _in_row_blocks(reader, maps[0], index, shape, dtype)
+  else:
+    def shard(index):
+      return np.ascontiguousarray(per_layer(maps[0])[tuple(index)], dtype)
+  return shard
 
 
 def _in_row_blocks(reader, mp, index, shape, dtype) -> np.ndarray:
@@ -203,11 +207,12 @@ def write_bundle(imported: Imported, out: epath.Path) -> None:
   if jax.process_index() == 0 and partial.exists():
     shutil.rmtree(partial)
   if jax.process_count() == 1:
-    # One process: one model.safetensors, each tensor copied to the host on its turn. (Orbax's save held a
-    # second copy of the model while writing: 4.8 GiB peak for a 2.5 GiB model, BENCHMARKS.md.)
+    # One process: one model.safetensors, each tensor made (or copied to the host) on its turn. (Orbax's save
+    # held a second copy of the model while writing: 4.8 GiB peak for a 2.5 GiB model, BENCHMARKS.md.)
     partial.mkdir(parents=True)
-    planned = [st.Planned(name, tuple(x.shape), np.dtype(x.dtype), lambda x=x: _host_copy(x))
-               for name, x in sorted(imported.params.items())]
+    make = lambda x: x if callable(x) else (lambda: np.asarray(x))
+    planned = [st.Planned(name, tuple(imported.shapes[name].shape), np.dtype(imported.shapes[name].dtype),
+                          make(x)) for name, x in sorted(imported.params.items())]
     st.write_checkpoint(partial, planned, max_shard_bytes=2**62, metadata={"format": "unimm_jax",
                                                                           "dtype": imported.meta["dtype"]})
     imported.meta["format"] = "safetensors"

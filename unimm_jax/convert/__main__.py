@@ -36,6 +36,19 @@ USAGE = ("usage: python -m unimm_jax.convert import --format=llada --src=HF_DIR 
          "export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
 
 
+def peak_rss_bytes() -> int | None:
+  """This process's peak resident memory (Linux ``VmHWM``: its own address space only; ``getrusage`` would also
+  count the parent's pages it was forked with), or None elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def main(argv):
   logging.set_verbosity(logging.INFO)
   from unimm_jax import convert  # pylint: disable=g-import-not-at-top
@@ -60,7 +73,9 @@ def main(argv):
         # process, which helps a loop of train steps and would make a streaming import hold each tensor it read.
         configuration.split_cpu_devices(config.mesh.cpu_devices)
       meta = convert.import_checkpoint(_FORMAT.value, _SRC.value, _OUT.value, config, seq_len=_SEQ_LEN.value)
-      print(f"imported {_SRC.value} -> {_OUT.value}: {meta['param_count']:,} parameters ({meta['dtype']})")
+      peak = peak_rss_bytes()
+      print(f"imported {_SRC.value} -> {_OUT.value}: {meta['param_count']:,} parameters ({meta['dtype']})"
+            + (f"; peak RSS {peak / 2**30:.2f} GiB ({peak} bytes)" if peak else ""))
     else:
       files = convert.export_checkpoint(_FORMAT.value, _WORKDIR.value, _OUT.value, dtype=_DTYPE.value,
                                         max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
