@@ -66,6 +66,13 @@ def get_config():
   config.diffusion.task_roles = {"text": "text:noised"}
   config.diffusion.loss_weighting = "elbo"
   config.diffusion.schedule = "linear"   # LLaDA's: a token is masked with probability t
+  # The upstream's decoding (its generate.py defaults): blocks of 32, 32 steps a block, low-confidence remasking
+  # (argmax, no noise, N // K reveals a step); Pipeline.infill and the sample CLI read these.
+  config.sample.block_length = 32
+  config.sample.i2t_steps = 32
+  config.sample.reveal_schedule = "uniform"
+  config.sample.temperature = 0.0
+  config.sample.confidence_noise = 0.0
   config.mesh.topology = "v5p:4x4x4"     # python -m unimm_jax.aot compiles for it
   config.mesh.shape = (1, -1, 1)         # FSDP over every chip
   config.train.batch_size = 64

@@ -154,3 +154,48 @@ def reference_logits(cfg: dict, tensors: dict[str, np.ndarray], ids: np.ndarray)
     x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w[p + "ff_out.weight"].T
   x = _rms_norm(x, w["model.transformer.ln_f.weight"], eps)
   return x @ w["model.transformer.ff_out.weight"].T
+
+
+def reference_generate(cfg: dict, tensors: dict[str, np.ndarray], prompt: np.ndarray, *, steps: int, gen_length: int,
+                       block_length: int, cfg_scale: float = 0.0) -> np.ndarray:
+  """int [B, P + gen_length]: LLaDA's ``generate()`` (ML-GSAI/LLaDA ``generate.py``) with ``temperature=0`` and
+  ``remasking='low_confidence'``: the answer in blocks of ``block_length`` left to right, ``steps / num_blocks``
+  steps a block, each step revealing the masked positions of the current block with the most probable argmax
+  tokens, ``get_num_transfer_tokens`` of them (N // K a step, the first N % K one more); with ``cfg_scale``, the
+  logits ``un + (cfg_scale + 1) * (cond - un)`` where the uncond pass has the prompt all MASK.
+
+  One deviation: the MASK id's logit is set to -inf before the argmax. The released model gives MASK no
+  probability, but random test weights could make it the argmax, which the upstream would then "reveal" as MASK.
+  """
+  mask = cfg["mask_token_id"]
+  b, p = prompt.shape
+  x = np.full((b, p + gen_length), mask, np.int64)
+  x[:, :p] = prompt
+  prompt_index = x != mask
+  num_blocks = gen_length // block_length
+  per_block = steps // num_blocks
+  for nb in range(num_blocks):
+    lo, hi = p + nb * block_length, p + (nb + 1) * block_length
+    n = (x[:, lo:hi] == mask).sum(axis=1)
+    transfer = np.zeros((b, per_block), np.int64) + (n // per_block)[:, None]
+    for j in range(b):
+      transfer[j, :n[j] % per_block] += 1
+    for i in range(per_block):
+      mask_index = x == mask
+      logits = reference_logits(cfg, tensors, x).astype(np.float64)
+      if cfg_scale > 0:
+        un = np.where(prompt_index, mask, x)
+        un_logits = reference_logits(cfg, tensors, un).astype(np.float64)
+        logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+      logits[..., mask] = -np.inf
+      x0 = logits.argmax(-1)
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      x0_p = np.take_along_axis(probs, x0[..., None], -1)[..., 0]
+      x0_p[:, hi:] = -np.inf
+      x0 = np.where(mask_index, x0, x)
+      confidence = np.where(mask_index, x0_p, -np.inf)
+      for j in range(b):
+        top = np.argsort(-confidence[j], kind="stable")[:transfer[j, i]]
+        x[j, top] = x0[j, top]
+  return x

@@ -183,3 +183,13 @@ def test_clear_errors_for_bad_inputs(pipe):
     pipe.text_to_image(["a red circle"], steps=0)
   long = " and ".join(["a small red circle at the top left"] * 5)
   assert pipe.text_to_image([long], steps=2).shape == (1, 24, 24, 3)   # truncated, with a warning
+
+
+def test_uniform_reveal_schedule_is_lladas_transfer_counts():
+  """LLaDA's get_num_transfer_tokens: N // K a step, the first N % K steps one more (10 over 4: 3, 3, 2, 2)."""
+  from unimm_jax.method.samplers.loop import remaining_masked
+  remaining = np.asarray(remaining_masked(jnp.asarray([10, 4, 0, 7]), 4, "uniform"))
+  np.testing.assert_array_equal(remaining[:, 0], [7, 4, 2, 0])
+  np.testing.assert_array_equal(remaining[:, 1], [3, 2, 1, 0])
+  np.testing.assert_array_equal(remaining[:, 2], [0, 0, 0, 0])
+  np.testing.assert_array_equal(remaining[:, 3], [5, 3, 1, 0])   # 2, 2, 2, 1

@@ -252,8 +252,10 @@ FIELDS: tuple[Field, ...] = (
     F("sample.temperature", float, 1.0, "sampling temperature; 0 = argmax", bounds=">=0"),
     F("sample.confidence_noise", float, 1.0, "confidence: Gumbel noise on the confidences at the first step, "
       "annealed to 0", bounds=">=0"),
-    F("sample.reveal_schedule", str, "cosine", "confidence: how many positions each step reveals",
-      choices=("cosine", "linear")),
+    F("sample.reveal_schedule", str, "cosine", "confidence: how many positions each step reveals (uniform: "
+      "N // K a step, the first N % K one more, LLaDA's)", choices=("cosine", "linear", "uniform")),
+    F("sample.block_length", int, 0, "L > 0: generate the positions of a call in blocks of L, left to right, each "
+      "block its own steps (LLaDA's semi-autoregressive decoding); 0 = all at once", bounds=">=0"),
     F("sample.guidance_scale", float, 0.0, "classifier-free guidance against the null condition (0 = none)",
       bounds=">=0"),
     F("sample.joint_order", str, "together", "joint generation: together | text_first | image_first (each stage "

@@ -61,6 +61,8 @@ def sampler_kwargs(config, task: str) -> dict:
     kw["order"] = s.joint_order
   if task == "i2t":
     kw["candidates"] = s.i2t_candidates
+  if task == "infill" and s.get("block_length", 0):
+    kw["block_length"] = s.block_length
   return kw
 
 
@@ -122,6 +124,9 @@ class Pipeline:
     if key not in self._samplers:
       def run(params, tokens, keys, stage_masks, guide_masks):   # bool [n_stages, S], bool [n_guide, 2, S]
         logits_fn = lambda t: self.model.apply({"params": params}, t)
+        if not self.model.config.restrict_output:   # raw logits: MASK is never a candidate all the same
+          mask_column = jnp.arange(self.layout.size) == self.layout.mask_id
+          logits_fn = lambda t, f=logits_fn: jnp.where(mask_column, transformer.NEG_INF, f(t))
         pairs = tuple((guide_masks[j, 0], guide_masks[j, 1]) for j in range(guide_masks.shape[0]))
         for i in range(stage_masks.shape[0]):
           stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
@@ -270,7 +275,8 @@ class Pipeline:
   def complete(self, given: Mapping[str, Any] | None = None, generate: Sequence[str] | Sequence[Sequence[str]] = (),
                *, n: int | None = None, steps: int = 16, guidance_scale: float = 0.0,
                guidance_null: Sequence[str] | None = None, temperature: float = 1.0, seed: int = 0,
-               method: str = "confidence", null: Sequence[str] = (), **options) -> dict[str, Any]:
+               method: str = "confidence", null: Sequence[str] = (), block_length: int = 0, as_ids: bool = False,
+               **options) -> dict[str, Any]:
     """Generates segments given others: ``{segment: value}`` of every generated segment.
 
     Args:
@@ -284,6 +290,12 @@ class Pipeline:
       n: number of examples when nothing is given.
       guidance_scale: classifier-free guidance w; the uncond pass nulls ``guidance_null`` (default: every
         given segment) and guides the generated positions.
+      block_length: L > 0: each stage's positions are generated in blocks of L in sequence order, left to right,
+        each block ``steps`` steps with the later blocks still MASK (LLaDA's semi-autoregressive decoding; with
+        ``reveal_schedule='uniform'``, ``temperature=0`` and ``confidence_noise=0``, its low-confidence
+        remasking).
+      as_ids: return each generated segment's token ids (int32 [N, n], the tokenizer's local ids) instead of
+        decoding them (to compare with another implementation token for token).
       options: sampler settings (``confidence_noise``, ``reveal_schedule``; :class:`samplers.SamplerConfig`).
     Returns:
       {segment: list of N strings | uint8 images [N, H, W, C]} for the generated segments (and those given
@@ -294,8 +306,11 @@ class Pipeline:
         else list(guidance_null)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
     out = self._generate(tokens, stages, cfg, self._guide([s for st in stages for s in st] + holed, nulled), seed,
-                         holed=holed)
-    return self.tokenizers.decode_segments(out, [s for st in stages for s in st] + holed)
+                         holed=holed, block_length=block_length)
+    names = [s for st in stages for s in st] + holed
+    if as_ids:
+      return {k: v for k, v in self.layout.unpack(np.asarray(out)).items() if k in names}
+    return self.tokenizers.decode_segments(out, names)
 
   def _plan(self, given, generate, n, null=()):
     """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes); segments
@@ -323,13 +338,24 @@ class Pipeline:
       raise ValueError("nothing to generate: name segments in generate, or give a segment with -1 holes")
     return tokens, tuple(tuple(st) for st in (stages or [[]])), holed
 
-  def _generate(self, tokens: np.ndarray, stages, cfg, guide, seed: int, keys=None, holed=()) -> np.ndarray:
+  def _generate(self, tokens: np.ndarray, stages, cfg, guide, seed: int, keys=None, holed=(),
+                block_length: int = 0) -> np.ndarray:
     """int32 [N, S] with MASKs -> int32 [N, S] with the MASKs of the stages' segments filled, stage by stage, and
-    those of the ``holed`` segments (given with holes) in the first stage. Other MASKs stay (null segments)."""
+    those of the ``holed`` segments (given with holes) in the first stage. Other MASKs stay (null segments).
+    ``block_length`` > 0 splits each stage into blocks of that many positions, in sequence order."""
+    if block_length < 0:
+      raise ValueError(f"block_length={block_length} must be >= 0")
     masks = []
     for i, stage in enumerate(stages):
       where = self.layout.positions_of(list(stage) + (list(holed) if i == 0 else []))
-      masks.append(tuple(bool(x) for x in where))
+      if block_length:
+        at = np.flatnonzero(where)
+        for start in range(0, len(at), block_length):
+          block = np.zeros_like(where)
+          block[at[start:start + block_length]] = True
+          masks.append(tuple(bool(x) for x in block))
+      else:
+        masks.append(tuple(bool(x) for x in where))
     keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
     return self._batched(self._sampler(cfg, guide, tuple(masks)), tokens, keys)
 

@@ -2,7 +2,7 @@
 
 A reveal schedule fixes how many tokens are still masked after step k of K,
 ``remaining_k = floor(N * gamma((k + 1) / K))`` with gamma(r) = cos(pi/2 r) (``cosine``) or 1 - r (``linear``), N the
-example's masked count at the start. Each step scores every masked position's candidate by its log-probability
+example's masked count at the start; or (``uniform``, LLaDA's) N // K a step, the first N % K steps one more. Each step scores every masked position's candidate by its log-probability
 plus Gumbel noise scaled by ``confidence_noise * (1 - (k + 1) / K)`` (annealed to 0), and reveals the most
 confident ones so that exactly ``remaining_k`` stay masked.
 """

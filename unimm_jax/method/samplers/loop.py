@@ -30,20 +30,23 @@ import jax.numpy as jnp
 from unimm_jax.method.schedules import Schedule
 
 
+REVEAL_SCHEDULES = ("cosine", "linear", "uniform")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   method: str = "confidence"     # a registered sampler: confidence | ancestral | ...
   steps: int = 32
   temperature: float = 1.0       # token sampling temperature; 0 = argmax
   confidence_noise: float = 1.0  # confidence: scale of the Gumbel noise on confidences at the first step
-  reveal_schedule: str = "cosine"  # confidence: cosine | linear
+  reveal_schedule: str = "cosine"  # confidence: cosine | linear | uniform (REVEAL_SCHEDULES)
   guidance_scale: float = 0.0    # w; 0 = plain conditional sampling
 
   def __post_init__(self):
     if self.method not in _REGISTRY:
       raise ValueError(f"sampler method {self.method!r} is not one of {tuple(_REGISTRY)}")
-    if self.reveal_schedule not in ("cosine", "linear"):
-      raise ValueError(f"reveal_schedule {self.reveal_schedule!r} is not 'cosine' or 'linear'")
+    if self.reveal_schedule not in REVEAL_SCHEDULES:
+      raise ValueError(f"reveal_schedule {self.reveal_schedule!r} is not one of {REVEAL_SCHEDULES}")
     if self.steps < 1:
       raise ValueError(f"steps={self.steps} must be >= 1")
     if self.temperature < 0 or self.guidance_scale < 0:
@@ -87,6 +90,10 @@ def remaining_masked(num_masked, steps: int, reveal_schedule: str = "cosine"):
   """
   num_masked = jnp.asarray(num_masked, jnp.int32)
   k = jnp.arange(1, steps + 1, dtype=jnp.int32)
+  if reveal_schedule == "uniform":
+    # LLaDA's get_num_transfer_tokens: N // K a step, the first N % K steps one more.
+    base, extra = num_masked // steps, num_masked % steps
+    return num_masked[None, :] - (k[:, None] * base[None, :] + jnp.minimum(k[:, None], extra[None, :]))
   if reveal_schedule == "linear":
     # Integer arithmetic, floor(N (K - k) / K): in float32, 24 * (1 - 7/24) is 16.99999 and floors to 16, so
     # K = N steps would reveal two tokens at some steps and none at others instead of exactly one each.
