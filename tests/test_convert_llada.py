@@ -215,3 +215,32 @@ def test_semi_autoregressive_low_confidence_decoding_equals_the_upstream_generat
   ref = up.reference_generate(cfg, tensors, prompt, steps=4, gen_length=8, block_length=4, cfg_scale=cfg_scale)
   np.testing.assert_array_equal(ours["answer"], ref[:, 8:])
   assert len(set(map(tuple, ref[:, 8:].tolist()))) > 1     # the examples differ: a real comparison
+
+
+def test_fine_tune_the_import_with_lora_then_export_it_back(upstream, imported, tmp_path):
+  """The trainer on an imported backbone (a text-only layout; shapes captions as its text): LoRA from the bundle
+  for a few steps, then the adapted model exported in the upstream layout and imported again gives its logits."""
+  from unimm_jax import Pipeline, configuration, convert, train
+  _, cfg, _ = upstream
+  bundle_dir, meta = imported
+  config = configuration.from_dict(meta["config"])
+  config.init["from"] = str(bundle_dir)
+  config.model.lora_rank, config.model.lora_alpha = 4, 8.0
+  config.train.steps, config.train.batch_size, config.train.log_every = 3, 8, 1
+  config.optim.warmup_steps, config.optim.learning_rate = 1, 1e-2
+  config.eval.every_steps, config.ckpt.every_steps, config.eval.batch_size = 3, 3, 8
+  config.data.val_size, config.mesh.cpu_devices = 16, 0
+  report = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert report["step"] == 3 and np.isfinite(report["val_bits_per_token"]["text"])
+  tuned = Pipeline.load(tmp_path / "run")
+  base = Pipeline.load(bundle_dir)
+  ids = _ids(cfg, seed=5)
+  tuned_logits = np.asarray(tuned.model.apply({"params": tuned.params}, ids))
+  assert np.abs(tuned_logits - np.asarray(base.model.apply({"params": base.params}, ids))).max() > 1e-3
+  files = convert.export_checkpoint("llada", tmp_path / "run", tmp_path / "hf", dtype="float32")
+  assert "config.json" in files and "tokenizer.json" in files
+  assert json.loads((tmp_path / "hf" / "config.json").read_text()) == cfg   # the imported model's own config
+  convert.import_checkpoint("llada", tmp_path / "hf", tmp_path / "again", seq_len=16)
+  again = Pipeline.load(tmp_path / "again")
+  np.testing.assert_allclose(np.asarray(again.model.apply({"params": again.params}, ids)), tuned_logits,
+                             atol=1e-5, rtol=0)

@@ -558,9 +558,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         train_time += elapsed
         means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         steps_per_s = window_steps / elapsed
-        logging.info("step %d/%d | loss %.4f (text %.4f, image %.4f) | %.1f steps/s, %s tokens/s | unk words %d | "
-                     "ETA %s", done, total, means["loss"], means["loss_text"], means["loss_image"], steps_per_s,
-                     f"{steps_per_s * tokens_per_step:,.0f}", unk,
+        parts = ", ".join(f"{m} {means[f'loss_{m}']:.4f}" for m in ("text", "image") if f"loss_{m}" in means)
+        logging.info("step %d/%d | loss %.4f (%s) | %.1f steps/s, %s tokens/s | unk words %d | ETA %s", done, total,
+                     means["loss"], parts, steps_per_s, f"{steps_per_s * tokens_per_step:,.0f}", unk,
                      train_loop.format_duration((total - done) / steps_per_s))
         if means["nonfinite"] > 0:
           logging.warning("skipped %d non-finite steps so far (train.on_nonfinite='skip')", skipped)
