@@ -295,9 +295,11 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
                            guide=guide, generate=jnp.asarray(image))
 
   sampler = jax.jit(sharding_lib.in_scope(sample, mesh, rules),
-                    in_shardings=(shardings.params, batch_sh, batch_sh), out_shardings=batch_sh)
+                    in_shardings=(shardings.network_params(shardings.params), batch_sh, batch_sh),
+                    out_shardings=batch_sh)
   n = config.eval.batch_size
-  sampler_args = (abstract_state.params, jax.ShapeDtypeStruct((n, layout.seq_len), jnp.int32, sharding=batch_sh),
+  network = abstract_state.network_params(abstract_state.params)   # a LoRA run's base with its adapters
+  sampler_args = (network, jax.ShapeDtypeStruct((n, layout.seq_len), jnp.int32, sharding=batch_sh),
                   jax.ShapeDtypeStruct((n, 2), jnp.uint32, sharding=batch_sh))
   return Programs(config, layout, method, mesh, abstract_state, step_fn, batch, sampler, sampler_args)
 
@@ -312,7 +314,8 @@ def _compile(fn, *args) -> tuple[Any, float, float]:
 
 def model_flops(programs: Programs) -> float:
   from unimm_jax import bench  # pylint: disable=g-import-not-at-top
-  return bench.model_flops_per_step(programs.abstract_state.params, programs.config.model,
+  state = programs.abstract_state
+  return bench.model_flops_per_step(state.network_params(state.params), programs.config.model,
                                     programs.config.train.batch_size, programs.layout.seq_len)
 
 

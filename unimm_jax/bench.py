@@ -281,14 +281,15 @@ def bench_train(config, steps: int = 10, warmup: int = 3, peak: dict | None = No
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  flops = model_flops_per_step(abstract.params, method.model.config, batch, layout.seq_len)
+  network = abstract.network_params(abstract.params)   # a LoRA run's base with its adapters
+  flops = model_flops_per_step(network, method.model.config, batch, layout.seq_len)
   devices = list(mesh.devices.flat)
   peak = peak or measured_matmul_peak(devices)
   nominal = nominal_peak(devices[0].device_kind)
   achieved = flops / median
   out = {
       "batch": batch, "seq_len": layout.seq_len, "devices": len(devices), "mesh": dict(mesh.shape),
-      "params": params_lib.param_count(abstract.params), "matmul_params": matmul_param_count(abstract.params),
+      "params": params_lib.param_count(network), "matmul_params": matmul_param_count(network),
       "compile_s": compile_s, "step_s_median": median, "step_s_p90": _percentile(times, 90), "steps_timed": steps,
       "tokens_per_s": batch * layout.seq_len / median, "examples_per_s": batch / median,
       "model_flops_per_step": flops, "achieved_flops_per_s": achieved,
