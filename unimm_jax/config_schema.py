@@ -95,14 +95,15 @@ FIELDS: tuple[Field, ...] = (
       "tokenizer.json file; read with the tokenizers package"),
 
     F("image.tokenizer", str, "patch", "image tokenizer kind (learned fsq | vq: config.tokenizer, tokenizer_main)",
-      choices=("pixel", "patch", "fsq", "vq", "none"), state=True),
+      choices=("pixel", "patch", "fsq", "vq", "none", "magvitv2", "vqgan"), state=True),
     F("image.tokenizer_path", str, "", "fsq | vq: the tokenizer_main workdir (or any directory with "
-      "image_tokenizer.json)"),
+      "image_tokenizer.json); magvitv2 | vqgan: the upstream's directory (safetensors + config.json)"),
     F("image.size", int, 24, "side of the (square) images in pixels", bounds=">0", state=True),
     F("image.channels", int, 3, "1 (grey) or 3 (RGB)", bounds=">0", state=True),
     F("image.levels", int, 4, "quantization levels per channel", bounds="[2, 256]"),
     F("image.patch", int, 4, "patch: side of a patch in pixels", bounds=">0", state=True),
-    F("image.codebook_size", int, 1024, "patch: keep at most this many distinct training patches", bounds=">0"),
+    F("image.codebook_size", int, 1024, "patch: keep at most this many distinct training patches; magvitv2 | "
+      "vqgan: the pretrained codebook's size (checked against the checkpoint)", bounds=">0"),
 
     # The learned image tokenizer (image.tokenizer fsq | vq): network, quantizer and its own training run.
     F("tokenizer.widths", tuple, (16, 32, 64), "channels per resolution; len - 1 halvings: 24 px -> 6x6 tokens"),

@@ -21,3 +21,5 @@ from unimm_jax.tokenizers.image import (
 from unimm_jax.tokenizers.text import (
     SENTENCEPIECE_FILE, ByteTokenizer, SentencePieceTokenizer, WordTokenizer, join_words, split_words)
 from unimm_jax.tokenizers.hf import HfTokenizer  # registered after the built-in text kinds
+from unimm_jax.tokenizers import magvitv2  # registers the kind
+from unimm_jax.tokenizers import vqgan  # registers the kind

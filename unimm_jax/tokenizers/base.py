@@ -69,6 +69,19 @@ def check_ids(ids: np.ndarray, vocab_size: int, who: str) -> None:
     )
 
 
+def in_chunks(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> np.ndarray:
+  """``fn`` (a function compiled for ``batch`` rows) over ``x`` in chunks of ``batch`` rows, the last chunk padded
+  by repeating its last row (every row's result is independent of its chunk), the results concatenated."""
+  out = []
+  for start in range(0, len(x), batch):
+    chunk = x[start:start + batch]
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+    out.append(np.asarray(fn(chunk))[:n])
+  return np.concatenate(out)
+
+
 def write_json(path: epath.Path, payload: dict[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + '\n')

@@ -175,14 +175,7 @@ class LearnedImageTokenizer(base.ImageTokenizer):
     return np.concatenate([look, latent], axis=1)
 
   def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
-    b, out = self.encode_batch, []
-    for start in range(0, len(x), b):
-      chunk = x[start:start + b]
-      n = len(chunk)
-      if n < b:   # pad to the compiled size; every image's result is independent of its chunk
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-      out.append(np.asarray(fn(self._params, self._codebook, chunk))[:n])
-    return np.concatenate(out)
+    return base.in_chunks(lambda c: fn(self._params, self._codebook, c), x, self.encode_batch)
 
   def _encode(self, images):
     if not len(images):
