@@ -275,3 +275,11 @@ def test_retained_host_memory_keeps_a_free_heap_top_above_2_gib():
     pytest.skip("the C library is not glibc: retain_host_memory is a no-op here")
   pages = (2600 << 20) // 4096
   assert int(out[1]) < pages // 20, out       # a 2.6 GiB block freed and allocated again: its pages kept
+
+
+@pytest.mark.parametrize("kind", ["magvitv2", "vqgan"])
+def test_an_image_size_a_pretrained_tokenizer_cannot_take_is_a_config_error(kind):
+  """Without a checkpoint at image.tokenizer_path the published geometry (16x downsampling) is assumed."""
+  config = configuration.base_config()
+  config.image.tokenizer, config.image.size, config.model.image_code_features = kind, 40, False
+  assert f"config.image.size=40 is not a multiple of the {kind} tokenizer's downsampling 16" in _problems(config)

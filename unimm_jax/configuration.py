@@ -183,6 +183,15 @@ def image_token_grid(config: ConfigDict) -> tuple[int, int]:
   return _image_kind(config).grid(config)
 
 
+def _pretrained_downsample(config: ConfigDict) -> int:
+  """A pretrained image tokenizer's downsampling (read from its checkpoint, or the published default); 1 when the
+  checkpoint cannot be read here (making the tokenizer then says what is wrong with it)."""
+  try:
+    return tokenizer_downsample(config)
+  except (OSError, ValueError, KeyError):
+    return 1
+
+
 def tokenizer_downsample(config: ConfigDict) -> int:
   """Image pixels per token side: 1 (pixel), image.patch (patch), 2 ** (len(tokenizer.widths) - 1) (fsq, vq)."""
   return _image_kind(config).downsample(config)
@@ -278,6 +287,9 @@ def validate(config: ConfigDict) -> ConfigDict:
   elif learned and c.tokenizer.widths and c.image.size % tokenizer_downsample(c):
     problems.append(f"config.image.size={c.image.size} is not a multiple of the learned tokenizer's downsampling "
                     f"{tokenizer_downsample(c)} (2 ** (len(config.tokenizer.widths) - 1))")
+  elif c.image.tokenizer in ("magvitv2", "vqgan") and c.image.size % _pretrained_downsample(c):
+    problems.append(f"config.image.size={c.image.size} is not a multiple of the {c.image.tokenizer} tokenizer's "
+                    f"downsampling {_pretrained_downsample(c)}")
   elif c.image.size > 0 and c.image.patch > 0 and c.sequence.segments:
     from unimm_jax import sequence  # pylint: disable=g-import-not-at-top  (numpy only, no JAX)
     try:
