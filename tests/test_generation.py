@@ -181,11 +181,12 @@ def test_pipeline_load_of_something_else_is_a_clear_error(tmp_path):
 
 
 def test_the_bundle_format_is_read_without_the_exporter():
-  # export.py writes bundles with Pipeline.load; Pipeline.load reads them with bundle.py, which imports neither.
+  # export.py writes bundles with Pipeline.load; Pipeline.load reads them with bundle.py, which imports neither
+  # (only the safetensors format module, which imports nothing of unimm_jax).
   code = ("import sys; import unimm_jax.bundle; print(sorted(m for m in sys.modules if m.startswith('unimm_jax.'))); "
           "import unimm_jax.pipeline; print('unimm_jax.export' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert out.stdout.split() == ["['unimm_jax.bundle']", "False"], out.stdout
+  assert out.stdout.split() == ["['unimm_jax.bundle',", "'unimm_jax.safetensors_io']", "False"], out.stdout
 
 
 def test_read_safetensors_reads_bfloat16_that_numpy_cannot(tmp_path):
