@@ -66,7 +66,7 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
   return out
 
 
-def _write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
   names = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
   header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
   for name, x in tensors.items():
@@ -104,7 +104,7 @@ def write_checkpoint(directory, cfg: dict, tensors: dict[str, np.ndarray], shard
   parts = np.array_split(np.arange(len(names)), shards)
   weight_map = {}
   for file, idx in zip(files, parts):
-    _write_safetensors(directory / file, {names[i]: tensors[names[i]] for i in idx})
+    write_safetensors(directory / file, {names[i]: tensors[names[i]] for i in idx})
     weight_map.update({names[i]: file for i in idx})
   total = sum(x.nbytes for x in tensors.values())
   (directory / "model.safetensors.index.json").write_text(

@@ -19,9 +19,10 @@ The reference computes in float64, so its error against the float32 unimm_jax pa
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
+
+from tests.llada_upstream import write_safetensors  # the safetensors byte layout, written by hand
 
 
 def tiny_args(**overrides) -> dict:
@@ -134,20 +135,6 @@ def random_tensors(args: dict, seed: int = 0) -> dict[str, np.ndarray]:
   out["quantize.embedding"] = lfq_embedding(bits)
   out["quantize.power_vals"] = (2 ** np.arange(bits - 1, -1, -1)).astype(np.int64)
   return out
-
-
-def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
-  names = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
-  header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-  for name, x in tensors.items():
-    raw = np.ascontiguousarray(x).tobytes()
-    header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + len(raw)]}
-    offset += len(raw)
-    blobs.append(raw)
-  head = json.dumps(header).encode()
-  head += b" " * (-len(head) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def write_checkpoint(directory, tensors: dict[str, np.ndarray]) -> None:

@@ -277,6 +277,30 @@ class ImageTokenizer(abc.ABC):
     write_json(directory / IMAGE_TOKENIZER_FILE, payload)
 
 
+class CompiledImageTokenizer(ImageTokenizer):
+  """An image tokenizer whose encode and decode are compiled functions of ``(self._params, batch)``
+  (``_encode_fn``: uint8 [B, H, W, C] -> int [B, h*w]; ``_decode_fn``: int32 [B, h*w] -> uint8 [B, H, W, C]), run
+  over chunks of ``encode_batch`` rows (:func:`in_chunks`): the pretrained MAGVIT-v2 and VQ-GAN tokenizers."""
+
+  encode_batch: int
+  _params: Any
+  _encode_fn: Callable
+  _decode_fn: Callable
+
+  def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
+    return in_chunks(lambda c: fn(self._params, c), x, self.encode_batch)
+
+  def _encode(self, images: np.ndarray) -> np.ndarray:
+    if not len(images):
+      return np.zeros((0, self.num_tokens), np.int32)
+    return self._chunked(self._encode_fn, images).astype(np.int32)
+
+  def _decode(self, tokens: np.ndarray) -> np.ndarray:
+    if not len(tokens):
+      return np.zeros((0, *self.image_shape), np.uint8)
+    return self._chunked(self._decode_fn, tokens.astype(np.int32))
+
+
 # ---------------------------------------------------------------------------
 # The registry of kinds
 # ---------------------------------------------------------------------------

@@ -320,7 +320,7 @@ def check_size(size: int, arch: MagvitArch, where: str = "config.image.size") ->
                      f"{arch.downsample}; use e.g. {max(size // arch.downsample, 1) * arch.downsample}")
 
 
-class MagvitV2Tokenizer(base.ImageTokenizer):
+class MagvitV2Tokenizer(base.CompiledImageTokenizer):
   """MAGVIT-v2 with lookup-free quantization as an ImageTokenizer (module docstring).
 
   Encode and decode run as jitted calls over chunks of ``encode_batch`` images (the last one padded), so any
@@ -359,19 +359,6 @@ class MagvitV2Tokenizer(base.ImageTokenizer):
   def code_features(self) -> np.ndarray:
     """float32 [2^D, D]: each code's LFQ vector in {-1, +1}, the decoder's input (the upstream's embedding)."""
     return code_table(self.arch.codebook_dim)
-
-  def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
-    return base.in_chunks(lambda c: fn(self._params, c), x, self.encode_batch)
-
-  def _encode(self, images: np.ndarray) -> np.ndarray:
-    if not len(images):
-      return np.zeros((0, self.num_tokens), np.int32)
-    return self._chunked(self._encode_fn, images).astype(np.int32)
-
-  def _decode(self, tokens: np.ndarray) -> np.ndarray:
-    if not len(tokens):
-      return np.zeros((0, *self.image_shape), np.uint8)
-    return self._chunked(self._decode_fn, tokens.astype(np.int32))
 
   def latents(self, images: np.ndarray) -> np.ndarray:
     """The encoder's output before quantization.  uint8 [N, H, W, C] -> float32 [N, h, w, D]"""

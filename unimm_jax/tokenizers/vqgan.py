@@ -148,7 +148,7 @@ def weights_file(directory: epath.Path) -> epath.Path:
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ---------------------------------------------------------------------------------------------------------------
-class VQGANTokenizer(base.ImageTokenizer):
+class VQGANTokenizer(base.CompiledImageTokenizer):
   """A diffusers VQModel as an ImageTokenizer (module docstring)."""
 
   kind = "vqgan"
@@ -221,19 +221,6 @@ class VQGANTokenizer(base.ImageTokenizer):
   def code_features(self) -> np.ndarray:
     """The codebook, float32 [vocab_size, vq_embed_dim]: what the decoder reads for each code."""
     return self.codebook
-
-  def _chunked(self, fn, x: np.ndarray) -> np.ndarray:
-    return base.in_chunks(lambda c: fn(self._params, c), x, self.encode_batch)
-
-  def _encode(self, images: np.ndarray) -> np.ndarray:
-    if not len(images):
-      return np.zeros((0, self.num_tokens), np.int32)
-    return self._chunked(self._encode_fn, images).astype(np.int32)
-
-  def _decode(self, tokens: np.ndarray) -> np.ndarray:
-    if not len(tokens):
-      return np.zeros((0, *self.image_shape), np.uint8)
-    return self._chunked(self._decode_fn, tokens.astype(np.int32))
 
   def decode_float(self, tokens: np.ndarray) -> np.ndarray:
     """The decoder's output before clipping and rounding.  int [N, h*w] -> float32 [N, H, W, C], ~[0, 1]"""
