@@ -13,8 +13,9 @@ Nothing is written to ``--out`` until every check has passed (the bundle is writ
 
 ``export`` writes a bundle or a training workdir (LoRA runs merged) back in the upstream layout: config.json,
 sharded safetensors with their index, the tokenizer files, each tensor in the upstream's dtype (the imported
-checkpoint's, recorded in the bundle), one tensor in memory at a time. Import then export gives the upstream's
-bytes back.
+checkpoint's, recorded in the bundle). The parameters are loaded once on the host (``Pipeline.load``, a LoRA
+workdir merged) and each upstream tensor is made only when its bytes are written. Import then export gives the
+upstream's bytes back.
 
 Formats: ``llada`` (:mod:`unimm_jax.convert.llada`).
 """
@@ -28,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -62,16 +62,13 @@ def _tokenizers(src: epath.Path, config, upstream: dict):
 
 
 def _abstract_params(config, layout, mesh):
-  """({flat name: ShapeDtypeStruct}, {flat name: NamedSharding}) of the model's parameters: nothing allocated."""
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from unimm_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  model = transformer.from_config(config, layout, platform=mesh.devices.flat[0].platform)
-  rules = sharding_lib.rules_of(config)
-  with sharding_lib.scope(mesh, rules):
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, layout.seq_len), jnp.int32)))
-  boxed = boxed["params"]
-  shardings = bundle.flatten(sharding_lib.logical_shardings(boxed, mesh, rules))
-  return bundle.flatten(nn.meta.unbox(boxed)), shardings
+  """({flat name: ShapeDtypeStruct}, {flat name: NamedSharding}) of the weights a run of ``config`` starts from
+  (``TrainState.weights``: a LoRA run's base), placed as the trainer places them (``train.state_shardings``);
+  nothing allocated."""
+  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  method = train.make_step_inputs(config, layout, platform=mesh.devices.flat[0].platform)
+  abstract, shardings = train.state_shardings(method, mesh, sharding_lib.rules_of(config))
+  return bundle.flatten(abstract.weights), bundle.flatten(shardings.weights)
 
 
 def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = None) -> dict:
