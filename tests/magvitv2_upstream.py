@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 
-from tests.llada_upstream import write_safetensors  # the safetensors byte layout, written by hand
+from llada_upstream import write_safetensors  # the safetensors byte layout, written by hand
 
 
 def tiny_args(**overrides) -> dict:

@@ -6,14 +6,17 @@ aMUSEd-like one (no mid-block attention, vq_embed_dim = latent_channels, 3 block
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from tests import vqgan_upstream as up
-from unimm_jax import configuration
-from unimm_jax import tokenizers
-from unimm_jax.tokenizers import vqgan
+sys.path.insert(0, os.path.dirname(__file__))
+import vqgan_upstream as up  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from unimm_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimm_jax.tokenizers import vqgan  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SIZE = 16
 CONFIGS = {

@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 # The byte-by-byte safetensors writer (8-byte header length, JSON header, raw little-endian data).
-from tests.llada_upstream import write_safetensors
+from llada_upstream import write_safetensors
 
 EPS = 1e-6
 
