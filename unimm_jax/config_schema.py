@@ -81,6 +81,16 @@ FIELDS: tuple[Field, ...] = (
       "imported vocabulary's own, e.g. LLaDA's 126336), and the vocabulary has no extra row", bounds="[-1, 1e12)",
       state=True),
 
+    F("sequence.special_ids", int, {}, "special tokens that are an upstream vocabulary's own text ids, name -> id "
+      "(MMaDA's '<|soi|>': 126084); they take no id of the special range", open=True, state=True),
+    F("sequence.vocab_rows", int, 0, "0, or the embedding's ids when an upstream has more than its ranges use "
+      "(ids past the ranges are never used)", bounds=">=0", state=True),
+    F("sequence.text_frames", tuple, {}, "segment -> (template, pad side, pad token[, 'trim']): an upstream's "
+      "format of a text segment (data/frames.py), e.g. ('<|t2i|><|startoftext|>{text}<|endoftext|>', 'left', "
+      "'[iPAD]'); in the template, names of sequence.special_ids become their ids, the rest is tokenized", open=True),
+    F("sequence.views", tuple, {}, "other layouts of the same network, name -> segment specs as sequence.segments "
+      "(an imported checkpoint's per-task formats: Pipeline.view)", open=True),
+
     F("text.tokenizer", str, "word", "text tokenizer kind (hf: a Hugging Face tokenizer.json, text.hf_path)",
       choices=("word", "byte", "sentencepiece", "hf"), state=True),
     F("text.max_len", int, 24, "text positions per sequence; captions are truncated / PAD-padded", bounds=">0",
@@ -149,6 +159,9 @@ FIELDS: tuple[Field, ...] = (
       "text backbones have none)", state=True),
     F("model.restrict_output", bool, True, "set the logits of ids outside a position's modality (and of MASK) to "
       "-1e9; False returns the head's raw logits over the whole vocabulary (an imported text-only model)"),
+    F("model.pad_key_id", int, -1, "-1, or a token id that means 'not there': never attended and taking no rotary "
+      "position (needs rope_layout=sequence), so a padded sequence equals the unpadded one (MMaDA's [iPAD] "
+      "left-padding of its prompts)", bounds="[-1, 1e12)"),
     F("model.rope_fraction", float, 0.5, "share of each head's dimensions that rotate; the rest match by content "
       "(BENCHMARKS)", bounds="[0, 1]"),
     F("model.dtype", str, "float32", "compute dtype; bfloat16 keeps float32 master weights",
@@ -241,8 +254,11 @@ FIELDS: tuple[Field, ...] = (
       bounds=">0"),
 
     # Sampler settings of the report and the sample CLI.
-    F("sample.method", str, "confidence", "confidence (MaskGIT) | ancestral (MDLM)",
-      choices=("confidence", "ancestral")),
+    F("sample.method", str, "confidence", "confidence (MaskGIT) | ancestral (MDLM) | threshold (Fast-dLLM: "
+      "every position whose confidence passes sample.threshold, until none is left; steps is the bound)",
+      choices=("confidence", "ancestral", "threshold")),
+    F("sample.preset", str, "", "'' or an upstream's decoding per task, which then replaces the settings below "
+      "(mmada: method/samplers/presets.py)", choices=("", "mmada")),
     F("sample.t2i_steps", int, 16, "steps of text-to-image generation", bounds=">0"),
     F("sample.i2t_steps", int, 24, "steps of image-to-text generation", bounds=">0"),
     F("sample.i2t_candidates", int, 1, "K > 1: K captions per image, the one that makes the image likeliest kept",
@@ -255,6 +271,10 @@ FIELDS: tuple[Field, ...] = (
       "annealed to 0", bounds=">=0"),
     F("sample.reveal_schedule", str, "cosine", "confidence: how many positions each step reveals (uniform: "
       "N // K a step, the first N % K one more, LLaDA's)", choices=("cosine", "linear", "uniform")),
+    F("sample.threshold", float, 0.9, "threshold: a step reveals every masked position whose drawn token has "
+      "probability >= this (at least the most confident one)", bounds="(0, 1]"),
+    F("sample.max_per_step", int, 0, "threshold: the most positions a step reveals, the last step excepted "
+      "(0 = no limit)", bounds=">=0"),
     F("sample.block_length", int, 0, "L > 0: generate the positions of a call in blocks of L, left to right, each "
       "block its own steps (LLaDA's semi-autoregressive decoding); 0 = all at once", bounds=">=0"),
     F("sample.guidance_scale", float, 0.0, "classifier-free guidance against the null condition (0 = none)",

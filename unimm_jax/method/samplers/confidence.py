@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unimm_jax.method.samplers.loop import Step, register_sampler
+from unimm_jax.method.samplers.loop import Step, register_sampler, reveal_all_but
 
 
 def confidence(step: Step) -> jax.Array:
@@ -21,9 +21,7 @@ def confidence(step: Step) -> jax.Array:
   conf = jnp.take_along_axis(step.log_probs, step.candidates[..., None], axis=-1)[..., 0]
   noise_scale = step.config.confidence_noise * (1.0 - (step.k + 1.0) / steps)
   gumbel = jax.vmap(lambda key: jax.random.gumbel(key, step.masked.shape[1:]))(step.noise_key)
-  conf = jnp.where(step.masked, conf + noise_scale * gumbel, jnp.inf)   # given / revealed tokens rank last
-  rank = jnp.argsort(jnp.argsort(conf, axis=1), axis=1)                 # 0 = least confident
-  return step.masked & (rank >= step.remaining[:, None])
+  return reveal_all_but(conf + noise_scale * gumbel, step.masked, step.remaining)
 
 
 register_sampler("confidence", confidence)

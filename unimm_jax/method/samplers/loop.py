@@ -1,10 +1,17 @@
-"""The one sampling loop: fill the MASKs of chosen positions in K parallel steps, as one jitted ``lax.scan``.
+"""The one sampling loop: fill the MASKs of chosen positions in at most K parallel steps, as one jitted
+``lax.while_loop``.
 
 Like MaskGIT's ``decode(inputs, rng, tokens_to_logits, mask_token_id)``, the loop knows nothing of what the
 tokens mean: it gets the network as ``tokens_to_logits``, the starting tokens (MASK where to generate), which
 positions it may generate, and which to guide. What to reveal at each step is the sampling method's, a small
-function registered by name (``confidence.py``, ``ancestral.py``); adding one is a new file and a
-:func:`register_sampler` call.
+function registered by name (``confidence.py``, ``ancestral.py``, ``threshold.py``); adding one is a new file
+and a :func:`register_sampler` call.
+
+The loop runs step k = 0, 1, ... while k < K and some generated position is still MASK, so a batch whose
+examples are all filled stops computing (K is the static bound; every method reveals every masked position at
+step K - 1). An example with nothing left to fill is not changed by later steps. The steps an example took
+(:func:`sample_with_steps`) are the steps that began with at least one of its generated positions MASK: its
+forward passes, at most K.
 
 Classifier-free guidance: log-probabilities ``(1 + w) * cond - w * uncond``, renormalised. ``guide`` is a tuple
 of (target positions, null positions) pairs: at the target positions, ``uncond`` is the model's output with the
@@ -35,12 +42,14 @@ REVEAL_SCHEDULES = ("cosine", "linear", "uniform")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  method: str = "confidence"     # a registered sampler: confidence | ancestral | ...
+  method: str = "confidence"     # a registered sampler: confidence | ancestral | threshold | ...
   steps: int = 32
   temperature: float = 1.0       # token sampling temperature; 0 = argmax
   confidence_noise: float = 1.0  # confidence: scale of the Gumbel noise on confidences at the first step
   reveal_schedule: str = "cosine"  # confidence: cosine | linear | uniform (REVEAL_SCHEDULES)
   guidance_scale: float = 0.0    # w; 0 = plain conditional sampling
+  threshold: float = 0.9         # threshold: reveal every masked position whose candidate has p >= this
+  max_per_step: int = 0          # threshold: the most positions one step reveals (but the last); 0 = no limit
 
   def __post_init__(self):
     if self.method not in _REGISTRY:
@@ -51,6 +60,10 @@ class SamplerConfig:
       raise ValueError(f"steps={self.steps} must be >= 1")
     if self.temperature < 0 or self.guidance_scale < 0:
       raise ValueError("temperature and guidance_scale must be >= 0")
+    if not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
+    if self.max_per_step < 0:
+      raise ValueError(f"max_per_step={self.max_per_step} must be >= 0 (0 = no limit)")
 
 
 @flax.struct.dataclass
@@ -112,6 +125,21 @@ def draw(keys, log_probs, temperature: float):
       jnp.int32)
 
 
+def reveal_all_but(scores, masked, keep):
+  """bool [B, S]: every masked position except the ``keep[b]`` lowest-scoring ones of each example.
+
+  Args:
+    scores: float [B, S] confidences (only the masked positions' are read).
+    masked: bool [B, S] the positions that may be revealed.
+    keep: int [B] how many masked positions stay masked (<= 0: reveal all of them).
+  Ties rank by position, the later position first revealed (a stable sort), so two methods that score alike
+  reveal alike.
+  """
+  scores = jnp.where(masked, scores, jnp.inf)                       # given / revealed positions rank last
+  rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)           # 0 = least confident
+  return masked & (rank >= jnp.asarray(keep)[:, None])
+
+
 Guide = tuple[tuple[tuple[bool, ...], tuple[bool, ...]], ...]   # ((target [S], null [S]), ...), static
 
 
@@ -139,9 +167,8 @@ def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_
 
 def sample(tokens_to_logits: Callable, tokens, keys, *, mask_id: int, config: SamplerConfig,
            schedule: Schedule | None = None, guide: Guide = (), generate=None):
-  """Fills the MASKs in ``tokens``: int32 [B, S] (see :func:`sample_with_trace`)."""
-  return sample_with_trace(tokens_to_logits, tokens, keys, mask_id=mask_id, config=config, schedule=schedule,
-                           guide=guide, generate=generate)[0]
+  """Fills the MASKs in ``tokens``: int32 [B, S] (arguments as :func:`sample_with_trace`)."""
+  return _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, generate)[0]
 
 
 def sample_with_trace(tokens_to_logits: Callable, tokens, keys, *, mask_id: int, config: SamplerConfig,
@@ -159,25 +186,56 @@ def sample_with_trace(tokens_to_logits: Callable, tokens, keys, *, mask_id: int,
     generate: optional bool [S] (static): generate only these positions; a MASK elsewhere stays MASK and reads
       as the null condition of training (e.g. a caption drawn with the image all MASK is drawn from p(text)).
   Returns:
-    (int32 [B, S] with no MASK left where generated, int32 [K, B] masked count after each step).
+    (int32 [B, S] with no MASK left where generated, int32 [K, B] masked count after each step; the rows of
+    steps not run, everything being filled, are 0).
   """
+  return _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, generate)[:2]
+
+
+def sample_with_steps(tokens_to_logits: Callable, tokens, keys, *, mask_id: int, config: SamplerConfig,
+                      schedule: Schedule | None = None, guide: Guide = (), generate=None):
+  """Fills the MASKs in ``tokens`` and reports the steps each example took (arguments as
+  :func:`sample_with_trace`).
+
+  Returns:
+    (int32 [B, S] with no MASK left where generated, int32 [B] steps that began with one of the example's
+    generated positions MASK: its forward passes, 0 when it had none, at most ``config.steps``).
+  """
+  tokens, _, steps_taken = _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, generate)
+  return tokens, steps_taken
+
+
+def _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, generate):
+  """The loop of :func:`sample_with_trace`: (int32 [B, S] tokens, int32 [K, B] masked after each step,
+  int32 [B] steps taken)."""
   steps = config.steps
   given = tokens != mask_id
   if generate is not None:
     given = given | ~jnp.asarray(generate, bool)[None]
-  remaining = remaining_masked((~given).sum(axis=1), steps, config.reveal_schedule)  # [K, B]
+  to_fill = lambda tokens: (tokens == mask_id) & ~given                                     # bool [B, S]
+  remaining = remaining_masked((~given).sum(axis=1), steps, config.reveal_schedule)         # [K, B]
   method = _REGISTRY[config.method]
 
-  def body(tokens, k):
+  def running(carry):
+    k, tokens, _, _ = carry
+    return (k < steps) & to_fill(tokens).any()
+
+  def body(carry):
+    k, tokens, counts, steps_taken = carry
     step_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k), 3))(keys)   # [B, 3, 2]
     log_probs = guided_log_probs(tokens_to_logits, tokens, mask_id, config.guidance_scale, guide)
     candidates = draw(step_keys[:, 0], log_probs, config.temperature)                       # [B, S]
-    masked = (tokens == mask_id) & ~given
+    masked = to_fill(tokens)
     reveal = method(Step(k=k, log_probs=log_probs, candidates=candidates, masked=masked, remaining=remaining[k],
                          noise_key=step_keys[:, 1], uniform_key=step_keys[:, 2], config=config,
                          schedule=schedule))
     tokens = jnp.where(reveal & masked, candidates, tokens)
-    return tokens, ((tokens == mask_id) & ~given).sum(axis=1).astype(jnp.int32)
+    counts = counts.at[k].set(to_fill(tokens).sum(axis=1).astype(jnp.int32))
+    steps_taken = steps_taken + masked.any(axis=1).astype(jnp.int32)
+    return k + 1, tokens, counts, steps_taken
 
-  # One scan over the steps: a single jitted loop, with the tiny per-step counts as its only stacked output.
-  return jax.lax.scan(body, tokens, jnp.arange(steps))
+  batch = tokens.shape[0]
+  init = (jnp.int32(0), tokens, jnp.zeros((steps, batch), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  # A while_loop, not a scan: a batch whose examples are all filled before step K stops computing.
+  _, tokens, counts, steps_taken = jax.lax.while_loop(running, body, init)
+  return tokens, counts, steps_taken
