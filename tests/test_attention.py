@@ -125,3 +125,52 @@ def _equations(jaxpr):
     yield e
     for sub in jax.core.jaxprs_in_params(e.params):
       yield from _equations(sub)
+
+
+PAD = 5   # a text id that means "not there" (model.pad_key_id)
+TEXT_ONLY = SequenceLayout((SequenceLayout.two_segment(13, 9, 6, (3, 3)).segments[0],), text_vocab=13, image_vocab=0)
+
+
+def _padded_models(layout, **overrides):
+  base = TransformerConfig(layout, d_model=32, num_layers=2, num_heads=4, head_dim=16, mlp_dim=48, positions="rope",
+                           rope_layout="sequence", modality_embedding=False, restrict_output=False, pad_key_id=PAD,
+                           vocab_multiple=1, **overrides)
+  return Transformer(base), Transformer(dataclasses.replace(base, attention="splash", attention_interpret=True))
+
+
+def test_pad_tokens_are_not_there_padded_sequences_equal_the_unpadded_ones():
+  """With model.pad_key_id, pads anywhere (MMaDA left-pads its prompts and questions) leave every other position's
+  logits as the sequence without them gives: no query attends a pad and a pad takes no rotary position."""
+  real = np.asarray([[1, 2, 3, 4], [7, 8, 9, 10]])
+  padded = np.asarray([[PAD, PAD, 1, 2, 3, 4], [7, PAD, 8, PAD, 9, 10]])
+  four = SequenceLayout((TEXT_ONLY.segments[0].__class__("text", "text", length=4),), text_vocab=13, image_vocab=0)
+  short, _ = _padded_models(four)
+  long, _ = _padded_models(TEXT_ONLY)
+  params = nn.meta.unbox(long.init(jax.random.PRNGKey(1), padded)["params"])
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
+  want = np.asarray(short.apply({"params": params}, real))
+  got = np.asarray(long.apply({"params": params}, padded))
+  np.testing.assert_allclose(got[padded != PAD].reshape(want.shape), want, atol=1e-5, rtol=0)
+  # Without the option the pads change the other positions (the test can fail).
+  plain = Transformer(dataclasses.replace(long.config, pad_key_id=-1))
+  other = np.asarray(plain.apply({"params": params}, padded))
+  assert np.abs(other[padded != PAD].reshape(want.shape) - want).max() > 1e-3
+
+
+def test_splash_kernel_takes_the_pads_as_segment_ids_and_equals_the_xla_path():
+  xla, splash = _padded_models(TEXT_ONLY)
+  tokens = np.asarray([[PAD, PAD, 1, 2, 3, 4], [7, PAD, 8, PAD, 9, 10]])
+  params = nn.meta.unbox(xla.init(jax.random.PRNGKey(1), tokens)["params"])
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
+  real = tokens != PAD
+  np.testing.assert_allclose(np.asarray(splash.apply({"params": params}, tokens))[real],
+                             np.asarray(xla.apply({"params": params}, tokens))[real], rtol=1e-4, atol=1e-4)
+
+
+def test_pad_key_id_is_a_mask_cudnn_cannot_take_and_needs_sequence_rotary():
+  config = configuration.base_config()
+  config.model.pad_key_id = 3
+  assert own_scores(config.model)["pad_key_id"]
+  with pytest.raises(configuration.ConfigError, match="pad_key_id=3 .* needs config.model.positions='rope' and "
+                     "config.model.rope_layout='sequence'"):
+    configuration.validate(config)

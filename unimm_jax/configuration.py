@@ -313,6 +313,10 @@ def validate(config: ConfigDict) -> ConfigDict:
       attention.resolve(c.model.attention, "any", dtype=c.model.dtype, own_scores=transformer.own_scores(c.model))
     except attention.AttentionConfigError as e:
       problems.append(str(e))
+  if c.model.pad_key_id >= 0 and (c.model.rope_layout != "sequence" or "learned" in c.model.positions):
+    problems.append(f"config.model.pad_key_id={c.model.pad_key_id} (pads take no position) needs "
+                    f"config.model.positions='rope' and config.model.rope_layout='sequence', got "
+                    f"{c.model.positions!r} and {c.model.rope_layout!r}")
   if 2 * c.model.directional_heads > c.model.num_heads:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
                     f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "

@@ -195,7 +195,8 @@ def splash_mask(segment: np.ndarray, is_text: np.ndarray, num_heads: int, direct
 # ---------------------------------------------------------------------------------------------------------------
 # Splash (TPU)
 # ---------------------------------------------------------------------------------------------------------------
-def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating: int = 0, interpret: bool = False):
+def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating: int = 0, interpret: bool = False,
+                     key_valid=None):
   """Attention of [B, S, N, H] q, k, v with the splash kernel -> [B, S, N, H].
 
   Args:
@@ -204,6 +205,9 @@ def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating
     q_raw, k_raw: the unrotated queries and keys, when ``mask`` has two key sets (rotary within a segment).
     rotating: how many leading head dims the rotary embedding turns (those differ between q and q_raw).
     interpret: run the kernel in the Pallas interpreter (any backend: tests on CPU).
+    key_valid: bool [B, S] or None: False at the keys no query may attend (``model.pad_key_id``), given to the
+      kernel as segment ids (a pad is segment 1, every other token and the block padding segment 0), so real
+      queries never see pads (a pad's own query sees only pads; its output is never read).
 
   Inside ``shard_map`` over the mesh in scope (the abstract mesh of :func:`unimm_jax.sharding.scope`), the batch
   split as the logical rules split ``batch`` and the heads as they split ``heads``; the sequence must be whole.
@@ -227,11 +231,16 @@ def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating
                           padded(jnp.concatenate([zeros, k_raw[..., :r], k_raw[..., r:]], -1))], axis=2)
     vs = jnp.concatenate([padded(v), padded(v)], axis=2)
 
+  segment_ids = None
+  if key_valid is not None:
+    ids = jnp.pad((~key_valid).astype(jnp.int32), ((0, 0), (0, pad - s)))               # [B, S']
+    segment_ids = splash.SegmentIds(q=ids, kv=jnp.concatenate([ids] * (ks.shape[2] // pad), axis=1))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     kernel = splash.make_splash_mha(splash_masks.MultiHeadMask([splash_masks.NumpyMask(m) for m in mask]),
                                     head_shards=1, q_seq_shards=1, interpret=interpret)
-    out = jax.vmap(kernel)(qs, ks, vs)
+    out = jax.vmap(kernel)(qs, ks, vs, segment_ids=segment_ids) if segment_ids is not None else \
+        jax.vmap(kernel)(qs, ks, vs)
   else:
     batch_axes, length_axes, head_axes, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
     if length_axes is not None:
@@ -247,9 +256,15 @@ def splash_attention(q, k, v, mask: np.ndarray, q_raw=None, k_raw=None, rotating
                                     head_shards=head_shards, q_seq_shards=1, interpret=interpret)
     kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, jax.P(head_axes, None)))
     spec = jax.P(batch_axes, head_axes, None, None)
-    run = jax.shard_map(lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v), mesh=mesh,
-                        in_specs=(kernel_spec, spec, spec, spec), out_specs=spec, check_vma=False)
-    out = run(kernel, qs, ks, vs)
+    if segment_ids is None:
+      run = jax.shard_map(lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v), mesh=mesh,
+                          in_specs=(kernel_spec, spec, spec, spec), out_specs=spec, check_vma=False)
+      out = run(kernel, qs, ks, vs)
+    else:
+      ids_spec = splash.SegmentIds(q=jax.P(batch_axes, None), kv=jax.P(batch_axes, None))
+      run = jax.shard_map(lambda kernel, q, k, v, ids: jax.vmap(kernel)(q, k, v, segment_ids=ids), mesh=mesh,
+                          in_specs=(kernel_spec, spec, spec, spec, ids_spec), out_specs=spec, check_vma=False)
+      out = run(kernel, qs, ks, vs, segment_ids)
   return heads_first(out[:, :, :s]).astype(v.dtype)
 
 

@@ -75,16 +75,18 @@ def apply_rope_1d(x, positions, theta: float):
 
   Args:
     x: [B, S, N, H] queries or keys, H even.
-    positions: int32 [S]: each position's index.
+    positions: int32 [S]: each position's index; or int32 [B, S], each example's own (``model.pad_key_id``:
+      pads take no position).
     theta: rotary base.
   Returns:
     [B, S, N, H], same dtype as x (computed in float32).
   """
   half = x.shape[-1] // 2
   freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))   # [H/2]
-  angles = positions.astype(jnp.float32)[:, None] * freqs                               # [S, H/2]
-  sin = jnp.sin(angles)[None, :, None, :]
-  cos = jnp.cos(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * freqs                             # [(B,) S, H/2]
+  angles = angles if angles.ndim == 3 else angles[None]                                 # [1 or B, S, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
@@ -111,10 +113,11 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segments=None):
-    """x: [B, S, D], positions: int32 [S, 2], segments: (segment index int [S], is-text bool [S][, modality id
-    int [S]]) of each position (needed when not cross_modal_rope, or with directional heads; without the modality
-    ids, pairs rotate within a segment) -> [B, S, D].
+  def __call__(self, x, positions, segments=None, key_valid=None):
+    """x: [B, S, D], positions: int32 [S, 2] (or [B, S, 2] per example with ``rope_1d``), segments: (segment
+    index int [S], is-text bool [S][, modality id int [S]]) of each position (needed when not cross_modal_rope,
+    or with directional heads; without the modality ids, pairs rotate within a segment), key_valid: bool [B, S]
+    or None, False at the keys no query may attend (pad tokens, ``model.pad_key_id``) -> [B, S, D].
 
     With ``cross_modal_rope=False``, the rotary embedding applies within a modality only: a pair of positions of
     one modality scores with the rotated q, k (relative offsets in a caption; on the grid, also between two image
@@ -158,7 +161,7 @@ class Attention(nn.Module):
       # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
       r = int(self.head_dim * self.rope_fraction) // 4 * 4
       if self.rope_1d:
-        rope = lambda x: apply_rope_1d(x, positions[:, 0], self.rope_theta)
+        rope = lambda x: apply_rope_1d(x, positions[..., 0], self.rope_theta)
       else:
         rope = lambda x: apply_rope_2d(x, positions, self.rope_theta)
       rot = lambda x: jnp.concatenate([rope(x[..., :r]), x[..., r:]], -1)
@@ -172,9 +175,9 @@ class Attention(nn.Module):
       raise ValueError(f"directional_heads={self.directional_heads} needs at least {2 * self.directional_heads} "
                        f"heads, got {self.num_heads}")
     if self.kernel == "cudnn":
-      if within_segment_rope or self.directional_heads:
-        raise attention.AttentionConfigError("cuDNN attention cannot take cross_modal_rope=False or "
-                                             "directional_heads > 0 (attention.resolve)")
+      if within_segment_rope or self.directional_heads or key_valid is not None:
+        raise attention.AttentionConfigError("cuDNN attention cannot take cross_modal_rope=False, "
+                                             "directional_heads > 0 or pad_key_id (attention.resolve)")
       out = attention.cudnn_attention(q, k, v)
     elif self.kernel == "splash":
       if self.static_segments is None:
@@ -182,11 +185,15 @@ class Attention(nn.Module):
       segment, text, *groups = (np.asarray(a) for a in self.static_segments)
       mask = attention.splash_mask(segment, text, self.num_heads, self.directional_heads, within_segment_rope,
                                    groups=groups[0] if groups else None)
-      out = attention.splash_attention(q, k, v, mask, q_raw, k_raw, r, interpret=self.interpret)
+      out = attention.splash_attention(q, k, v, mask, q_raw, k_raw, r, interpret=self.interpret,
+                                       key_valid=key_valid)
     else:
       allowed = None
       if self.directional_heads:
         allowed = attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads, xp=jnp)[None]
+      if key_valid is not None:
+        keys = key_valid[:, None, None, :]                                                # [B, 1, 1, S]
+        allowed = keys if allowed is None else allowed & keys
       if within_segment_rope:
         group = segments[2] if len(segments) > 2 else segments[0]   # the modality (default: the segment)
         same = (group[:, None] == group[None, :])[None, None]                            # [1, 1, S, S]
@@ -279,12 +286,13 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segments=None):  # [B, S, D] -> [B, S, D]
+  def __call__(self, x, positions, segments=None, key_valid=None):  # [B, S, D] -> [B, S, D]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
                       self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
-                      self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(h, positions, segments)
+                      self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(h, positions, segments,
+                                                                                           key_valid)
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -49,8 +49,8 @@ REMAT_POLICIES = {
 def _ScanBlock(block_cls):  # pylint: disable=invalid-name
   """``block_cls`` with the (carry, output) signature ``nn.scan`` needs."""
   class ScanBlock(block_cls):
-    def __call__(self, x, positions, segments):
-      return super().__call__(x, positions, segments), None
+    def __call__(self, x, positions, segments, key_valid=None):
+      return super().__call__(x, positions, segments, key_valid), None
   ScanBlock.__name__ = f"Scan{block_cls.__name__}"
   return ScanBlock
 
@@ -85,6 +85,7 @@ class TransformerConfig:
   embedding_scale: float = 0.5773502691896258   # input embeddings times this (1/sqrt(3); imported backbones 1)
   modality_embedding: bool = True   # a learned vector per modality added to the input
   restrict_output: bool = True      # logits outside a position's modality (and MASK) set to NEG_INF
+  pad_key_id: int = -1         # >= 0: tokens of this id are not there (never attended, no position; MMaDA's [iPAD])
 
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
@@ -103,7 +104,8 @@ def own_scores(model_config) -> dict[str, bool]:
   rotary = model_config.get("positions", "rope") in ("rope", "rope+learned") and \
       int(model_config.get("head_dim", 32) * model_config.get("rope_fraction", 1.0)) // 4 > 0
   return {"directional_heads": bool(model_config.get("directional_heads", 0)),
-          "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True)}
+          "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True),
+          "pad_key_id": model_config.get("pad_key_id", -1) >= 0}
 
 
 def token_positions(layout: SequenceLayout, rope_layout: str = "segment") -> np.ndarray:
@@ -201,6 +203,13 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     positions = jnp.asarray(token_positions(layout, cfg.rope_layout))
+    key_valid = None
+    if cfg.pad_key_id >= 0:
+      # A pad is not there: no query attends it and it takes no position, so the tokens around it see each other
+      # at the offsets they would have without it (MMaDA left-pads its prompts and masks the pads out).
+      key_valid = tokens != cfg.pad_key_id                                       # bool [B, S]
+      counted = jnp.maximum(jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1, 0)
+      positions = jnp.repeat(counted[..., None], 2, axis=-1)                     # int32 [B, S, 2]
     segments = segment_info(layout)
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     static_segments = None
@@ -218,10 +227,10 @@ class Transformer(nn.Module):
       # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
       stack = nn.scan(_ScanBlock(block), variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, segments)
+      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, segments, key_valid)
     else:
       for i in range(cfg.num_layers):
-        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments)
+        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments, key_valid)
     x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
