@@ -41,20 +41,24 @@ from absl import logging
 from unimm_jax import bundle, configuration, init_from, sequence, storage
 from unimm_jax.data import input_pipeline
 from unimm_jax.method import samplers
+from unimm_jax.method.samplers import presets
 from unimm_jax.method import tasks as tasks_lib
 from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models import transformer
 
 JOINT_ORDERS = ("together", "text_first", "image_first")
 HOLE = "<mask>"   # infill: one masked text token
+CAPTION_QUESTION = "Please describe this image in detail."   # image_to_text on a model that answers questions
 _STEPS_KEY = {"t2i": "t2i_steps", "inpaint": "t2i_steps", "i2t": "i2t_steps", "infill": "i2t_steps",
               "joint": "joint_steps", "edit": "edit_steps", "vqa": "vqa_steps"}
 
 
 def sampler_kwargs(config, task: str) -> dict:
   """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill | edit | vqa) as call
-  arguments."""
+  arguments: a preset's (``sample.preset``: an upstream's own decoding, ``samplers/presets.py``), or the fields'."""
   s = config.sample
+  if s.get("preset", ""):
+    return presets.preset_kwargs(s.preset, task, int(config.text.max_len))
   kw = dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
             confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
   if task == "joint":
@@ -124,9 +128,11 @@ class Pipeline:
     if key not in self._samplers:
       def run(params, tokens, keys, stage_masks, guide_masks):   # bool [n_stages, S], bool [n_guide, 2, S]
         logits_fn = lambda t: self.model.apply({"params": params}, t)
-        if not self.model.config.restrict_output:   # raw logits: MASK is never a candidate all the same
-          mask_column = jnp.arange(self.layout.size) == self.layout.mask_id
-          logits_fn = lambda t, f=logits_fn: jnp.where(mask_column, transformer.NEG_INF, f(t))
+        if not self.model.config.restrict_output:
+          # Raw logits (an imported model): MASK is never a candidate all the same, and an image position draws
+          # an image code (the upstreams slice their logits to the codebook there; text takes any id).
+          banned = self._raw_logits_banned()
+          logits_fn = lambda t, f=logits_fn: jnp.where(banned[None], transformer.NEG_INF, f(t))
         pairs = tuple((guide_masks[j, 0], guide_masks[j, 1]) for j in range(guide_masks.shape[0]))
         for i in range(stage_masks.shape[0]):
           stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
@@ -138,6 +144,56 @@ class Pipeline:
     guide_masks = jnp.asarray(np.asarray(guide, bool).reshape(len(guide), 2, self.layout.seq_len))
     fn = self._samplers[key]
     return lambda params, tokens, keys: fn(params, tokens, keys, stage_masks, guide_masks)
+
+  def _raw_logits_banned(self):
+    """bool [S, V]: the ids a model with raw logits may not draw: at each position the ids outside its modality's
+    range, and MASK (the layout's ``allowed_ids``). The upstreams slice their logits to the codebook at image
+    positions; at text positions MMaDA takes the argmax over the whole vocabulary, which a trained model puts on
+    text ids, and a text id is what a text segment can decode."""
+    return ~self.layout.allowed_ids(jnp)
+
+  # ---- views: other layouts of the same network ----------------------------------------------------------------
+  def view(self, name: str) -> "Pipeline":
+    """The same network and weights over the layout ``config.sequence.views[name]``: an imported checkpoint's
+    format for one task (MMaDA's ``t2i`` and ``mmu``). Valid only for a network whose parameters and forward do
+    not depend on the layout (rotary positions over the flat sequence, no modality embedding, no code
+    features), which is checked."""
+    views = getattr(self, "_views", None)
+    if views is None:
+      views = self._views = {}
+    if name not in views:
+      m = self.config.model
+      if m.positions != "rope" or m.rope_layout != "sequence" or m.modality_embedding or m.image_code_features:
+        raise ValueError(f"Pipeline.view({name!r}): this network depends on its layout (config.model.positions="
+                         f"{m.positions!r}, rope_layout={m.rope_layout!r}, modality_embedding="
+                         f"{m.modality_embedding}, image_code_features={m.image_code_features}); only an imported "
+                         "backbone's network (rope over the flat sequence, no modality embedding) has views")
+      toks = self.tokenizers.view(name)
+      views[name] = Pipeline(self._view_config(toks), self.params, toks, batch_size=self.batch_size, step=self.step)
+    return views[name]
+
+  def _view_config(self, toks: input_pipeline.Tokenizers):
+    """The config of a view: its segments, and the declared tasks whose roles name only its segments (the
+    likelihood and the loss of the view; every generative segment noised when none fits)."""
+    config = configuration.from_dict(self.config.to_dict())
+    config.sequence.segments = toks.segments
+    names = set(toks.layout.names)
+    roles = dict(config.diffusion.task_roles)
+    fitting = [t for t, spec in roles.items() if set(tasks_lib.parse_roles(spec)) <= names]
+    if not fitting:
+      roles["view"] = " ".join(f"{s.name}:noised" for s in toks.layout.segments if s.generative)
+      fitting = ["view"]
+    config.diffusion.task_roles = roles
+    config.diffusion.tasks = {t: 1.0 for t in fitting}
+    return config
+
+  def _for_task(self, task: str) -> "Pipeline":
+    """The view that holds ``task``'s format (``sequence.views``), or this pipeline when there is none or this
+    is it."""
+    views = dict(self.config.sequence.get("views", {}))
+    if task not in views or tuple(map(tuple, views[task])) == tuple(map(tuple, self.tokenizers.segments)):
+      return self
+    return self.view(task)
 
   def _sampler_config(self, steps, temperature, guidance_scale, method, **kw) -> samplers.SamplerConfig:
     return samplers.SamplerConfig(method=method, steps=int(steps), temperature=float(temperature),
@@ -245,6 +301,8 @@ class Pipeline:
     if seg.modality == sequence.SPECIAL:
       raise ValueError(f"segment {name!r} holds fixed special tokens; it cannot be given")
     if seg.modality == sequence.TEXT and not (isinstance(value, np.ndarray) and value.dtype.kind in "iu"):
+      if name in dict(self.tokenizers.frames):   # an upstream's format (sequence.text_frames)
+        return self.tokenizers.encode_text(name, [value] if isinstance(value, str) else list(value), seg.length)
       return self._text_ids(list(value) if not isinstance(value, str) else value, seg.length)
     arr = np.asarray(value)
     if seg.modality == sequence.IMAGE and arr.dtype == np.uint8 and arr.ndim in (3, 4):
@@ -312,6 +370,13 @@ class Pipeline:
       return {k: v for k, v in self.layout.unpack(np.asarray(out)).items() if k in names}
     return self.tokenizers.decode_segments(out, names)
 
+  def start_tokens(self, given: Mapping[str, Any] | None = None, generate: Sequence[str] = (), *,
+                   n: int | None = None) -> np.ndarray:
+    """int32 [N, S]: the sequences :meth:`complete` starts from for these arguments: the given segments' tokens
+    (in an upstream's format where the config frames them, ``sequence.text_frames``), MASK where it generates.
+    To compare a format with its upstream token for token."""
+    return self._plan(given or {}, generate, n)[0]
+
   def _plan(self, given, generate, n, null=()):
     """(starting tokens [N, S], stages (tuple of tuples of segment names), given segments with holes); segments
     neither given, generated nor ``null`` are absent in a layout with absent segments."""
@@ -367,6 +432,9 @@ class Pipeline:
     ``options`` (every generation method): ``confidence_noise`` and ``reveal_schedule`` of the confidence
     sampler (:class:`~unimm_jax.method.samplers.SamplerConfig`).
     """
+    pipe = self._for_task("t2i")
+    if pipe is not self:
+      return pipe.text_to_image(prompts, steps, guidance_scale, temperature, seed, method, **options)
     text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
     return self.complete({text: prompts}, [image], steps=steps, guidance_scale=guidance_scale,
                          temperature=temperature, seed=seed, method=method, **options)[image]
@@ -384,6 +452,12 @@ class Pipeline:
     the captions whose objects sit in the wrong cells, equally likely to the captioning direction, are told
     apart by the drawing one. Costs K sampling loops and K scoring passes.
     """
+    if "mmu" in dict(self.config.sequence.get("views", {})):   # an upstream's understanding format: a question
+      if candidates != 1:
+        raise ValueError("candidates > 1 needs a [text | image] model's captioning direction; this model captions "
+                         "by answering a question (Pipeline.answer)")
+      return self.answer(images, [CAPTION_QUESTION] * len(np.asarray(images)), steps=steps,
+                         guidance_scale=guidance_scale, temperature=temperature, seed=seed, method=method, **options)
     drawn, bits = self._caption_candidates(images, candidates, seed, steps=steps, temperature=temperature,
                                            guidance_scale=guidance_scale, method=method, **options)
     best = drawn[bits.argmin(axis=0), np.arange(drawn.shape[1])]
@@ -527,6 +601,9 @@ class Pipeline:
     The segments holding ``image``, ``question`` and ``answer`` (:meth:`segment_for`) are given, given and
     generated; guidance nulls the question.
     """
+    pipe = self._for_task("mmu")
+    if pipe is not self:
+      return pipe.answer(images, questions, steps, guidance_scale, temperature, seed, method, **options)
     return self._image_and_text(("image", "question", "answer"), images, questions, "question", steps=steps,
                                 guidance_scale=guidance_scale, temperature=temperature, seed=seed, method=method,
                                 **options)

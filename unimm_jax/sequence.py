@@ -115,6 +115,10 @@ class SequenceLayout:
   specials: tuple[str, ...] = ()
   id_align: int = 1
   explicit_mask_id: int = -1   # >= 0: MASK is this text id (an upstream vocabulary's own), no extra row
+  # Special tokens that are an upstream vocabulary's own text ids (MMaDA's <|soi|> is 126,084), as ((name, id), ...);
+  # they take no id of the special range.
+  special_ids: tuple[tuple[str, int], ...] = ()
+  vocab_rows: int = 0          # > 0: the embedding has this many ids, the ones past the ranges never used
 
   def __post_init__(self):
     segments = tuple(self.segments)
@@ -140,10 +144,19 @@ class SequenceLayout:
     specials = list(self.specials)
     for s in segments:
       specials += [t for t in s.tokens if t not in specials]
+    explicit = dict(self.special_ids)
+    for name, i in explicit.items():
+      if not 0 <= i < self.text_vocab:
+        raise ValueError(f"special token {name!r}: an upstream id must be a text id (< text_vocab {self.text_vocab}), "
+                         f"got {i}")
+    object.__setattr__(self, "special_ids", tuple(sorted(explicit.items())))
     object.__setattr__(self, "segments", segments)
     object.__setattr__(self, "specials", tuple(specials))
     starts = np.cumsum([0] + [s.size for s in segments])
     object.__setattr__(self, "_starts", tuple(int(x) for x in starts))
+    natural = self.id_range(SPECIAL)[1] + (0 if self.explicit_mask_id >= 0 else 1)
+    if self.vocab_rows and self.vocab_rows < natural:
+      raise ValueError(f"SequenceLayout.vocab_rows={self.vocab_rows} is smaller than the {natural} ids of the ranges")
 
   @classmethod
   def two_segment(cls, text_vocab: int, image_vocab: int, text_len: int, image_grid,
@@ -161,7 +174,13 @@ class SequenceLayout:
     image_lo = self._aligned(self.text_vocab)
     special_lo = self._aligned(image_lo + self.image_vocab)
     return {TEXT: (0, self.text_vocab), IMAGE: (image_lo, image_lo + self.image_vocab),
-            SPECIAL: (special_lo, special_lo + len(self.specials))}[modality]
+            SPECIAL: (special_lo, special_lo + len(self._ranged_specials))}[modality]
+
+  @property
+  def _ranged_specials(self) -> tuple[str, ...]:
+    """The special tokens that take ids of the special range (those without an upstream id)."""
+    explicit = dict(self.special_ids)
+    return tuple(t for t in self.specials if t not in explicit)
 
   @property
   def text_offset(self) -> int:
@@ -174,7 +193,10 @@ class SequenceLayout:
   def special_id(self, token: str) -> int:
     if token not in self.specials:
       raise KeyError(f"no special token {token!r} in the layout (has {self.specials})")
-    return self.id_range(SPECIAL)[0] + self.specials.index(token)
+    explicit = dict(self.special_ids)
+    if token in explicit:
+      return explicit[token]
+    return self.id_range(SPECIAL)[0] + self._ranged_specials.index(token)
 
   @property
   def has_absent(self) -> bool:
@@ -194,8 +216,9 @@ class SequenceLayout:
 
   @property
   def size(self) -> int:
-    """Rows of the embedding table: text + image + specials + MASK (no extra row with ``explicit_mask_id``)."""
-    return self.id_range(SPECIAL)[1] + (0 if self.explicit_mask_id >= 0 else 1)
+    """Rows of the embedding table: text + image + specials + MASK (no extra row with ``explicit_mask_id``), or
+    ``vocab_rows`` (an upstream's embedding with unused ids past its ranges)."""
+    return self.vocab_rows or self.id_range(SPECIAL)[1] + (0 if self.explicit_mask_id >= 0 else 1)
 
   # ---- segments ----------------------------------------------------------------------------------------------
   @property
@@ -420,7 +443,7 @@ class SequenceLayout:
   def to_dict(self) -> dict:
     return {"segments": [dataclasses.asdict(s) for s in self.segments], "text_vocab": self.text_vocab,
             "image_vocab": self.image_vocab, "specials": list(self.specials), "id_align": self.id_align,
-            "mask_id": self.mask_id}
+            "mask_id": self.mask_id, "special_ids": dict(self.special_ids), "vocab_size": self.size}
 
 
 def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> SequenceLayout:
@@ -431,13 +454,13 @@ def from_config(config, text_vocab: int, image_vocab: int, image_grid) -> Sequen
   Segment specs: ``(name, 'text'[, length])``, ``(name, 'image')``, ``(name, 'special', token, ...)``.
   """
   specs = tuple(config.sequence.segments)
-  align = int(config.sequence.get("id_align", 1))
-  mask = int(config.sequence.get("mask_id", -1))
+  kw = dict(id_align=int(config.sequence.get("id_align", 1)), explicit_mask_id=int(config.sequence.get("mask_id", -1)),
+            special_ids=tuple(dict(config.sequence.get("special_ids", {})).items()),
+            vocab_rows=int(config.sequence.get("vocab_rows", 0)))
   if not specs:
-    return SequenceLayout((text(TEXT, config.text.max_len), image(IMAGE, image_grid)), text_vocab, image_vocab,
-                          id_align=align, explicit_mask_id=mask)
+    return SequenceLayout((text(TEXT, config.text.max_len), image(IMAGE, image_grid)), text_vocab, image_vocab, **kw)
   return SequenceLayout(parse_segments(specs, config.text.max_len, image_grid), text_vocab, image_vocab,
-                        tuple(config.sequence.specials), id_align=align, explicit_mask_id=mask)
+                        tuple(config.sequence.specials), **kw)
 
 
 def parse_segments(specs, text_len: int, image_grid) -> tuple[Segment, ...]:

@@ -17,7 +17,8 @@ checkpoint's, recorded in the bundle). The parameters are loaded once on the hos
 workdir merged) and each upstream tensor is made only when its bytes are written. Import then export gives the
 upstream's bytes back.
 
-Formats: ``llada`` (:mod:`unimm_jax.convert.llada`).
+Formats: ``llada`` (:mod:`unimm_jax.convert.llada`), ``mmada`` (:mod:`unimm_jax.convert.mmada`: the backbone
+plus the MAGVIT-v2 codes and MMaDA's task formats; ``--image_tokenizer`` names the MAGVIT-v2 directory).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from absl import logging
 from etils import epath
 
 from unimm_jax import bundle, configuration, sharding as sharding_lib, storage
-from unimm_jax.convert import llada
+from unimm_jax.convert import llada, mmada
 from unimm_jax import safetensors_io as st
 from unimm_jax.convert.llada import ConvertError
 
-FORMATS = {"llada": llada}
+FORMATS = {"llada": llada, "mmada": mmada}
 ROW_BLOCK_BYTES = 64 * 2**20   # large single tensors are read in row blocks of this size (_in_row_blocks)
 CONVERT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -53,11 +54,11 @@ def _format(name: str):
 def _tokenizers(src: epath.Path, config, upstream: dict):
   from unimm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  if not (src / "tokenizer.json").exists():
-    raise ConvertError(f"{src}: no tokenizer.json (download the whole model directory, tokenizer files included)")
-  text = tokenizers.HfTokenizer.from_path(src, vocab_size=config.text.vocab_size,
-                                          pad_id=upstream.get("pad_token_id"))
-  image = tokenizers.image_kind(config.image.tokenizer).make(config, [])
+  text = _text_tokenizer(src, upstream, config.text.vocab_size)
+  try:
+    image = tokenizers.image_kind(config.image.tokenizer).make(config, [])
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(f"the image tokenizer: {e}") from e
   return input_pipeline.tokenizers_for(config, text, image)
 
 
@@ -71,7 +72,43 @@ def _abstract_params(config, layout, mesh):
   return bundle.flatten(abstract.weights), bundle.flatten(shardings.weights)
 
 
-def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = None) -> dict:
+def default_config(fmt: str, src, upstream: dict, *, seq_len: int | None = None, image_tokenizer: str = "",
+                   lengths: dict[str, int] | None = None):
+  """The unimm_jax config of the upstream checkpoint in ``src`` (its ``config.json`` already read as
+  ``upstream``): the backbone over a text-only layout of ``seq_len`` tokens (llada), or the unified model with
+  the MAGVIT-v2 tokenizer at ``image_tokenizer`` and the upstream's task formats (mmada; ``lengths``: its
+  ``max_text_len``, ``question_len``, ``answer_len``)."""
+  config = configuration.base_config()
+  if fmt != "mmada":
+    return _format(fmt).apply_backbone(config, upstream, seq_len)
+  if not image_tokenizer:
+    raise ConvertError("--format=mmada needs --image_tokenizer=DIR: the MAGVIT-v2 weights the checkpoint's codes "
+                       "are of (showlab/magvitv2, as safetensors)")
+  from unimm_jax.tokenizers import magvitv2  # pylint: disable=g-import-not-at-top
+  text = _text_tokenizer(src, upstream)
+  try:
+    arch = magvitv2.read_checkpoint(epath.Path(image_tokenizer))[0]
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(f"--image_tokenizer={image_tokenizer}: {e}") from e
+  codebook = int(upstream.get("codebook_size", 8192))
+  if arch.codebook_size != codebook:
+    raise ConvertError(f"{src}/config.json codebook_size={codebook} but the MAGVIT-v2 tokenizer at "
+                       f"{image_tokenizer} has {arch.codebook_size} codes: the image ids would not be its codes")
+  mmada.apply_unified(config, upstream, text_vocab=text.vocab_size, task_ids=mmada.special_ids(text),
+                      downsample=arch.downsample, **(lengths or {}))
+  config.image.tokenizer_path = str(image_tokenizer)
+  return config
+
+
+def _text_tokenizer(src: epath.Path, upstream: dict, vocab_size: int = 0):
+  from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  if not (src / "tokenizer.json").exists():
+    raise ConvertError(f"{src}: no tokenizer.json (download the whole model directory, tokenizer files included)")
+  return tokenizers.HfTokenizer.from_path(src, vocab_size=vocab_size, pad_id=upstream.get("pad_token_id"))
+
+
+def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = None,
+                      image_tokenizer: str = "", lengths: dict[str, int] | None = None) -> dict:
   """Converts the upstream checkpoint in ``src`` to a bundle in ``out`` (module docstring); returns its
   ``model.json``. ``config``: the target config (checked against the upstream's), or None for the upstream's
   architecture over a text-only layout of ``seq_len`` tokens."""
@@ -82,7 +119,8 @@ def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = 
   # One process writes one file, each parameter made on the host on its turn (nothing is placed: a host would
   # otherwise hold the model twice, once placed and once as the copies the writer reads); several processes
   # place their shards and write them with Orbax.
-  imported = import_params(fmt, src, config, seq_len=seq_len, place=jax.process_count() > 1)
+  imported = import_params(fmt, src, config, seq_len=seq_len, place=jax.process_count() > 1,
+                           image_tokenizer=image_tokenizer, lengths=lengths)
   write_bundle(imported, out)
   logging.info("imported %s -> %s: %s parameters in %.1f s", src, out, f"{imported.meta['param_count']:,}",
                time.perf_counter() - start)
@@ -100,7 +138,8 @@ class Imported:
   shapes: dict[str, Any]           # flat name -> jax.ShapeDtypeStruct
 
 
-def import_params(fmt: str, src, config=None, *, seq_len: int | None = None, place: bool = True) -> Imported:
+def import_params(fmt: str, src, config=None, *, seq_len: int | None = None, place: bool = True,
+                  image_tokenizer: str = "", lengths: dict[str, int] | None = None) -> Imported:
   """Reads and checks the upstream checkpoint in ``src`` (see :func:`import_checkpoint`) and, with ``place``,
   places every parameter into its sharding on the config's mesh; writes nothing. Without ``place``,
   ``Imported.params`` holds, per parameter, a function that makes its whole value on the host (the one-process
@@ -111,7 +150,10 @@ def import_params(fmt: str, src, config=None, *, seq_len: int | None = None, pla
     raise ConvertError(f"{src}: no {CONFIG_FILE} (is it a Hugging Face model directory?)")
   upstream = json.loads((src / CONFIG_FILE).read_text())
   if config is None:
-    config = module.apply_backbone(configuration.base_config(), upstream, seq_len)
+    config = default_config(fmt, src, upstream, seq_len=seq_len, image_tokenizer=image_tokenizer, lengths=lengths)
+  elif image_tokenizer:
+    config = configuration.from_dict(config.to_dict())   # an unlocked copy
+    config.image.tokenizer_path = str(image_tokenizer)
   configuration.validate(config)
   reader = st.CheckpointReader(src)
   toks = _tokenizers(src, config, upstream)

@@ -2,6 +2,8 @@
 
     python -m unimm_jax.convert import --format=llada --src=HF_DIR --out=BUNDLE [--config=configs/llada_8b.py]
                                       [--seq_len=N] [--config.mesh.shape=...]
+    python -m unimm_jax.convert import --format=mmada --src=HF_DIR --image_tokenizer=MAGVIT_DIR --out=BUNDLE
+                                      [--config=configs/mmada_8b.py]
     python -m unimm_jax.convert export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR
                                       [--dtype=bfloat16|float32] [--max_shard_gb=5]
 
@@ -15,6 +17,7 @@ import json
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from unimm_jax import configuration
@@ -22,18 +25,25 @@ from unimm_jax import safetensors_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Target config (import); default: the upstream's "
                                           "architecture.", lock_config=True)
-_FORMAT = flags.DEFINE_string("format", "llada", "Upstream layout: llada.")
+_FORMAT = flags.DEFINE_string("format", "llada", "Upstream layout: llada | mmada.")
 _SRC = flags.DEFINE_string("src", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a bundle or a training workdir.")
 _OUT = flags.DEFINE_string("out", None, "The new directory to write.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "import without --config: tokens per sequence.")
 _DTYPE = flags.DEFINE_string("dtype", None, "export: stored dtype (default: each tensor's upstream dtype).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors shard, in GB (2^30).")
+_IMAGE_TOKENIZER = flags.DEFINE_string("image_tokenizer", "", "import --format=mmada: the MAGVIT-v2 directory "
+                                       "(safetensors + config.json) whose codes the checkpoint's image ids are.")
+_MAX_TEXT_LEN = flags.DEFINE_integer("max_text_len", 128, "import --format=mmada without --config: the text-to-image "
+                                     "prompt's tokens (the upstream's max_text_len; its segment holds one more).")
+_QUESTION_LEN = flags.DEFINE_integer("question_len", 64, "import --format=mmada without --config: tokens of a "
+                                     "question in its chat template.")
+_ANSWER_LEN = flags.DEFINE_integer("answer_len", 128, "import --format=mmada without --config: tokens of an answer.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "import without --config: the stored "
                                  "dtype of the parameters (default float32, the trainer's master weights).")
 
-USAGE = ("usage: python -m unimm_jax.convert import --format=llada --src=HF_DIR --out=BUNDLE [--config=...] | "
-         "export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
+USAGE = ("usage: python -m unimm_jax.convert import --format=llada|mmada --src=HF_DIR --out=BUNDLE [--config=...] "
+         "[--image_tokenizer=DIR] | export --format=llada|mmada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
 
 
 def peak_rss_bytes() -> int | None:
@@ -47,6 +57,12 @@ def peak_rss_bytes() -> int | None:
   except OSError:
     pass
   return None
+
+
+def _lengths() -> dict[str, int] | None:
+  if _FORMAT.value != "mmada":
+    return None
+  return {"max_text_len": _MAX_TEXT_LEN.value, "question_len": _QUESTION_LEN.value, "answer_len": _ANSWER_LEN.value}
 
 
 def main(argv):
@@ -66,13 +82,15 @@ def main(argv):
       config = _CONFIG.value
       if config is None and _PARAM_DTYPE.value:
         with open(f"{_SRC.value}/config.json") as f:
-          config = convert.llada.apply_backbone(configuration.base_config(), json.load(f), _SEQ_LEN.value)
+          config = convert.default_config(_FORMAT.value, epath.Path(_SRC.value), json.load(f), seq_len=_SEQ_LEN.value,
+                                          image_tokenizer=_IMAGE_TOKENIZER.value, lengths=_lengths())
         config.model.param_dtype = _PARAM_DTYPE.value
       if config is not None:
         # Not prepare_host: its allocator setting (mesh.retain_host_memory) keeps every freed buffer in the
         # process, which helps a loop of train steps and would make a streaming import hold each tensor it read.
         configuration.split_cpu_devices(config.mesh.cpu_devices)
-      meta = convert.import_checkpoint(_FORMAT.value, _SRC.value, _OUT.value, config, seq_len=_SEQ_LEN.value)
+      meta = convert.import_checkpoint(_FORMAT.value, _SRC.value, _OUT.value, config, seq_len=_SEQ_LEN.value,
+                                       image_tokenizer=_IMAGE_TOKENIZER.value, lengths=_lengths())
       peak = peak_rss_bytes()
       print(f"imported {_SRC.value} -> {_OUT.value}: {meta['param_count']:,} parameters ({meta['dtype']})"
             + (f"; peak RSS {peak / 2**30:.2f} GiB ({peak} bytes)" if peak else ""))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -31,7 +31,7 @@ from etils import epath
 
 from unimm_jax import configuration, sequence
 from unimm_jax import tokenizers
-from unimm_jax.data import folder, pretokenized, shapes, shapes_tasks, tfds_source
+from unimm_jax.data import folder, frames, pretokenized, shapes, shapes_tasks, tfds_source
 from unimm_jax.sequence import SequenceLayout
 
 TOKENIZER_DIR = "tokenizers"
@@ -113,15 +113,39 @@ class Tokenizers:
   fields: tuple = ()  # ((segment, source key), ...)
   id_align: int = 1   # sequence.id_align
   mask_id: int = -1   # sequence.mask_id
+  special_ids: tuple = ()   # sequence.special_ids as ((name, id), ...)
+  vocab_rows: int = 0       # sequence.vocab_rows
+  frames: tuple = ()        # ((segment, frames.TextFrame), ...): sequence.text_frames
+  views: tuple = ()         # ((name, segment specs), ...): sequence.views
 
   @functools.cached_property
   def layout(self) -> SequenceLayout:
-    if not self.segments:
+    return self._layout_of(self.segments)
+
+  def _layout_of(self, specs) -> SequenceLayout:
+    if not specs:
       segments = (sequence.text(sequence.TEXT, self.text_len), sequence.image(sequence.IMAGE, self.image.grid_shape))
     else:
-      segments = sequence.parse_segments(self.segments, self.text_len, self.image.grid_shape)
+      segments = sequence.parse_segments(specs, self.text_len, self.image.grid_shape)
     return SequenceLayout(segments, self.text.vocab_size, self.image.vocab_size, tuple(self.specials),
-                          id_align=self.id_align, explicit_mask_id=self.mask_id)
+                          id_align=self.id_align, explicit_mask_id=self.mask_id, special_ids=self.special_ids,
+                          vocab_rows=self.vocab_rows)
+
+  def view(self, name: str) -> "Tokenizers":
+    """The same tokenizers over the layout ``sequence.views[name]`` (the network must not depend on the layout:
+    ``Pipeline.view``)."""
+    views = dict(self.views)
+    if name not in views:
+      raise KeyError(f"no sequence view {name!r}; config.sequence.views has {sorted(views) or 'none'}")
+    return dataclasses.replace(self, segments=tuple(map(tuple, views[name])))
+
+  def encode_text(self, segment: str, texts: Sequence[str], length: int) -> np.ndarray:
+    """int32 [B, length] local ids of a text segment: its frame's (``sequence.text_frames``), or the tokenizer's
+    own encoding padded on the right."""
+    frame = dict(self.frames).get(segment)
+    if frame is None:
+      return self.text.encode_batch(texts, length)
+    return frame.encode(self.text, texts, length, dict(self.special_ids))
 
   def field(self, segment: str) -> str:
     """The (first) source key a segment reads."""
@@ -166,7 +190,7 @@ class Tokenizers:
                          f"'{sequence.ABSENT}' in config.sequence.specials")
       if seg.modality == sequence.TEXT:
         texts = ["" if k is None else str(batch[k][i]) for i, k in enumerate(rows)]
-        ids = self.text.encode_batch(texts, seg.length)
+        ids = self.encode_text(seg.name, texts, seg.length)
       else:
         ids = np.zeros((len(rows), seg.size), np.int32)
         for key in dict.fromkeys(k for k in rows if k is not None):
@@ -224,9 +248,13 @@ class Tokenizers:
 
 def tokenizers_for(config, text, image) -> Tokenizers:
   """The :class:`Tokenizers` of a config's sequence layout over fitted or loaded tokenizers."""
-  return Tokenizers(text, image, config.text.max_len, tuple(map(tuple, config.sequence.segments)),
-                    tuple(config.sequence.specials), tuple(map(tuple, config.data.fields)),
-                    int(config.sequence.id_align), int(config.sequence.get("mask_id", -1)))
+  seq = config.sequence
+  return Tokenizers(text, image, config.text.max_len, tuple(map(tuple, seq.segments)),
+                    tuple(seq.specials), tuple(map(tuple, config.data.fields)),
+                    int(seq.id_align), int(seq.get("mask_id", -1)),
+                    special_ids=tuple(sorted(dict(seq.get("special_ids", {})).items())),
+                    vocab_rows=int(seq.get("vocab_rows", 0)), frames=frames.from_config(config),
+                    views=tuple((k, tuple(map(tuple, v))) for k, v in sorted(dict(seq.get("views", {})).items())))
 
 
 def _column(batch: dict[str, Any], key: str, segment: str):
