@@ -157,10 +157,11 @@ def test_draw_caption_and_answer_with_the_upstream_presets(imported):
   assert ids.shape == (2, ANSWER_LEN) and (ids >= 0).all() and (ids != mu.MASK).all()
 
 
-def test_lora_fine_tuning_on_folder_pairs(imported, tmp_path):
-  """A few LoRA steps of text-to-image on the user's folder data, tokenized by the imported MAGVIT-v2."""
+def test_lora_fine_tuning_on_pretokenized_folder_pairs(imported, tmp_path):
+  """The user's folder of image/caption pairs pretokenized with the imported MAGVIT-v2 (the bundle's saved
+  tokenizer), then a few LoRA steps of text-to-image on it, in MMaDA's t2i format."""
   from PIL import Image
-  from unimm_jax import Pipeline, configuration, train
+  from unimm_jax import Pipeline, configuration, pretokenize, train
   bundle_dir, _ = imported
   data = tmp_path / "data"
   data.mkdir()
@@ -174,6 +175,11 @@ def test_lora_fine_tuning_on_folder_pairs(imported, tmp_path):
   config.init["from"] = str(bundle_dir)
   config.data.source, config.data.path = "folder", str(data)
   config.data.fields = (("prompt", "text"),)
+  config.image.tokenizer_path = str(bundle_dir / "tokenizers")
+  index = pretokenize.pretokenize(config, tmp_path / "tokens", workers=1, shard_size=8)
+  assert (index["splits"]["train"]["num_examples"], index["splits"]["val"]["num_examples"]) == (8, 4)
+  assert json.loads((tmp_path / "tokens" / "tokenizers" / "image_tokenizer.json").read_text())["kind"] == "magvitv2"
+  config.data.source, config.data.path = "pretokenized", str(tmp_path / "tokens")
   config.model.lora_rank, config.model.lora_alpha = 4, 8.0
   config.train.steps, config.train.batch_size, config.train.log_every = 2, 4, 1
   config.optim.warmup_steps, config.optim.learning_rate = 1, 1e-2
