@@ -157,6 +157,26 @@ def test_draw_caption_and_answer_with_the_upstream_presets(imported):
   assert ids.shape == (2, ANSWER_LEN) and (ids >= 0).all() and (ids != mu.MASK).all()
 
 
+def test_sample_command_line_on_the_imported_bundle(imported, tmp_path):
+  from PIL import Image
+  bundle_dir, _ = imported
+  Image.fromarray(_images(1)[0]).save(tmp_path / "a.png")
+  for task, extra in (("t2i", ["--prompt=a red circle", "--num=1", "--steps=2"]),
+                      ("vqa", [f"--image={tmp_path / 'a.png'}", "--question=what colour is the circle ?"])):
+    run = subprocess.run([sys.executable, "-m", "unimm_jax.sample", f"--workdir={bundle_dir}", f"--task={task}",
+                          f"--out={tmp_path / task}", *extra], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / task / "samples.json").read_text())
+    assert len(record["samples"]) == 1
+    if task == "t2i":   # MMaDA's preset, its steps overridden
+      assert record["steps"] == 2 and record["reveal_schedule"] == "cosine"
+      assert (tmp_path / task / record["samples"][0]["image"]).exists()
+    else:
+      assert record["block_length"] == 2 and record["temperature"] == 0.0
+      assert isinstance(record["samples"][0]["answer"], str)
+
+
 def test_lora_fine_tuning_on_pretokenized_folder_pairs(imported, tmp_path):
   """The user's folder of image/caption pairs pretokenized with the imported MAGVIT-v2 (the bundle's saved
   tokenizer), then a few LoRA steps of text-to-image on it, in MMaDA's t2i format."""

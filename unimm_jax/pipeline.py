@@ -61,6 +61,8 @@ def sampler_kwargs(config, task: str) -> dict:
     return presets.preset_kwargs(s.preset, task, int(config.text.max_len))
   kw = dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
             confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
+  if s.method == "threshold":
+    kw.update(threshold=s.threshold, max_per_step=s.max_per_step)
   if task == "joint":
     kw["order"] = s.joint_order
   if task == "i2t":

@@ -39,7 +39,9 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's config.sample.*_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (default: config).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: config).")
-_METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral"], "Sampler (default: config).")
+_METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral", "threshold"], "Sampler (default: config).")
+_PRESET = flags.DEFINE_string("preset", None, "An upstream's decoding per task (mmada), replacing config.sample's "
+                              "settings; '' for none (default: config.sample.preset).")
 _CANDIDATES = flags.DEFINE_integer("candidates", None, "i2t: captions drawn per image, the one that makes the "
                                    "image likeliest kept (default: config.sample.i2t_candidates).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same output.")
@@ -86,7 +88,12 @@ def main(argv):
     _fail(f"--workdir: {e}")
   s = pipe.config.sample
   task = _TASK.value
-  kw = sampler_kwargs(pipe.config, task)
+  if _PRESET.value is not None:
+    s.preset = _PRESET.value
+  try:
+    kw = sampler_kwargs(pipe.config, task)
+  except ValueError as e:   # an unknown preset
+    _fail(f"--preset: {e}")
   kw.update(seed=_SEED.value, steps=_STEPS.value or kw["steps"], method=_METHOD.value or kw["method"])
   if _TEMPERATURE.value is not None:
     kw["temperature"] = _TEMPERATURE.value
@@ -94,7 +101,8 @@ def main(argv):
     if task != "i2t":
       _fail("--candidates is for --task=i2t")
     kw["candidates"] = _CANDIDATES.value
-  guidance = s.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
+  guidance = kw.pop("guidance_scale", s.guidance_scale) if _GUIDANCE.value is None else _GUIDANCE.value
+  kw.pop("guidance_scale", None)
   size, _, channels = pipe.tokenizers.image.image_shape
   out = epath.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
