@@ -162,6 +162,9 @@ FIELDS: tuple[Field, ...] = (
     F("model.pad_key_id", int, -1, "-1, or a token id that means 'not there': never attended and taking no rotary "
       "position (needs rope_layout=sequence), so a padded sequence equals the unpadded one (MMaDA's [iPAD] "
       "left-padding of its prompts)", bounds="[-1, 1e12)"),
+    F("model.image_row_end_id", int, -1, "-1, or a token id the network sees after every image row (Lumina-DiMOO's "
+      "<end-of-line>): inserted inside the network, so the layout, the data and the sampler keep plain grids (needs "
+      "rope_layout=sequence, no modality embedding, no learned positions)", bounds="[-1, 1e12)"),
     F("model.rope_fraction", float, 0.5, "share of each head's dimensions that rotate; the rest match by content "
       "(BENCHMARKS)", bounds="[0, 1]"),
     F("model.dtype", str, "float32", "compute dtype; bfloat16 keeps float32 master weights",
@@ -258,7 +261,7 @@ FIELDS: tuple[Field, ...] = (
       "every position whose confidence passes sample.threshold, until none is left; steps is the bound)",
       choices=("confidence", "ancestral", "threshold")),
     F("sample.preset", str, "", "'' or an upstream's decoding per task, which then replaces the settings below "
-      "(mmada: method/samplers/presets.py)", choices=("", "mmada")),
+      "(method/samplers/presets.py)", choices=("", "mmada", "lumina_dimoo")),
     F("sample.t2i_steps", int, 16, "steps of text-to-image generation", bounds=">0"),
     F("sample.i2t_steps", int, 24, "steps of image-to-text generation", bounds=">0"),
     F("sample.i2t_candidates", int, 1, "K > 1: K captions per image, the one that makes the image likeliest kept",

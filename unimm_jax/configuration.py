@@ -317,6 +317,11 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.model.pad_key_id={c.model.pad_key_id} (pads take no position) needs "
                     f"config.model.positions='rope' and config.model.rope_layout='sequence', got "
                     f"{c.model.positions!r} and {c.model.rope_layout!r}")
+  if c.model.image_row_end_id >= 0 and (c.model.rope_layout != "sequence" or "learned" in c.model.positions
+                                         or c.model.modality_embedding or c.model.image_code_features):
+    problems.append(f"config.model.image_row_end_id={c.model.image_row_end_id} (row ends inside the network) needs "
+                    "config.model.rope_layout='sequence', positions='rope', modality_embedding=False and "
+                    "image_code_features=False")
   if 2 * c.model.directional_heads > c.model.num_heads:
     problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
                     f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "

@@ -18,7 +18,9 @@ workdir merged) and each upstream tensor is made only when its bytes are written
 upstream's bytes back.
 
 Formats: ``llada`` (:mod:`unimm_jax.convert.llada`), ``mmada`` (:mod:`unimm_jax.convert.mmada`: the backbone
-plus the MAGVIT-v2 codes and MMaDA's task formats; ``--image_tokenizer`` names the MAGVIT-v2 directory).
+plus the MAGVIT-v2 codes and MMaDA's task formats; ``--image_tokenizer`` names the MAGVIT-v2 directory),
+``lumina_dimoo`` (:mod:`unimm_jax.convert.lumina_dimoo`: the backbone plus the aMUSEd VQ-GAN codes, its row ends
+and task formats; the VQ-GAN is the download's ``vqvae/`` unless ``--image_tokenizer`` says otherwise).
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from absl import logging
 from etils import epath
 
 from unimm_jax import bundle, configuration, sharding as sharding_lib, storage
-from unimm_jax.convert import llada, mmada
+from unimm_jax.convert import llada, lumina_dimoo, mmada
 from unimm_jax import safetensors_io as st
 from unimm_jax.convert.llada import ConvertError
 
-FORMATS = {"llada": llada, "mmada": mmada}
+FORMATS = {"llada": llada, "mmada": mmada, "lumina_dimoo": lumina_dimoo}
 ROW_BLOCK_BYTES = 64 * 2**20   # large single tensors are read in row blocks of this size (_in_row_blocks)
 CONVERT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -54,7 +56,10 @@ def _format(name: str):
 def _tokenizers(src: epath.Path, config, upstream: dict):
   from unimm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  text = _text_tokenizer(src, upstream, config.text.vocab_size)
+  # An extended vocabulary (sequence.vocab_rows): exactly text.vocab_size ids are text, whatever else the
+  # tokenizer names.
+  text = _text_tokenizer(src, upstream, config.text.vocab_size,
+                         text_ids=config.text.vocab_size if config.sequence.vocab_rows else 0)
   try:
     image = tokenizers.image_kind(config.image.tokenizer).make(config, [])
   except (ValueError, FileNotFoundError) as e:
@@ -79,6 +84,8 @@ def default_config(fmt: str, src, upstream: dict, *, seq_len: int | None = None,
   the MAGVIT-v2 tokenizer at ``image_tokenizer`` and the upstream's task formats (mmada; ``lengths``: its
   ``max_text_len``, ``question_len``, ``answer_len``)."""
   config = configuration.base_config()
+  if fmt == "lumina_dimoo":
+    return _lumina_config(config, src, upstream, image_tokenizer, lengths or {})
   if fmt != "mmada":
     return _format(fmt).apply_backbone(config, upstream, seq_len)
   if not image_tokenizer:
@@ -100,11 +107,26 @@ def default_config(fmt: str, src, upstream: dict, *, seq_len: int | None = None,
   return config
 
 
-def _text_tokenizer(src: epath.Path, upstream: dict, vocab_size: int = 0):
+def _lumina_config(config, src: epath.Path, upstream: dict, image_tokenizer: str, lengths: dict):
+  from unimm_jax.tokenizers import vqgan  # pylint: disable=g-import-not-at-top
+  path = image_tokenizer or str(src / "vqvae")
+  try:
+    vq = vqgan.read_config(path, "--image_tokenizer")
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(str(e)) from e
+  text = _text_tokenizer(src, upstream)
+  lumina_dimoo.apply_unified(config, upstream, codebook_size=vq.num_vq_embeddings, downsample=vq.downsample,
+                             task_ids=lumina_dimoo.special_ids(text), **lengths)
+  config.image.tokenizer_path = str(path)
+  return config
+
+
+def _text_tokenizer(src: epath.Path, upstream: dict, vocab_size: int = 0, text_ids: int = 0):
   from unimm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   if not (src / "tokenizer.json").exists():
     raise ConvertError(f"{src}: no tokenizer.json (download the whole model directory, tokenizer files included)")
-  return tokenizers.HfTokenizer.from_path(src, vocab_size=vocab_size, pad_id=upstream.get("pad_token_id"))
+  return tokenizers.HfTokenizer.from_path(src, vocab_size=vocab_size, pad_id=upstream.get("pad_token_id"),
+                                          text_ids=text_ids)
 
 
 def import_checkpoint(fmt: str, src, out, config=None, *, seq_len: int | None = None,

@@ -4,6 +4,7 @@
                                       [--seq_len=N] [--config.mesh.shape=...]
     python -m unimm_jax.convert import --format=mmada --src=HF_DIR --image_tokenizer=MAGVIT_DIR --out=BUNDLE
                                       [--config=configs/mmada_8b.py]
+    python -m unimm_jax.convert import --format=lumina_dimoo --src=HF_DIR --out=BUNDLE [--image_size=1024]
     python -m unimm_jax.convert export --format=llada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR
                                       [--dtype=bfloat16|float32] [--max_shard_gb=5]
 
@@ -25,7 +26,7 @@ from unimm_jax import safetensors_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Target config (import); default: the upstream's "
                                           "architecture.", lock_config=True)
-_FORMAT = flags.DEFINE_string("format", "llada", "Upstream layout: llada | mmada.")
+_FORMAT = flags.DEFINE_string("format", "llada", "Upstream layout: llada | mmada | lumina_dimoo.")
 _SRC = flags.DEFINE_string("src", None, "import: the Hugging Face model directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: a bundle or a training workdir.")
 _OUT = flags.DEFINE_string("out", None, "The new directory to write.")
@@ -33,17 +34,20 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "import without --config: token
 _DTYPE = flags.DEFINE_string("dtype", None, "export: stored dtype (default: each tensor's upstream dtype).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors shard, in GB (2^30).")
 _IMAGE_TOKENIZER = flags.DEFINE_string("image_tokenizer", "", "import --format=mmada: the MAGVIT-v2 directory "
-                                       "(safetensors + config.json) whose codes the checkpoint's image ids are.")
+                                       "(safetensors + config.json) whose codes the checkpoint's image ids are; "
+                                       "lumina_dimoo: its VQ-GAN (default SRC/vqvae).")
 _MAX_TEXT_LEN = flags.DEFINE_integer("max_text_len", 128, "import --format=mmada without --config: the text-to-image "
                                      "prompt's tokens (the upstream's max_text_len; its segment holds one more).")
 _QUESTION_LEN = flags.DEFINE_integer("question_len", 64, "import --format=mmada without --config: tokens of a "
                                      "question in its chat template.")
 _ANSWER_LEN = flags.DEFINE_integer("answer_len", 128, "import --format=mmada without --config: tokens of an answer.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "import --format=lumina_dimoo without --config: image pixels a "
+                                   "side (the grid is image_size / 16 a side).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"], "import without --config: the stored "
                                  "dtype of the parameters (default float32, the trainer's master weights).")
 
-USAGE = ("usage: python -m unimm_jax.convert import --format=llada|mmada --src=HF_DIR --out=BUNDLE [--config=...] "
-         "[--image_tokenizer=DIR] | export --format=llada|mmada --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
+USAGE = ("usage: python -m unimm_jax.convert import --format=llada|mmada|lumina_dimoo --src=HF_DIR --out=BUNDLE "
+         "[--config=...] [--image_tokenizer=DIR] | export --format=FORMAT --workdir=BUNDLE_OR_WORKDIR --out=HF_DIR")
 
 
 def peak_rss_bytes() -> int | None:
@@ -60,9 +64,12 @@ def peak_rss_bytes() -> int | None:
 
 
 def _lengths() -> dict[str, int] | None:
-  if _FORMAT.value != "mmada":
+  if _FORMAT.value not in ("mmada", "lumina_dimoo"):
     return None
-  return {"max_text_len": _MAX_TEXT_LEN.value, "question_len": _QUESTION_LEN.value, "answer_len": _ANSWER_LEN.value}
+  out = {"max_text_len": _MAX_TEXT_LEN.value, "question_len": _QUESTION_LEN.value, "answer_len": _ANSWER_LEN.value}
+  if _FORMAT.value == "lumina_dimoo":
+    out["image_size"] = _IMAGE_SIZE.value
+  return out
 
 
 def main(argv):

@@ -24,6 +24,7 @@ import re
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
 PLACEHOLDER = "{text}"
 SIDES = ("left", "right")
@@ -63,12 +64,18 @@ class TextFrame:
                        f"segment's {length}")
     pad = self.pad_id(tok, special_ids)
     out = np.full((len(texts), length), pad, np.int32)
+    cut = 0
     for i, text in enumerate(texts):
-      ids = before + _encode(tok, text.strip() if self.trim else text)[:room] + after
+      body = _encode(tok, text.strip() if self.trim else text)
+      cut += len(body) > room
+      ids = before + body[:room] + after
       if self.pad_side == "left":
         out[i, length - len(ids):] = ids
       else:
         out[i, :len(ids)] = ids
+    if cut:
+      logging.warning("%d of %d texts cut to the %d tokens their segment leaves after the frame %r", cut, len(texts),
+                      room, self.template)
     return out
 
 

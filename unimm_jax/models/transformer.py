@@ -86,6 +86,7 @@ class TransformerConfig:
   modality_embedding: bool = True   # a learned vector per modality added to the input
   restrict_output: bool = True      # logits outside a position's modality (and MASK) set to NEG_INF
   pad_key_id: int = -1         # >= 0: tokens of this id are not there (never attended, no position; MMaDA's [iPAD])
+  image_row_end_id: int = -1   # >= 0: the network sees this token after every image row (Lumina-DiMOO's <end-of-line>)
 
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
@@ -105,7 +106,7 @@ def own_scores(model_config) -> dict[str, bool]:
       int(model_config.get("head_dim", 32) * model_config.get("rope_fraction", 1.0)) // 4 > 0
   return {"directional_heads": bool(model_config.get("directional_heads", 0)),
           "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True),
-          "pad_key_id": model_config.get("pad_key_id", -1) >= 0}
+          "pad_key_id": model_config.get("pad_key_id", -1) >= 0}   # (image_row_end_id needs no mask)
 
 
 def token_positions(layout: SequenceLayout, rope_layout: str = "segment") -> np.ndarray:
@@ -116,6 +117,24 @@ def token_positions(layout: SequenceLayout, rope_layout: str = "segment") -> np.
   if rope_layout != "segment":
     raise ValueError(f"model.rope_layout={rope_layout!r} is not one of ('segment', 'sequence')")
   return layout.positions()
+
+
+def row_end_expansion(layout: SequenceLayout) -> tuple[np.ndarray, np.ndarray]:
+  """(src int32 [S'], inserted bool [S']): the sequence the network runs on when every image row is followed by a
+  row-end token (``model.image_row_end_id``): position j of it is position ``src[j]`` of the layout's sequence, or
+  an inserted row end (``src`` then names the last cell of its row). S' = S + the image rows."""
+  src, inserted = [], []
+  for seg in layout.segments:
+    lo, hi = layout.span(seg.name)
+    if seg.modality != IMAGE:
+      src += list(range(lo, hi))
+      inserted += [False] * (hi - lo)
+      continue
+    h, w = seg.grid
+    for r in range(h):
+      src += list(range(lo + r * w, lo + (r + 1) * w)) + [lo + (r + 1) * w - 1]
+      inserted += [False] * w + [True]
+  return np.asarray(src, np.int32), np.asarray(inserted, bool)
 
 
 def segment_info(layout: SequenceLayout):
@@ -189,7 +208,13 @@ class Transformer(nn.Module):
                        (vocab, cfg.d_model), param_dtype)
     # Gather from the float32 table and cast afterwards: a bf16 gather makes a bf16 scatter-add in the
     # gradient, slow on GPU because about half of the positions hold the same (MASK) id.
-    x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S, D]
+    if cfg.image_row_end_id >= 0:
+      # The upstream's grid ends every row with a token of its own: the network runs on that longer sequence (its
+      # positions, attention and pads; row_end_expansion) and returns the layout's positions only. (Validation
+      # keeps the options that read the layout's length, the modality embedding and absolute positions, off.)
+      src, inserted = row_end_expansion(layout)
+      tokens = jnp.where(jnp.asarray(inserted)[None], cfg.image_row_end_id, tokens[:, src])   # int32 [B, S']
+    x = jnp.take(table, tokens, axis=0).astype(dtype)                          # [B, S(')', D]
     if cfg.code_feature_dim:
       x = x + self._code_embedding(tokens, param_dtype).astype(dtype)
     if cfg.modality_embedding:
@@ -203,6 +228,13 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     positions = jnp.asarray(token_positions(layout, cfg.rope_layout))
+    segments = segment_info(layout)
+    keep = None
+    if cfg.image_row_end_id >= 0:   # (the tokens were expanded before the embedding)
+      src, inserted = row_end_expansion(layout)
+      positions = jnp.repeat(jnp.arange(len(src), dtype=jnp.int32)[:, None], 2, axis=1)
+      segments = tuple(a[src] for a in segments)
+      keep = np.flatnonzero(~inserted)
     key_valid = None
     if cfg.pad_key_id >= 0:
       # A pad is not there: no query attends it and it takes no position, so the tokens around it see each other
@@ -210,13 +242,13 @@ class Transformer(nn.Module):
       key_valid = tokens != cfg.pad_key_id                                       # bool [B, S]
       counted = jnp.maximum(jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1, 0)
       positions = jnp.repeat(counted[..., None], 2, axis=-1)                     # int32 [B, S, 2]
-    segments = segment_info(layout)
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     static_segments = None
     if cfg.attention == "splash":   # the kernel's block masks are built from the static segment ids
-      static_segments = (tuple(int(i) for i in layout.segment_index(np)),
-                         tuple(bool(b) for b in layout.modality_masks(np).get(TEXT, np.zeros(layout.seq_len, bool))),
-                         tuple(int(i) for i in layout.modality_ids()))
+      at = row_end_expansion(layout)[0] if keep is not None else np.arange(layout.seq_len)
+      static_segments = (tuple(int(i) for i in layout.segment_index(np)[at]),
+                         tuple(bool(b) for b in layout.modality_masks(np).get(TEXT, np.zeros(layout.seq_len, bool))[at]),
+                         tuple(int(i) for i in layout.modality_ids()[at]))
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, cfg.attention, cfg.rope_fraction,
                   cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
                   static_segments, cfg.rope_layout == "sequence", cfg.norm_eps)
@@ -231,6 +263,8 @@ class Transformer(nn.Module):
     else:
       for i in range(cfg.num_layers):
         x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments, key_valid)
+    if keep is not None:
+      x = x[:, keep]
     x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x

@@ -40,13 +40,16 @@ class HfTokenizer(base.TextTokenizer):
   kind = "hf"
 
   def __init__(self, tokenizer_json: str, *, side_files: dict[str, str] | None = None, vocab_size: int = 0,
-               pad_id: int | None = None):
+               pad_id: int | None = None, text_ids: int = 0):
     from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
     self._json = tokenizer_json
     self._tok = Tokenizer.from_str(tokenizer_json)
     self.side_files = dict(side_files or {})
     own = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1   # ids need not be contiguous
-    self._vocab_size = max(own, int(vocab_size))
+    # text_ids > 0: exactly the ids below it are text; the tokenizer's names for ids past it (Lumina-DiMOO's image
+    # codes) belong to another modality's range.
+    self.text_ids = int(text_ids)
+    self._vocab_size = self.text_ids or max(own, int(vocab_size))
     self.pad_id = self._find_pad() if pad_id is None else int(pad_id)
     if not 0 <= self.pad_id < self._vocab_size:
       raise ValueError(f"hf tokenizer: pad id {self.pad_id} is outside its {self._vocab_size} ids")
@@ -67,14 +70,14 @@ class HfTokenizer(base.TextTokenizer):
                      "pass the upstream's pad_token_id")
 
   @classmethod
-  def from_path(cls, path, *, vocab_size: int = 0, pad_id: int | None = None) -> "HfTokenizer":
+  def from_path(cls, path, *, vocab_size: int = 0, pad_id: int | None = None, text_ids: int = 0) -> "HfTokenizer":
     """From a model directory (``tokenizer.json`` and its side files) or a ``tokenizer.json`` file."""
     path = epath.Path(path)
     directory, file = (path, path / TOKENIZER_JSON) if path.is_dir() else (path.parent, path)
     if not file.exists():
       raise FileNotFoundError(f"text.tokenizer=hf: no {TOKENIZER_JSON} at {file} (config.text.hf_path)")
     side = {name: (directory / name).read_text() for name in SIDE_FILES if (directory / name).exists()}
-    return cls(file.read_text(), side_files=side, vocab_size=vocab_size, pad_id=pad_id)
+    return cls(file.read_text(), side_files=side, vocab_size=vocab_size, pad_id=pad_id, text_ids=text_ids)
 
   @property
   def vocab_size(self) -> int:
@@ -88,8 +91,10 @@ class HfTokenizer(base.TextTokenizer):
     return int(i)
 
   def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-    """The upstream's ids of ``text``, unpadded and untruncated."""
-    return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+    """The upstream's ids of ``text``, unpadded and untruncated (ids past the text range, a code's name written in
+    the text, dropped)."""
+    ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    return [i for i in ids if i < self._vocab_size] if self.text_ids else list(ids)
 
   def _encode_unpadded(self, text: str, max_len: int) -> list[int]:
     return self.encode_ids(text)[:max_len]
@@ -98,7 +103,7 @@ class HfTokenizer(base.TextTokenizer):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def config_dict(self) -> dict[str, Any]:
-    return {**super().config_dict(), "special_ids": sorted(self._special_ids)}
+    return {**super().config_dict(), "special_ids": sorted(self._special_ids), "text_ids": self.text_ids}
 
   def save(self, directory: base.PathLike) -> None:
     """Writes the upstream files unchanged beside ``text_tokenizer.json``."""
@@ -115,7 +120,8 @@ class HfTokenizer(base.TextTokenizer):
 
 def _load(directory: epath.Path, payload: dict[str, Any]) -> HfTokenizer:
   cfg = payload["config"]
-  return HfTokenizer.from_path(directory, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"])
+  return HfTokenizer.from_path(directory, vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"],
+                               text_ids=cfg.get("text_ids", 0))
 
 
 def _make(config, texts) -> HfTokenizer:
