@@ -140,3 +140,18 @@ def test_a_checkpoint_without_its_vqgan_is_one_line(upstream, tmp_path):
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "is not a diffusers VQModel directory" in last, last
   assert not (tmp_path / "out").exists()
+
+
+def test_an_explicit_config_takes_the_tokenizers_special_ids(upstream, tmp_path):
+  """A config file's ids of the special tokens (configs/lumina_dimoo_8b.py writes the released ones) give way to
+  the checkpoint's tokenizer, which names them."""
+  from unimm_jax import convert
+  root, cfg, _ = upstream
+  config = convert.default_config("lumina_dimoo", root / "hf", cfg, lengths=LENGTHS)
+  config.sequence.special_ids = {**dict(config.sequence.special_ids), "</answer>": 7, "<end-of-line>": 8,
+                                 "<|pad|>": 9}
+  config.model.pad_key_id, config.model.image_row_end_id = 9, 8
+  meta = convert.import_checkpoint("lumina_dimoo", root / "hf", tmp_path / "b", config)
+  seq, model = meta["config"]["sequence"], meta["config"]["model"]
+  assert (seq["special_ids"]["</answer>"], model["image_row_end_id"], model["pad_key_id"]) == (IDS["eoa"],
+                                                                                              IDS["newline"], IDS["pad"])

@@ -173,9 +173,25 @@ def import_params(fmt: str, src, config=None, *, seq_len: int | None = None, pla
   upstream = json.loads((src / CONFIG_FILE).read_text())
   if config is None:
     config = default_config(fmt, src, upstream, seq_len=seq_len, image_tokenizer=image_tokenizer, lengths=lengths)
-  elif image_tokenizer:
+  else:
     config = configuration.from_dict(config.to_dict())   # an unlocked copy
-    config.image.tokenizer_path = str(image_tokenizer)
+    if image_tokenizer:
+      config.image.tokenizer_path = str(image_tokenizer)
+    elif fmt == "lumina_dimoo" and not config.image.tokenizer_path:
+      config.image.tokenizer_path = str(src / "vqvae")
+    if hasattr(module, "special_ids") and (src / "tokenizer.json").exists():
+      # The checkpoint's tokenizer is the authority on its special tokens' ids.
+      found = module.special_ids(_text_tokenizer(src, upstream))
+      said = dict(config.sequence.special_ids)
+      for name, i in found.items():
+        if name in said and said[name] != i:
+          logging.warning("%s: the tokenizer gives %s the id %d (the config said %d): using the tokenizer's", src,
+                          name, i, said[name])
+      config.sequence.special_ids = {**said, **found}
+      if config.model.pad_key_id >= 0:
+        config.model.pad_key_id = found.get(getattr(module, "PAD", ""), config.model.pad_key_id)
+      if config.model.image_row_end_id >= 0:
+        config.model.image_row_end_id = found.get("<end-of-line>", config.model.image_row_end_id)
   configuration.validate(config)
   reader = st.CheckpointReader(src)
   toks = _tokenizers(src, config, upstream)
