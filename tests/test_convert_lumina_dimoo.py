@@ -68,6 +68,11 @@ def test_sequences_are_the_upstreams_token_for_token(imported):
   for row, p in zip(rows, PROMPTS):
     want, _ = lu.t2i_sequence(_ids(pipe, lu.t2i_texts(p)[0]), 4, 4)
     np.testing.assert_array_equal(row, want)
+  # Guidance's uncond pass: the prompt of <uncondition> (inference_t2i.py), the grid as the cond pass has it.
+  (_, null, null_tokens), = t2i._guide(["image"], ["prompt"])   # pylint: disable=protected-access
+  uncond = np.where(np.asarray(null), np.asarray(null_tokens), t2i.start_tokens({"prompt": ["x"]}, ["image"])[0])
+  want, _ = lu.t2i_sequence(_ids(pipe, lu.t2i_texts("x")[1]), 4, 4)
+  np.testing.assert_array_equal(_network_rows(t2i, uncond[None])[0], want)
   mmu = pipe.view("mmu")
   codes = np.random.default_rng(0).integers(0, 64, (2, 16))
   rows = _network_rows(mmu, mmu.start_tokens({"image": codes, "question": QUESTIONS}, ["answer"]))

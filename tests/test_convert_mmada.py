@@ -76,6 +76,11 @@ def test_text_to_image_sequences_equal_the_upstream_prompts(upstream, imported):
   assert mask[1].all() and not mask[0].all()      # the long prompt was cut (no pad), the short ones padded
   uncond, _ = mu.t2i_uncond_prompt(1, 16, cfg, MAX_TEXT_LEN)
   np.testing.assert_array_equal(t2i.start_tokens({"prompt": [""]}, ["image"]), uncond)
+  # Guidance's uncond pass gives the prompt segment MMaDA's unconditional prompt (the empty caption's), not MASK.
+  (target, null, null_tokens), = t2i._guide(["image"], ["prompt"])   # pylint: disable=protected-access
+  lo, hi = t2i.layout.span("prompt")
+  assert all(null[lo:hi]) and not any(null[hi:]) and all(target[-17:-1])
+  np.testing.assert_array_equal(np.asarray(null_tokens)[lo:hi], uncond[0, lo:hi])
 
 
 def test_understanding_sequences_equal_the_upstream_prompt_without_its_pads(upstream, imported):

@@ -193,3 +193,20 @@ def test_uniform_reveal_schedule_is_lladas_transfer_counts():
   np.testing.assert_array_equal(remaining[:, 1], [3, 2, 1, 0])
   np.testing.assert_array_equal(remaining[:, 2], [0, 0, 0, 0])
   np.testing.assert_array_equal(remaining[:, 3], [5, 3, 1, 0])   # 2, 2, 2, 1
+
+
+def test_guidance_null_tokens_replace_the_null_positions_instead_of_mask():
+  """A guide entry's third member: the ids the null positions take in the uncond pass (-1 keeps MASK)."""
+  from unimm_jax.method.samplers import loop
+  seen = []
+
+  def logits_fn(t):
+    seen.append(t)
+    return jnp.zeros(t.shape + (7,))
+  tokens = jnp.asarray([[1, 2, 3, 6, 6]])
+  target, null = (False, False, False, True, True), (True, True, True, False, False)
+  loop.guided_log_probs(logits_fn, tokens, 6, 2.0, ((target, null, (4, -1, 5, -1, -1)),))
+  np.testing.assert_array_equal(np.asarray(seen[0]), [[1, 2, 3, 6, 6], [4, 6, 5, 6, 6]])
+  seen.clear()
+  loop.guided_log_probs(logits_fn, tokens, 6, 2.0, ((target, null),))
+  np.testing.assert_array_equal(np.asarray(seen[0]), [[1, 2, 3, 6, 6], [6, 6, 6, 6, 6]])

@@ -282,12 +282,15 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
   # Sampling: the image given the text (a text-only model: the text), with the config's sampler settings (and
   # guidance, if it has some).
   s = config.sample
-  cfg = samplers.SamplerConfig(method=s.method, steps=s.t2i_steps, temperature=s.temperature,
-                               confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule,
-                               guidance_scale=s.guidance_scale)
+  kw = dict(method=s.method, steps=s.t2i_steps, temperature=s.temperature, confidence_noise=s.confidence_noise,
+            reveal_schedule=s.reveal_schedule, guidance_scale=s.guidance_scale)
+  if s.get("preset", ""):   # an upstream's decoding (sample.preset): its steps and guidance
+    from unimm_jax.method.samplers import presets  # pylint: disable=g-import-not-at-top
+    kw.update({k: v for k, v in presets.preset_kwargs(s.preset, "t2i", config.text.max_len).items() if k in kw})
+  cfg = samplers.SamplerConfig(**kw)
   masks = layout.modality_masks(np)
   image = masks[IMAGE] if IMAGE in masks else masks[TEXT]
-  guide = ((jnp.asarray(image), jnp.asarray(~image)),) if s.guidance_scale > 0 else ()
+  guide = ((jnp.asarray(image), jnp.asarray(~image)),) if cfg.guidance_scale > 0 else ()
 
   def sample(params, tokens, keys):
     logits_fn = lambda t: method.model.apply({"params": params}, t)

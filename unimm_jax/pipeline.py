@@ -128,14 +128,15 @@ class Pipeline:
     """
     key = (cfg, len(guide), len(stages))
     if key not in self._samplers:
-      def run(params, tokens, keys, stage_masks, guide_masks):   # bool [n_stages, S], bool [n_guide, 2, S]
+      def run(params, tokens, keys, stage_masks, guide_masks, guide_tokens):
+        # bool [n_stages, S], bool [n_guide, 2, S], int32 [n_guide, S] (-1: MASK)
         logits_fn = lambda t: self.model.apply({"params": params}, t)
         if not self.model.config.restrict_output:
           # Raw logits (an imported model): MASK is never a candidate all the same, and an image position draws
           # an image code (the upstreams slice their logits to the codebook there; text takes any id).
           banned = self._raw_logits_banned()
           logits_fn = lambda t, f=logits_fn: jnp.where(banned[None], transformer.NEG_INF, f(t))
-        pairs = tuple((guide_masks[j, 0], guide_masks[j, 1]) for j in range(guide_masks.shape[0]))
+        pairs = tuple((guide_masks[j, 0], guide_masks[j, 1], guide_tokens[j]) for j in range(guide_masks.shape[0]))
         for i in range(stage_masks.shape[0]):
           stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
           tokens = samplers.sample(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id, config=cfg,
@@ -143,9 +144,12 @@ class Pipeline:
         return tokens
       self._samplers[key] = jax.jit(run)
     stage_masks = jnp.asarray(np.asarray(stages, bool).reshape(len(stages), self.layout.seq_len))
-    guide_masks = jnp.asarray(np.asarray(guide, bool).reshape(len(guide), 2, self.layout.seq_len))
+    s = self.layout.seq_len
+    guide_masks = jnp.asarray(np.asarray([g[:2] for g in guide], bool).reshape(len(guide), 2, s))
+    guide_tokens = jnp.asarray(np.asarray([g[2] if len(g) > 2 else (-1,) * s for g in guide], np.int32)
+                               .reshape(len(guide), s))
     fn = self._samplers[key]
-    return lambda params, tokens, keys: fn(params, tokens, keys, stage_masks, guide_masks)
+    return lambda params, tokens, keys: fn(params, tokens, keys, stage_masks, guide_masks, guide_tokens)
 
   def _raw_logits_banned(self):
     """bool [S, V]: the ids a model with raw logits may not draw: at each position the ids outside its modality's
@@ -329,7 +333,20 @@ class Pipeline:
     if not targets or not null:
       return ()
     return ((tuple(bool(x) for x in self.layout.positions_of(targets)),
-             tuple(bool(x) for x in self.layout.positions_of(null))),)
+             tuple(bool(x) for x in self.layout.positions_of(null)), self._null_tokens(null)),)
+
+  def _null_tokens(self, null: Sequence[str]) -> tuple[int, ...]:
+    """int [S]: the ids the ``null`` segments take in guidance's uncond pass: a framed text segment's null text
+    (an upstream's unconditional prompt: MMaDA's empty caption, Lumina-DiMOO's <uncondition>), -1 (MASK)
+    elsewhere."""
+    out = np.full(self.layout.seq_len, -1, np.int32)
+    frames = dict(self.tokenizers.frames)
+    for name in null:
+      frame = frames.get(name)
+      if frame is not None and frame.null_text is not None:
+        lo, hi = self.layout.span(name)
+        out[lo:hi] = self.tokenizers.encode_text(name, [frame.null_text], hi - lo)[0]   # text ids are global
+    return tuple(int(x) for x in out)
 
   # ---- the general call ------------------------------------------------------------------------------------------
   def complete(self, given: Mapping[str, Any] | None = None, generate: Sequence[str] | Sequence[Sequence[str]] = (),

@@ -89,7 +89,7 @@ def apply_unified(config, upstream: dict, *, codebook_size: int, task_ids: dict[
   config.sequence.views = views
   config.sequence.special_ids = dict(task_ids)
   config.sequence.vocab_rows = vocab
-  config.sequence.text_frames = {"prompt": (T2I, "left", PAD), "question": (MMU, "left", PAD)}
+  config.sequence.text_frames = {"prompt": (T2I, "left", PAD, "null=<uncondition>"), "question": (MMU, "left", PAD)}
   config.model.pad_key_id = int(task_ids[PAD])
   config.model.image_row_end_id = int(task_ids["<end-of-line>"])
   config.model.max_len = max(lengths.values())

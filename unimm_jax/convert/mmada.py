@@ -26,7 +26,7 @@ rotary over the flat sequence, no modality embedding)::
 The upstream masks its t2i pads out of attention (``attention_bias = m[:, :, None] & m[:, None, :]``); here
 ``model.pad_key_id`` = [iPAD] does the same and gives pads no rotary position, so a padded question equals the
 upstream's unpadded one. Guidance for images (MMaDA's ``t2i_generate``): the unconditional input is the prompt
-of the empty caption, ``(1 + w) * cond - w * uncond`` on the logits, w = 3.5 by default in its demo; the image
+of the empty caption (the frame's ``null=``), ``(1 + w) * cond - w * uncond`` on the logits, w = 3.5 by default in its demo; the image
 is drawn MaskGIT-style (cosine schedule, Gumbel-perturbed confidence with a temperature falling to 0).
 """
 
@@ -108,7 +108,7 @@ def apply_unified(config, upstream: dict, *, text_vocab: int, task_ids: dict[str
   config.sequence.views = views
   config.sequence.special_ids = dict(task_ids)
   config.sequence.vocab_rows = llada.upstream_sizes(upstream)["vocab"]
-  config.sequence.text_frames = {"prompt": (T2I, "left", PAD), "question": (CHAT, "left", PAD, "trim")}
+  config.sequence.text_frames = {"prompt": (T2I, "left", PAD, "null="), "question": (CHAT, "left", PAD, "trim")}
   config.model.pad_key_id = int(task_ids[PAD])
   config.model.max_len = max(lengths.values())
   config.diffusion.tasks = {"t2i": 1.0}

@@ -4,7 +4,7 @@ A published unified model does not feed a caption as it is: MMaDA's text-to-imag
 ``[iPAD] ... [iPAD] <|t2i|> <|startoftext|> caption <|endoftext|>`` (padded on the left), its understanding
 question the chat template ``<|startoftext|><|start_header_id|>user<|end_header_id|>\\n\\n question <|eot_id|>
 <|start_header_id|>assistant<|end_header_id|>\\n\\n``. A frame states that as data (``sequence.text_frames``: per segment,
-``(template, pad side, pad token[, 'trim'])``) so the Pipeline and the training input pipeline build the same
+``(template, pad side, pad token[, 'trim'][, 'null=TEXT'])``) so the Pipeline and the training input pipeline build the same
 ids::
 
     ids = piece(before) + encode(text)[:room] + piece(after)       room: what the segment has left
@@ -15,6 +15,8 @@ those ids and everything else goes through the text tokenizer (whose own special
 ``<|startoftext|>``, it knows); the text is tokenized without the tokenizer's added BOS/EOS (the frame says
 where they go), after stripping surrounding whitespace with ``'trim'`` (a chat template's ``| trim``). A text
 longer than the room is cut at the end, the frame kept whole (MMaDA keeps its task token and BOS and ends on EOS).
+``'null=TEXT'`` names the text of the upstream's unconditional prompt, which classifier-free guidance gives the
+segment in its uncond pass instead of all MASK (MMaDA: the empty caption; Lumina-DiMOO: ``<uncondition>``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TextFrame:
   pad_side: str = "right"
   pad_token: str = ""          # a special_ids name or a tokenizer token; "" = the tokenizer's PAD
   trim: bool = False           # strip the text's surrounding whitespace first
+  null_text: str | None = None  # the text of the unconditional prompt guidance uses (None: the segment all MASK)
 
   def __post_init__(self):
     if self.template.count(PLACEHOLDER) != 1:
@@ -109,12 +112,16 @@ def _piece_ids(piece: str, tok, special_ids: Mapping[str, int]) -> list[int]:
 
 
 def from_config(config) -> tuple[tuple[str, TextFrame], ...]:
-  """((segment, frame), ...) of ``sequence.text_frames``: segment -> (template, pad side, pad token[, 'trim'])."""
+  """((segment, frame), ...) of ``sequence.text_frames``: segment -> (template, pad side, pad token, options...),
+  the options ``'trim'`` and ``'null=TEXT'`` (the unconditional prompt's text)."""
   out = []
   for name, spec in sorted(dict(config.sequence.get("text_frames", {})).items()):
     spec = (spec,) if isinstance(spec, str) else tuple(spec)
-    if not 1 <= len(spec) <= 4 or (len(spec) == 4 and spec[3] != "trim"):
+    options = spec[3:]
+    bad = [o for o in options if o != "trim" and not str(o).startswith("null=")]
+    if not spec or bad:
       raise ValueError(f"config.sequence.text_frames[{name!r}]={spec!r} must be (template[, pad side[, pad token"
-                       "[, 'trim']]])")
-    out.append((name, TextFrame(spec[0], *(spec[1:3]), trim=len(spec) == 4)))
+                       "[, 'trim'][, 'null=TEXT']]])")
+    null = [o[len("null="):] for o in options if str(o).startswith("null=")]
+    out.append((name, TextFrame(spec[0], *(spec[1:3]), trim="trim" in options, null_text=null[0] if null else None)))
   return tuple(out)

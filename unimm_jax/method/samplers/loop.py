@@ -140,7 +140,9 @@ def reveal_all_but(scores, masked, keep):
   return masked & (rank >= jnp.asarray(keep)[:, None])
 
 
-Guide = tuple[tuple[tuple[bool, ...], tuple[bool, ...]], ...]   # ((target [S], null [S]), ...), static
+# ((target [S], null [S][, null tokens [S]]), ...): bool positions, and optionally the ids the null positions take
+# instead of MASK (-1: MASK), e.g. an upstream's empty prompt.
+Guide = tuple[tuple, ...]
 
 
 def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_scale: float, guide: Guide = ()):
@@ -149,18 +151,25 @@ def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_
   Args:
     tokens_to_logits: int32 [B', S] -> float32 [B', S, V].
     tokens: int32 [B, S] current (partly masked) sequences.
-    guide: ((target positions, null positions), ...) as bool tuples of length S (module docstring).
+    guide: ((target positions, null positions[, null tokens]), ...): bool [S] each, and int [S] ids the null
+      positions take in the uncond pass (-1: MASK, the default null condition of training).
   """
   if guidance_scale == 0.0 or not guide:
     return jax.nn.log_softmax(tokens_to_logits(tokens), axis=-1)
   batches = [tokens]
-  for _, null in guide:
-    batches.append(jnp.where(jnp.asarray(null)[None], mask_id, tokens))
+  for entry in guide:
+    null = jnp.asarray(entry[1])[None]
+    if len(entry) > 2:
+      null_tokens = jnp.asarray(entry[2])
+      replacement = jnp.where(null_tokens >= 0, null_tokens, mask_id)[None].astype(tokens.dtype)
+    else:
+      replacement = mask_id
+    batches.append(jnp.where(null, replacement, tokens))
   out = jax.nn.log_softmax(tokens_to_logits(jnp.concatenate(batches)), axis=-1)
   out = out.reshape(len(batches), tokens.shape[0], *out.shape[1:])
   cond, uncond = out[0], out[0]
-  for i, (target, _) in enumerate(guide, start=1):
-    uncond = jnp.where(jnp.asarray(target)[None, :, None], out[i], uncond)
+  for i, entry in enumerate(guide, start=1):
+    uncond = jnp.where(jnp.asarray(entry[0])[None, :, None], out[i], uncond)
   w = guidance_scale
   return jax.nn.log_softmax((1.0 + w) * cond - w * uncond, axis=-1)
 
