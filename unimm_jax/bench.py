@@ -463,6 +463,11 @@ def _cli():
   repeats = flags.DEFINE_integer("repeats", 5, "sample: timed repeats (median).")
   out_path = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
   import_dtype = flags.DEFINE_enum("import_dtype", "float32", ["float32", "bfloat16"], "import: parameter dtype.")
+  sample_num = flags.DEFINE_integer("sample_num", 256, "sample, a shapes workdir: val examples each sampler setting "
+                                    "is scored on (bench_samplers).")
+  thresholds = flags.DEFINE_list("thresholds", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.99"],
+                                 "sample, a shapes workdir: the thresholds of confidence-threshold decoding.")
+  plot = flags.DEFINE_string("plot", None, "sample, a shapes workdir: the accuracy-speed curve as a PNG here.")
 
   def main(argv):
     if len(argv) > 1:
@@ -486,7 +491,18 @@ def _cli():
     if "sample" in what.value:
       from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
       pipe = Pipeline.load(workdir.value) if workdir.value else random_pipeline(cfg)
-      result["sample"] = [bench_sample(pipe, int(b), repeats=repeats.value) for b in sample_batches.value]
+      if workdir.value and pipe.config.data.source == "shapes" and pipe.layout.is_two_segment():
+        # A trained shapes model: every sampler setting with its accuracy, passes and wall time.
+        from unimm_jax import bench_samplers  # pylint: disable=g-import-not-at-top
+        batches = tuple(int(b) for b in sample_batches.value)
+        rows = bench_samplers.bench_samplers(pipe, sample_num.value, batches, repeats.value,
+                                             tuple(float(t) for t in thresholds.value))
+        result["samplers"] = rows
+        print(bench_samplers.table(rows, batches))
+        if plot.value:
+          bench_samplers.plot(rows, plot.value)
+      else:
+        result["sample"] = [bench_sample(pipe, int(b), repeats=repeats.value) for b in sample_batches.value]
     if "data" in what.value:
       step_s = result["train"]["step_s_median"] if "train" in result else None
       result["data"] = bench_data(cfg, train_step_s=step_s)

@@ -88,6 +88,7 @@ class Pipeline:
     self.batch_size = batch_size
     self._samplers = {}
     self._score_fns = {}
+    self.last_forward_passes = None   # int [N] of the last sampling call (_batched)
 
   # ---- loading -------------------------------------------------------------------------------------------------
   @classmethod
@@ -137,11 +138,14 @@ class Pipeline:
           banned = self._raw_logits_banned()
           logits_fn = lambda t, f=logits_fn: jnp.where(banned[None], transformer.NEG_INF, f(t))
         pairs = tuple((guide_masks[j, 0], guide_masks[j, 1], guide_tokens[j]) for j in range(guide_masks.shape[0]))
+        passes = jnp.zeros(tokens.shape[0], jnp.int32)
         for i in range(stage_masks.shape[0]):
           stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
-          tokens = samplers.sample(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id, config=cfg,
-                                   schedule=self.schedule, guide=pairs, generate=stage_masks[i])
-        return tokens
+          tokens, steps = samplers.sample_with_steps(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id,
+                                                     config=cfg, schedule=self.schedule, guide=pairs,
+                                                     generate=stage_masks[i])
+          passes = passes + steps
+        return tokens, passes
       self._samplers[key] = jax.jit(run)
     stage_masks = jnp.asarray(np.asarray(stages, bool).reshape(len(stages), self.layout.seq_len))
     s = self.layout.seq_len
@@ -207,15 +211,25 @@ class Pipeline:
 
   def _batched(self, fn, tokens: np.ndarray, keys) -> np.ndarray:
     """Applies ``fn(params, tokens [b, S], keys [b, 2])`` over padded batches of ``batch_size``, so a call of any
-    size reuses the one compiled program; padding rows repeat the last example and are dropped."""
-    out = []
+    size reuses the one compiled program; padding rows repeat the last example and are dropped. A sampling ``fn``
+    returns (tokens, forward passes int [b]); the passes of the call's examples are kept in
+    :attr:`last_forward_passes`."""
+    out, passes = [], []
     for start in range(0, tokens.shape[0], self.batch_size):
       chunk, chunk_keys = tokens[start:start + self.batch_size], keys[start:start + self.batch_size]
       n = chunk.shape[0]
       if n < self.batch_size:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
         chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], self.batch_size - n, axis=0)])
-      out.append(np.asarray(fn(self.params, jnp.asarray(chunk), chunk_keys))[:n])
+      result = fn(self.params, jnp.asarray(chunk), chunk_keys)
+      if isinstance(result, tuple):
+        result, steps = result
+        passes.append(np.asarray(steps)[:n])
+      out.append(np.asarray(result)[:n])
+    if passes:
+      # int [N]: the sampler steps each example of the last sampling call took, its stages and blocks summed:
+      # forward passes over its sequence (a guided step's pass carries the uncond rows beside it in one batch).
+      self.last_forward_passes = np.concatenate(passes)
     return np.concatenate(out)
 
   @staticmethod

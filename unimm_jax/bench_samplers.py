@@ -1,0 +1,119 @@
+"""Speed beside quality: ``python -m unimm_jax.bench --what=sample --workdir=RUN`` on a model trained on ``shapes``.
+
+For each sampler setting (the run's plain confidence sampler, then confidence-threshold decoding with the
+threshold swept), on the first ``num`` val examples of ``shapes``:
+
+* text -> image and image -> text accuracy, exactly as the report scores them (``evaluate``'s checkers);
+* forward passes per sample (``Pipeline.last_forward_passes``: sampler steps over the sequence, mean and max);
+* wall time per image and per caption at batch 1 and at batch 64 (median of ``repeats`` calls, after a
+  compiling call).
+
+Timing is a benchmark, not a test: record the figures in BENCHMARKS.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import logging
+
+from unimm_jax import pipeline as pipeline_lib
+from unimm_jax.data import shapes
+
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def settings(config, thresholds=THRESHOLDS) -> list[tuple[str, dict, dict]]:
+  """(name, t2i call arguments, i2t call arguments) of each sampler setting the sweep compares."""
+  out = []
+  t2i, i2t = pipeline_lib.sampler_kwargs(config, "t2i"), pipeline_lib.sampler_kwargs(config, "i2t")
+  i2t.pop("candidates", None)
+  for kw in (t2i, i2t):
+    kw["guidance_scale"] = config.sample.guidance_scale
+  out.append((f"{t2i['method']} (plain)", dict(t2i), dict(i2t)))
+  for tau in thresholds:
+    extra = dict(method="threshold", threshold=float(tau), max_per_step=0)
+    out.append((f"threshold {tau}", {**t2i, **extra}, {**i2t, **extra}))
+  return out
+
+
+def _timed(fn, repeats: int) -> float:
+  fn()   # compiles
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thresholds=THRESHOLDS,
+                   seed: int = 0) -> list[dict]:
+  """One row per sampler setting (module docstring)."""
+  config = pipe.config
+  examples = [shapes.sample_example("val", config.data.seed, i) for i in range(num)]
+  sets = [e[0] for e in examples]
+  images = np.stack([e[1] for e in examples])
+  captions = [e[2] for e in examples]
+  rows = []
+  for name, t2i, i2t in settings(config, thresholds):
+    row = {"sampler": name, "t2i": dict(t2i), "i2t": dict(i2t)}
+    pipe.batch_size = 64
+    drawn = pipe.text_to_image(captions, seed=seed, **t2i)
+    passes = pipe.last_forward_passes
+    row["t2i_accuracy"] = float(np.mean([shapes.read_image(d) == s for d, s in zip(drawn, sets)]))
+    row["t2i_passes_mean"], row["t2i_passes_max"] = float(passes.mean()), int(passes.max())
+    written = pipe.image_to_text(images, seed=seed, **i2t)
+    passes = pipe.last_forward_passes
+    row["i2t_accuracy"] = float(np.mean([shapes.read_caption(w) == s for w, s in zip(written, sets)]))
+    row["i2t_passes_mean"], row["i2t_passes_max"] = float(passes.mean()), int(passes.max())
+    for b in batches:
+      pipe.batch_size = b
+      row[f"t2i_s_per_image_b{b}"] = _timed(lambda: pipe.text_to_image(captions[:b], seed=seed, **t2i), repeats) / b
+      row[f"i2t_s_per_caption_b{b}"] = _timed(lambda: pipe.image_to_text(images[:b], seed=seed, **i2t), repeats) / b
+    logging.info("%s: t2i %.3f in %.1f passes, i2t %.3f in %.1f passes; %s", name, row["t2i_accuracy"],
+                 row["t2i_passes_mean"], row["i2t_accuracy"], row["i2t_passes_mean"],
+                 ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row.items() if k.endswith(tuple(f"_b{b}" for b in batches))))
+    rows.append(row)
+  return rows
+
+
+def table(rows: list[dict], batches=(1, 64)) -> str:
+  """The rows as a markdown table (BENCHMARKS.md)."""
+  head = ["sampler", "t2i acc", "t2i passes", "i2t acc", "i2t passes"]
+  head += [f"ms/image b{b}" for b in batches] + [f"ms/caption b{b}" for b in batches]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for r in rows:
+    cells = [r["sampler"], f"{r['t2i_accuracy']:.3f}", f"{r['t2i_passes_mean']:.1f} (max {r['t2i_passes_max']})",
+             f"{r['i2t_accuracy']:.3f}", f"{r['i2t_passes_mean']:.1f} (max {r['i2t_passes_max']})"]
+    cells += [f"{r[f't2i_s_per_image_b{b}'] * 1e3:.1f}" for b in batches]
+    cells += [f"{r[f'i2t_s_per_caption_b{b}'] * 1e3:.1f}" for b in batches]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Accuracy against forward passes per sample, t2i and i2t, one point per setting (the threshold sweep as a
+  curve, the plain sampler as a star)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, task in zip(axes, ("t2i", "i2t")):
+    sweep = [r for r in rows if r["sampler"].startswith("threshold")]
+    ax.plot([r[f"{task}_passes_mean"] for r in sweep], [r[f"{task}_accuracy"] for r in sweep], "o-",
+            label="threshold (swept)")
+    for r in sweep:
+      ax.annotate(r["sampler"].split()[-1], (r[f"{task}_passes_mean"], r[f"{task}_accuracy"]), fontsize=7)
+    plain = [r for r in rows if not r["sampler"].startswith("threshold")]
+    ax.plot([r[f"{task}_passes_mean"] for r in plain], [r[f"{task}_accuracy"] for r in plain], "*", markersize=12,
+            label=plain[0]["sampler"] if plain else "plain")
+    ax.set_xlabel("forward passes per sample")
+    ax.set_ylabel(f"{task} accuracy")
+    ax.set_title({"t2i": "text -> image", "i2t": "image -> text"}[task])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
