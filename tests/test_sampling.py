@@ -210,3 +210,23 @@ def test_guidance_null_tokens_replace_the_null_positions_instead_of_mask():
   seen.clear()
   loop.guided_log_probs(logits_fn, tokens, 6, 2.0, ((target, null),))
   np.testing.assert_array_equal(np.asarray(seen[0]), [[1, 2, 3, 6, 6], [6, 6, 6, 6, 6]])
+
+
+def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe):
+  """Pipeline.last_forward_passes: K for the plain sampler (every step a pass), fewer with threshold decoding
+  when the model is confident, blocks summed; the bench's sampler sweep scores and times each setting."""
+  from unimm_jax import bench_samplers
+  prompts = [shapes.sample_example("val", 0, i)[2] for i in range(3)]
+  pipe.text_to_image(prompts, steps=6, seed=0)
+  np.testing.assert_array_equal(pipe.last_forward_passes, [6, 6, 6])
+  pipe.text_to_image(prompts, steps=6, seed=0, method="threshold", threshold=1e-6, max_per_step=0)
+  np.testing.assert_array_equal(pipe.last_forward_passes, [1, 1, 1])   # everything passes: one step
+  pipe.complete({"image": np.zeros((3, 24, 24, 3), np.uint8)}, ["text"], steps=2, block_length=8)
+  blocks = -(-pipe.layout.segment("text").size // 8)
+  np.testing.assert_array_equal(pipe.last_forward_passes, [2 * blocks] * 3)
+  rows = bench_samplers.bench_samplers(pipe, num=2, batches=(2,), repeats=1, thresholds=(0.5,))
+  assert [r["sampler"] for r in rows] == ["confidence (plain)", "threshold 0.5"]
+  assert rows[0]["t2i_passes_mean"] == pipe.config.sample.t2i_steps
+  assert rows[1]["t2i_passes_max"] <= rows[0]["t2i_passes_max"]
+  assert all(0.0 <= r["t2i_accuracy"] <= 1.0 and r["t2i_s_per_image_b2"] > 0 for r in rows)
+  assert "| threshold 0.5 |" in bench_samplers.table(rows, (2,))

@@ -59,7 +59,7 @@ def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thre
   rows = []
   for name, t2i, i2t in settings(config, thresholds):
     row = {"sampler": name, "t2i": dict(t2i), "i2t": dict(i2t)}
-    pipe.batch_size = 64
+    pipe.batch_size = min(64, num)
     drawn = pipe.text_to_image(captions, seed=seed, **t2i)
     passes = pipe.last_forward_passes
     row["t2i_accuracy"] = float(np.mean([shapes.read_image(d) == s for d, s in zip(drawn, sets)]))
