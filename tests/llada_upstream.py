@@ -127,8 +127,9 @@ def _rotate_half(x):
   return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def reference_logits(cfg: dict, tensors: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-  """float32 [B, S, V]: LLaDAModelLM's logits for int ids [B, S] (no attention mask: bidirectional)."""
+def reference_logits(cfg: dict, tensors: dict[str, np.ndarray], ids: np.ndarray, bias=None) -> np.ndarray:
+  """float32 [B, S, V]: LLaDAModelLM's logits for int ids [B, S] (no attention mask: bidirectional); ``bias``
+  float [B, 1, S, S] is added to the scaled scores (``attention_bias``, as MMaDA passes it)."""
   w = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   d, n = cfg["d_model"], cfg["n_heads"]
   hs, eps = d // n, cfg["rms_norm_eps"]
@@ -146,6 +147,8 @@ def reference_logits(cfg: dict, tensors: dict[str, np.ndarray], ids: np.ndarray)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    if bias is not None:
+      scores = scores + bias
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     att = (scores / scores.sum(-1, keepdims=True)) @ v
     x = x + att.transpose(0, 2, 1, 3).reshape(b, s, d) @ w[p + "attn_out.weight"].T
