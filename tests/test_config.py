@@ -35,7 +35,8 @@ def test_every_config_validates_and_traces_one_train_step(path):
   h, w = configuration.image_token_grid(config)
   # Vocabulary sizes come from fitted tokenizers; any plausible sizes trace the same program shape.
   # (a MASK among the text ids, sequence.mask_id, needs a text vocabulary that holds it: LLaDA's 126,464)
-  text_vocab = max(64, config.sequence.mask_id + 1)
+  # (an upstream's special tokens, sequence.special_ids, are text ids too: Lumina-DiMOO's reach 126,355)
+  text_vocab = max(64, config.sequence.mask_id + 1, *(i + 1 for i in dict(config.sequence.special_ids).values()))
   layout = sequence.from_config(config, text_vocab=text_vocab, image_vocab=256, image_grid=(h, w))
   method = train.make_step_inputs(config, layout)
   state = jax.eval_shape(lambda: train.init_state(method, 0))
