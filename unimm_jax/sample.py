@@ -40,6 +40,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: the run's 
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (default: config).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: config).")
 _METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral", "threshold"], "Sampler (default: config).")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "--method=threshold: reveal every position whose drawn token's "
+                                 "probability reaches this (default: config.sample.threshold).")
 _PRESET = flags.DEFINE_string("preset", None, "An upstream's decoding per task (mmada), replacing config.sample's "
                               "settings; '' for none (default: config.sample.preset).")
 _CANDIDATES = flags.DEFINE_integer("candidates", None, "i2t: captions drawn per image, the one that makes the "
@@ -97,6 +99,13 @@ def main(argv):
   kw.update(seed=_SEED.value, steps=_STEPS.value or kw["steps"], method=_METHOD.value or kw["method"])
   if _TEMPERATURE.value is not None:
     kw["temperature"] = _TEMPERATURE.value
+  if kw["method"] == "threshold":
+    kw.setdefault("threshold", s.threshold)
+    kw.setdefault("max_per_step", s.max_per_step)
+    if _THRESHOLD.value is not None:
+      kw["threshold"] = _THRESHOLD.value
+  elif _THRESHOLD.value is not None:
+    _fail("--threshold is for --method=threshold")
   if _CANDIDATES.value is not None:
     if task != "i2t":
       _fail("--candidates is for --task=i2t")
