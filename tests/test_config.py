@@ -284,3 +284,22 @@ def test_an_image_size_a_pretrained_tokenizer_cannot_take_is_a_config_error(kind
   config = configuration.base_config()
   config.image.tokenizer, config.image.size, config.model.image_code_features = kind, 40, False
   assert f"config.image.size=40 is not a multiple of the {kind} tokenizer's downsampling 16" in _problems(config)
+
+
+def test_a_config_resumes_its_own_saved_copy_open_groups_included():
+  """The workdir's config.json read back (open groups such as sequence.special_ids, empty or not, come back as
+  plain dicts) must resume: only a real change of a state field stops a run."""
+  import json
+  # (main's config is locked, as config_flags gives it; a locked ConfigDict never equals an unlocked one)
+  config = configuration.base_config()
+  config.sequence.special_ids = {"<t2i>": 5}
+  saved = configuration.from_dict(json.loads(json.dumps(config.to_dict())))
+  config.lock()
+  configuration.check_resumable(config, saved)
+  plain = configuration.base_config()
+  plain.lock()
+  configuration.check_resumable(plain, configuration.from_dict(json.loads(json.dumps(plain.to_dict()))))
+  config.unlock()
+  config.sequence.special_ids = {"<t2i>": 6}
+  with pytest.raises(configuration.ConfigError, match="sequence.special_ids"):
+    configuration.check_resumable(config, saved)

@@ -146,6 +146,12 @@ def _get(config: ConfigDict, name: str) -> Any:
   return config
 
 
+def _plain(value: Any) -> Any:
+  """A field's value for comparison: an open group (a ConfigDict, or the dict a saved config holds) as a dict."""
+  return dict(value.to_dict() if hasattr(value, "to_dict") else value) if isinstance(value, (ConfigDict, dict)) \
+      else value
+
+
 def _set(config: ConfigDict, name: str, value: Any) -> None:
   *groups, leaf = name.split(".")
   for part in groups:
@@ -401,7 +407,7 @@ def check_resumable(config: ConfigDict, saved: ConfigDict) -> None:
   """
   problems = []
   for name in STATE_FIELDS:
-    new, old = _get(config, name), _get(saved, name)
+    new, old = _plain(_get(config, name)), _plain(_get(saved, name))
     if name == "optim.grad_clip":
       new, old = new > 0, old > 0
     if new != old:
