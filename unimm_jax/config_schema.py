@@ -165,6 +165,10 @@ FIELDS: tuple[Field, ...] = (
     F("model.image_row_end_id", int, -1, "-1, or a token id the network sees after every image row (Lumina-DiMOO's "
       "<end-of-line>): inserted inside the network, so the layout, the data and the sampler keep plain grids (needs "
       "rope_layout=sequence, no modality embedding, no learned positions)", bounds="[-1, 1e12)"),
+    F("model.isolate_given", bool, False, "given positions (the segments that are clean or null, not generated) "
+      "attend only given positions, in training and sampling (LaViDa's prefix mask): their keys and values then do "
+      "not depend on what is generated, so sample.cache='exact' computes them once per sample (XLA attention only)",
+      state=True),
     F("model.rope_fraction", float, 0.5, "share of each head's dimensions that rotate; the rest match by content "
       "(BENCHMARKS)", bounds="[0, 1]"),
     F("model.dtype", str, "float32", "compute dtype; bfloat16 keeps float32 master weights",
@@ -280,6 +284,11 @@ FIELDS: tuple[Field, ...] = (
       "(0 = no limit)", bounds=">=0"),
     F("sample.block_length", int, 0, "L > 0: generate the positions of a call in blocks of L, left to right, each "
       "block its own steps (LLaDA's semi-autoregressive decoding); 0 = all at once", bounds=">=0"),
+    F("sample.cache", str, "none", "keys and values of the positions not being generated: none (every step a full "
+      "forward) | exact (computed once per sample; needs model.isolate_given) | dual (Fast-dLLM's approximate "
+      "cache: recomputed every refresh_every steps and at each block's start)", choices=("none", "exact", "dual")),
+    F("sample.refresh_every", int, 0, "dual cache: recompute every N steps (0: only at each block's first step)",
+      bounds=">=0"),
     F("sample.guidance_scale", float, 0.0, "classifier-free guidance against the null condition (0 = none)",
       bounds=">=0"),
     F("sample.joint_order", str, "together", "joint generation: together | text_first | image_first (each stage "

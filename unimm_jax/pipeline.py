@@ -57,9 +57,10 @@ def sampler_kwargs(config, task: str) -> dict:
   """The run's ``config.sample`` settings for ``task`` (t2i | i2t | joint | inpaint | infill | edit | vqa) as call
   arguments: a preset's (``sample.preset``: an upstream's own decoding, ``samplers/presets.py``), or the fields'."""
   s = config.sample
+  cache = dict(cache=s.cache, refresh_every=s.refresh_every) if s.get("cache", "none") != "none" else {}
   if s.get("preset", ""):
-    return presets.preset_kwargs(s.preset, task, int(config.text.max_len))
-  kw = dict(steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
+    return {**presets.preset_kwargs(s.preset, task, int(config.text.max_len)), **cache}
+  kw = dict(**cache, steps=s[_STEPS_KEY[task]], temperature=s.temperature, method=s.method,
             confidence_noise=s.confidence_noise, reveal_schedule=s.reveal_schedule)
   if s.method == "threshold":
     kw.update(threshold=s.threshold, max_per_step=s.max_per_step)
@@ -119,41 +120,74 @@ class Pipeline:
     return cls(config, params, toks, batch_size=batch_size, step=restored)
 
   # ---- the one sampling loop, batched ---------------------------------------------------------------------------
-  def _sampler(self, cfg: samplers.SamplerConfig, guide, stages):
-    """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per stage, each generating the
-    stage's positions (bool [S]) with the later stages' positions still MASK (their null condition); stage i > 0
-    draws with keys folded with i. Every stage ``cfg.steps`` steps, all in one program.
+  def _sampler(self, cfg: samplers.SamplerConfig, guide, loops):
+    """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per entry of ``loops``, each a pair
+    (generate, region) of bool [S]: the positions the loop fills, and those being generated in its stage (its
+    block's whole stage; every other position is given: ``model.isolate_given``), with the later loops'
+    positions still MASK (their null condition); loop i > 0 draws with keys folded with i. Every loop
+    ``cfg.steps`` steps, all in one program.
 
-    The positions and the guidance pairs (bool [S] each) are inputs of the program, not constants in it, so one
-    compiled program serves every choice of segments with the same number of stages and guidance pairs.
+    Uncached, the positions and the guidance pairs (bool [S] each) are inputs of the program, not constants in
+    it, so one compiled program serves every choice of segments with the same number of loops and guidance
+    pairs. With ``cfg.cache`` the positions a loop computes are static (a program per choice of segments): the
+    region (``exact``: exact for a model trained with ``model.isolate_given``) or the block (``dual``:
+    Fast-dLLM's dual cache, refreshed at each block's start and every ``cfg.refresh_every`` steps).
     """
-    key = (cfg, len(guide), len(stages))
+    cached = cfg.cache != "none"
+    if cfg.cache == "exact" and not self.model.config.isolate_given:
+      raise ValueError("sample cache='exact' reuses the given positions' keys and values, which is exact only for a "
+                       "model trained with config.model.isolate_given=True; this one was not: use cache='dual' "
+                       "(approximate) or 'none'")
+    key = (cfg, len(guide), loops if cached else len(loops))
     if key not in self._samplers:
-      def run(params, tokens, keys, stage_masks, guide_masks, guide_tokens):
-        # bool [n_stages, S], bool [n_guide, 2, S], int32 [n_guide, S] (-1: MASK)
-        logits_fn = lambda t: self.model.apply({"params": params}, t)
-        if not self.model.config.restrict_output:
-          # Raw logits (an imported model): MASK is never a candidate all the same, and an image position draws
-          # an image code (the upstreams slice their logits to the codebook there; text takes any id).
-          banned = self._raw_logits_banned()
-          logits_fn = lambda t, f=logits_fn: jnp.where(banned[None], transformer.NEG_INF, f(t))
+      def run(params, tokens, keys, loop_masks, guide_masks, guide_tokens):
+        # bool [n_loops, 2, S], bool [n_guide, 2, S], int32 [n_guide, S] (-1: MASK)
         pairs = tuple((guide_masks[j, 0], guide_masks[j, 1], guide_tokens[j]) for j in range(guide_masks.shape[0]))
         passes = jnp.zeros(tokens.shape[0], jnp.int32)
-        for i in range(stage_masks.shape[0]):
-          stage_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
-          tokens, steps = samplers.sample_with_steps(logits_fn, tokens, stage_keys, mask_id=self.layout.mask_id,
+        for i in range(len(loops)):
+          if cached:
+            generate, region = (np.asarray(m, bool) for m in loops[i])
+            network = self._network(params, region, generate if cfg.cache == "dual" else region,
+                                    cfg.refresh_every if cfg.cache == "dual" else 0)
+          else:
+            generate, region = loop_masks[i, 0], loop_masks[i, 1]
+            network = self._network(params, region)
+          loop_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
+          tokens, steps = samplers.sample_with_steps(network, tokens, loop_keys, mask_id=self.layout.mask_id,
                                                      config=cfg, schedule=self.schedule, guide=pairs,
-                                                     generate=stage_masks[i])
+                                                     generate=generate)
           passes = passes + steps
         return tokens, passes
       self._samplers[key] = jax.jit(run)
-    stage_masks = jnp.asarray(np.asarray(stages, bool).reshape(len(stages), self.layout.seq_len))
     s = self.layout.seq_len
+    loop_masks = jnp.asarray(np.asarray(loops, bool).reshape(len(loops), 2, s))
     guide_masks = jnp.asarray(np.asarray([g[:2] for g in guide], bool).reshape(len(guide), 2, s))
     guide_tokens = jnp.asarray(np.asarray([g[2] if len(g) > 2 else (-1,) * s for g in guide], np.int32)
                                .reshape(len(guide), s))
     fn = self._samplers[key]
-    return lambda params, tokens, keys: fn(params, tokens, keys, stage_masks, guide_masks, guide_tokens)
+    return lambda params, tokens, keys: fn(params, tokens, keys, loop_masks, guide_masks, guide_tokens)
+
+  def _network(self, params, region, rows=None, refresh_every: int = 0):
+    """The network as the sampling loop calls it: ``tokens_to_logits`` (int32 [B, S] -> float32 [B, S, V]), or
+    with ``rows`` (bool [S], static) a :class:`samplers.CachedNetwork` computing those positions. ``region``:
+    bool [S], the positions being generated (the others are given to a ``model.isolate_given`` network)."""
+    given = ~jnp.asarray(region, bool)
+    apply = lambda t, **kw: self.model.apply({"params": params}, t, given=jnp.broadcast_to(given, t.shape), **kw)
+    banned = None
+    if not self.model.config.restrict_output:
+      # Raw logits (an imported model): MASK is never a candidate all the same, and an image position draws
+      # an image code (the upstreams slice their logits to the codebook there; text takes any id).
+      banned = self._raw_logits_banned()
+    restrict = lambda logits, at=None: logits if banned is None else jnp.where(
+        (banned if at is None else banned[at])[None], transformer.NEG_INF, logits)
+    if rows is None:
+      return lambda t: restrict(apply(t))
+    at = np.flatnonzero(rows)
+    def full(t):
+      logits, kv = apply(t, return_kv=True)
+      return restrict(logits), kv
+    return samplers.CachedNetwork(full=full, rows=lambda t, kv: restrict(apply(t, rows=at, kv=kv), at), at=at,
+                                  refresh_every=refresh_every)
 
   def _raw_logits_banned(self):
     """bool [S, V]: the ids a model with raw logits may not draw: at each position the ids outside its modality's
@@ -443,7 +477,8 @@ class Pipeline:
     ``block_length`` > 0 splits each stage into blocks of that many positions, in sequence order."""
     if block_length < 0:
       raise ValueError(f"block_length={block_length} must be >= 0")
-    masks = []
+    loops = []   # (the positions a loop fills, the positions its stage generates)
+    as_tuple = lambda mask: tuple(bool(x) for x in mask)
     for i, stage in enumerate(stages):
       where = self.layout.positions_of(list(stage) + (list(holed) if i == 0 else []))
       if block_length:
@@ -451,11 +486,11 @@ class Pipeline:
         for start in range(0, len(at), block_length):
           block = np.zeros_like(where)
           block[at[start:start + block_length]] = True
-          masks.append(tuple(bool(x) for x in block))
+          loops.append((as_tuple(block), as_tuple(where)))
       else:
-        masks.append(tuple(bool(x) for x in where))
+        loops.append((as_tuple(where), as_tuple(where)))
     keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
-    return self._batched(self._sampler(cfg, guide, tuple(masks)), tokens, keys)
+    return self._batched(self._sampler(cfg, guide, tuple(loops)), tokens, keys)
 
   # ---- recipes over complete (two-segment [text | image] layouts) -------------------------------------------
   def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
@@ -682,8 +717,9 @@ class Pipeline:
       return rep, noisy, masked, c
     rep, noisy, masked, c = jax.vmap(one)(tokens, keys)                                  # [B, n, ...]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    nll = transformer.sequence_nll(self.model, params, flat(noisy), flat(rep))
-    bits = diffusion.elbo_bits(nll, flat(masked), jax.tree.map(flat, c))
+    c = jax.tree.map(flat, c)
+    nll = transformer.sequence_nll(self.model, params, flat(noisy), flat(rep), diffusion.given_positions(c))
+    bits = diffusion.elbo_bits(nll, flat(masked), c)
     return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, g).mean(axis=1), 0.0)
 
   def likelihood(self, values: Mapping[str, Any], noised: Sequence[str], seed: int = 0,

@@ -269,7 +269,8 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
 
   def loss_fn(params):   # a LoRA run differentiates the adapters only: its base is a constant here
     network = state.network_params(params)
-    nll = concurrent_map(functools.partial(sequence_nll, method, network), method.concurrent_chunks, noisy, tokens)
+    nll = concurrent_map(functools.partial(sequence_nll, method, network), method.concurrent_chunks, noisy, tokens,
+                         diffusion.given_positions(corruption))
     return diffusion.loss(nll, masked, corruption)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -295,9 +296,9 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
   return new_state, metrics
 
 
-def sequence_nll(method: StepInputs, params, noisy, tokens):
+def sequence_nll(method: StepInputs, params, noisy, tokens, given):
   """-log p(x0 | x_t) at every position, float32 [B, S] (:func:`~unimm_jax.models.transformer.sequence_nll`)."""
-  return transformer.sequence_nll(method.model, params, noisy, tokens)
+  return transformer.sequence_nll(method.model, params, noisy, tokens, given)
 
 
 def validation_tasks(layout: SequenceLayout, diffusion: MaskedDiffusion | None = None
@@ -352,7 +353,8 @@ def eval_step(method: StepInputs, params, tokens, key) -> jax.Array:
     example_roles = roles if present is None else jnp.where(present, roles[None], tasks_lib.ABSENT)
     corruption = diffusion.corruption_at(t, example_roles)
     noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
-    bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens), masked, corruption)
+    bits = diffusion.elbo_bits(sequence_nll(method, params, noisy, tokens, diffusion.given_positions(corruption)),
+                               masked, corruption)
     if i == 0:
       out.extend(diffusion.modality_bits(bits, roles, present).values())
     elif present is None:

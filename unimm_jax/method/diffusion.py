@@ -140,6 +140,11 @@ class MaskedDiffusion:
     roles = jnp.where(any_fit[:, None], all_roles[task], tasks_lib.CLEAN)               # [B, G]
     return self.corruption_at(self.sample_times(key, batch), roles, task)
 
+  def given_positions(self, corruption: Corruption) -> jax.Array:
+    """bool [..., S]: the positions of the segments that are not noised (clean, null or absent): what a network
+    with ``model.isolate_given`` keeps from attending the noised ones."""
+    return ~jnp.take(corruption.noised, self.layout.segment_index(np), axis=-1)
+
   def corrupt(self, key, tokens, corruption: Corruption):
     """Masks each token with its segment's probability.
 

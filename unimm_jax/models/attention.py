@@ -66,6 +66,14 @@ def resolve(kind: str, platform: str, *, dtype: str, own_scores: dict[str, bool]
   if home and platform != "any" and platform not in home:
     raise AttentionConfigError(f"{why} is a {home[0].upper()} kernel and the program is for {platform}: set "
                                "config.model.attention=auto (or xla)")
+  if chosen == "splash" and own_scores.get("isolate_given"):
+    # The per-example given/generated split is not a splash block mask: the XLA path on TPU.
+    if kind == "auto":
+      logging.info("config.model.attention='auto' on %s: the XLA attention path, since splash cannot take the "
+                   "per-example mask of config.model.isolate_given", platform)
+      return "xla"
+    raise AttentionConfigError(f"{why} runs the splash kernel, which cannot take the per-example mask of "
+                               "config.model.isolate_given; set config.model.attention=xla (or auto)")
   if chosen == "cudnn":
     problems = _cudnn_problems(dtype, own_scores)
     if problems and kind == "auto":

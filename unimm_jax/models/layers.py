@@ -113,11 +113,19 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segments=None, key_valid=None):
+  def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
+               return_kv: bool = False):
     """x: [B, S, D], positions: int32 [S, 2] (or [B, S, 2] per example with ``rope_1d``), segments: (segment
     index int [S], is-text bool [S][, modality id int [S]]) of each position (needed when not cross_modal_rope,
     or with directional heads; without the modality ids, pairs rotate within a segment), key_valid: bool [B, S]
     or None, False at the keys no query may attend (pad tokens, ``model.pad_key_id``) -> [B, S, D].
+
+    ``given``: bool [B, S] or None: where True, a query attends only keys where it is True (the given positions
+    see only each other: ``model.isolate_given``). ``rows``: int [A] (sorted) or None: ``x`` holds only these
+    positions ([B, A, D]); their queries attend every position, reading the keys and values of the others from
+    ``kv`` (this layer's ``{'k', 'v'[, 'k_raw']}``, [B, S, N, H] each, from an earlier call with ``return_kv``),
+    on the XLA path whatever ``kernel`` is (a sampling path: A queries against S keys). With ``return_kv`` the
+    result is (out, kv of every position: the rows' own keys and values in place of the cache's).
 
     With ``cross_modal_rope=False``, the rotary embedding applies within a modality only: a pair of positions of
     one modality scores with the rotated q, k (relative offsets in a caption; on the grid, also between two image
@@ -160,26 +168,39 @@ class Attention(nn.Module):
       # Partial rotary: the unrotated dimensions score query-key pairs by content alone, whatever their positions,
       # which is what text<->image lookups need (a text index and an image cell have no meaningful offset).
       r = int(self.head_dim * self.rope_fraction) // 4 * 4
+      at = positions if rows is None else jnp.take(positions, rows, axis=-2)   # the rows' own positions
       if self.rope_1d:
-        rope = lambda x: apply_rope_1d(x, positions[..., 0], self.rope_theta)
+        rope = lambda x: apply_rope_1d(x, at[..., 0], self.rope_theta)
       else:
-        rope = lambda x: apply_rope_2d(x, positions, self.rope_theta)
+        rope = lambda x: apply_rope_2d(x, at, self.rope_theta)
       rot = lambda x: jnp.concatenate([rope(x[..., :r]), x[..., r:]], -1)
       q, k = (rot(q), rot(k)) if r else (q, k)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     within_segment_rope = bool(not self.cross_modal_rope and r)
+    if rows is not None:
+      if kv is None:
+        raise ValueError("Attention(rows=...) computes some positions only: it needs the keys and values of the "
+                         "others (kv, from a call with return_kv=True)")
+      k, v = kv["k"].at[:, rows].set(k), kv["v"].at[:, rows].set(v)
+      if within_segment_rope:
+        k_raw = kv["k_raw"].at[:, rows].set(k_raw)
+    new_kv = {"k": k, "v": v, **({"k_raw": k_raw} if within_segment_rope else {})}
+    query_rows = (lambda a, axis: a) if rows is None else (lambda a, axis: jnp.take(a, rows, axis=axis))
     if (within_segment_rope or self.directional_heads) and segments is None:
       raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the segment of each "
                        "position")
     if 2 * self.directional_heads > self.num_heads:
       raise ValueError(f"directional_heads={self.directional_heads} needs at least {2 * self.directional_heads} "
                        f"heads, got {self.num_heads}")
-    if self.kernel == "cudnn":
+    if given is not None and self.kernel != "xla" and rows is None:
+      raise attention.AttentionConfigError(f"model.isolate_given needs a per-example mask, which the {self.kernel} "
+                                           "kernel does not take: set config.model.attention=xla")
+    if self.kernel == "cudnn" and rows is None:
       if within_segment_rope or self.directional_heads or key_valid is not None:
         raise attention.AttentionConfigError("cuDNN attention cannot take cross_modal_rope=False, "
                                              "directional_heads > 0 or pad_key_id (attention.resolve)")
       out = attention.cudnn_attention(q, k, v)
-    elif self.kernel == "splash":
+    elif self.kernel == "splash" and rows is None:
       if self.static_segments is None:
         raise ValueError("Attention(kernel='splash') needs static_segments")
       segment, text, *groups = (np.asarray(a) for a in self.static_segments)
@@ -190,18 +211,24 @@ class Attention(nn.Module):
     else:
       allowed = None
       if self.directional_heads:
-        allowed = attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads, xp=jnp)[None]
+        allowed = query_rows(attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads,
+                                                         xp=jnp), 1)[None]                # [1, N, A, S]
       if key_valid is not None:
         keys = key_valid[:, None, None, :]                                                # [B, 1, 1, S]
         allowed = keys if allowed is None else allowed & keys
+      if given is not None:
+        # A given query sees the given keys only; a generated query sees everything.
+        isolated = ~query_rows(given, 1)[:, None, :, None] | given[:, None, None, :]     # [B, 1, A, S]
+        allowed = isolated if allowed is None else allowed & isolated
       if within_segment_rope:
         group = segments[2] if len(segments) > 2 else segments[0]   # the modality (default: the segment)
-        same = (group[:, None] == group[None, :])[None, None]                            # [1, 1, S, S]
+        same = (query_rows(group, 0)[:, None] == group[None, :])[None, None]             # [1, 1, A, S]
         out = attention.xla_attention(q, k, v, q_raw, k_raw, same, allowed=allowed)
       else:
         out = attention.xla_attention(q, k, v, allowed=allowed)
     out = checkpoint_name(out, "context")
-    return checkpoint_name(Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out), "out_proj")
+    out = checkpoint_name(Projection(shape, (d,), ("heads", "kv", "embed"), name="out", **kw)(out), "out_proj")
+    return (out, new_kv) if return_kv else out
 
 
 heads_first_attention = attention.xla_attention   # the name tests and older code use
@@ -286,13 +313,19 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segments=None, key_valid=None):  # [B, S, D] -> [B, S, D]
+  def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
+               return_kv: bool = False):
+    """[B, S, D] -> [B, S, D] (or [B, A, D] of ``rows``; with ``return_kv``, also the attention's keys and values:
+    :meth:`Attention.__call__`)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
-    x = x + Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
-                      self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
-                      self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(h, positions, segments,
-                                                                                           key_valid)
+    out = Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
+                    self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
+                    self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(
+                        h, positions, segments, key_valid, given, rows, kv, return_kv)
+    out, new_kv = out if return_kv else (out, None)
+    x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)
     x = x + GatedMLP(self.mlp_dim, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, new_kv) if return_kv else x

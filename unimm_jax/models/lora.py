@@ -88,9 +88,9 @@ class LoraTransformer(Transformer):
 
   lora: LoraSpec | None = None
 
-  def __call__(self, tokens, *, hidden: bool = False):
+  def __call__(self, tokens, **kw):   # Transformer.__call__'s keywords
     with nn.intercept_methods(self.lora._intercept):  # pylint: disable=protected-access
-      return super().__call__(tokens, hidden=hidden)
+      return super().__call__(tokens, **kw)
 
 
 def _partition(tree: Mapping, adapters: bool) -> dict:

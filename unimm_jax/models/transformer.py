@@ -46,11 +46,15 @@ REMAT_POLICIES = {
 }
 
 
-def _ScanBlock(block_cls):  # pylint: disable=invalid-name
-  """``block_cls`` with the (carry, output) signature ``nn.scan`` needs."""
+def _ScanBlock(block_cls, return_kv: bool = False):  # pylint: disable=invalid-name
+  """``block_cls`` with the (carry, output) signature ``nn.scan`` needs: the layer's cache (``kv``) scanned in,
+  its keys and values (with ``return_kv``) scanned out."""
   class ScanBlock(block_cls):
-    def __call__(self, x, positions, segments, key_valid=None):
-      return super().__call__(x, positions, segments, key_valid), None
+    def __call__(self, x, kv, positions, segments, key_valid=None, given=None, rows=None):
+      # (The cache arguments only when caching: a rematerialised block traces every argument it is given.)
+      caching = () if rows is None and not return_kv else (rows, kv, return_kv)
+      out = super().__call__(x, positions, segments, key_valid, given, *caching)
+      return out if return_kv else (out, None)
   ScanBlock.__name__ = f"Scan{block_cls.__name__}"
   return ScanBlock
 
@@ -87,6 +91,7 @@ class TransformerConfig:
   restrict_output: bool = True      # logits outside a position's modality (and MASK) set to NEG_INF
   pad_key_id: int = -1         # >= 0: tokens of this id are not there (never attended, no position; MMaDA's [iPAD])
   image_row_end_id: int = -1   # >= 0: the network sees this token after every image row (Lumina-DiMOO's <end-of-line>)
+  isolate_given: bool = False  # given (not generated) positions attend only given positions (cacheable; __call__)
 
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
@@ -106,7 +111,8 @@ def own_scores(model_config) -> dict[str, bool]:
       int(model_config.get("head_dim", 32) * model_config.get("rope_fraction", 1.0)) // 4 > 0
   return {"directional_heads": bool(model_config.get("directional_heads", 0)),
           "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True),
-          "pad_key_id": model_config.get("pad_key_id", -1) >= 0}   # (image_row_end_id needs no mask)
+          "pad_key_id": model_config.get("pad_key_id", -1) >= 0,   # (image_row_end_id needs no mask)
+          "isolate_given": bool(model_config.get("isolate_given", False))}
 
 
 def token_positions(layout: SequenceLayout, rope_layout: str = "segment") -> np.ndarray:
@@ -191,14 +197,35 @@ class Transformer(nn.Module):
     return jnp.where(is_code[..., None], jnp.take(table, ids, axis=0), 0.0)
 
   @nn.compact
-  def __call__(self, tokens, *, hidden: bool = False):
+  def __call__(self, tokens, *, hidden: bool = False, given=None, rows=None, kv=None, return_kv: bool = False):
     """tokens int32 [B, S] -> logits float32 [B, S, V]; with ``hidden=True`` the final-normed features [B, S, D]
-    instead (the training loss applies the head per segment: :func:`segment_nll`)."""
+    instead (the training loss applies the head per segment: :func:`segment_nll`).
+
+    Args:
+      given: bool [B, S]: the positions that are given rather than generated (clean or null segments; every
+        position not being generated, when sampling). Read only with ``model.isolate_given``, which needs it: a
+        given position then attends only given positions (LaViDa's prefix mask), so its keys and values do not
+        depend on the generated positions and a sampler computes them once (``sample.cache='exact'``). None:
+        nothing is given (every position attends every position). Training, validation, scoring and the
+        sampler always pass it.
+      rows: int [A] (static, sorted, unique) or None: compute the outputs of these positions only ([B, A, ...]),
+        reading the keys and values of every other position from ``kv``. With ``model.isolate_given`` and the
+        given positions outside ``rows``, this is the full forward's output at ``rows`` exactly; otherwise the
+        other positions' keys and values are those of the call that made ``kv`` (Fast-dLLM's approximate cache).
+      kv: the cache of every layer (from a call with ``return_kv=True`` on the same ``given``).
+      return_kv: also return that cache: (out, kv), each layer's keys and values at every position, [B, S(')]
+        leading (the network's own sequence: S' with ``image_row_end_id``).
+    """
     cfg = self.config
     layout = cfg.layout
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if tokens.shape[-1] != layout.seq_len:
       raise ValueError(f"expected sequences of {layout.seq_len} tokens, got shape {tokens.shape}")
+    given = jnp.asarray(given, bool) if cfg.isolate_given and given is not None else None
+    if rows is not None:
+      rows = np.asarray(rows, np.int64)
+      if rows.ndim != 1 or np.any(np.diff(rows) <= 0) or kv is None:
+        raise ValueError("rows must be sorted unique positions (int [A]) and come with the cache kv")
 
     embed_init = nn.initializers.normal(stddev=1.0)
     # Rows past layout.size are padding (never looked up, their logits cut off): a vocabulary of a multiple of
@@ -230,11 +257,20 @@ class Transformer(nn.Module):
     positions = jnp.asarray(token_positions(layout, cfg.rope_layout))
     segments = segment_info(layout)
     keep = None
+    net_rows = rows   # the rows in the network's own sequence
     if cfg.image_row_end_id >= 0:   # (the tokens were expanded before the embedding)
       src, inserted = row_end_expansion(layout)
       positions = jnp.repeat(jnp.arange(len(src), dtype=jnp.int32)[:, None], 2, axis=1)
       segments = tuple(a[src] for a in segments)
       keep = np.flatnonzero(~inserted)
+      given = None if given is None else given[:, src]
+      if rows is not None:   # a computed row's row end is computed with it
+        computed = np.zeros(layout.seq_len, bool)
+        computed[rows] = True
+        net_rows = np.flatnonzero(computed[src])
+        keep = np.flatnonzero(~inserted[net_rows])
+    if rows is not None:
+      x = x[:, net_rows]
     key_valid = None
     if cfg.pad_key_id >= 0:
       # A pad is not there: no query attends it and it takes no position, so the tokens around it see each other
@@ -253,18 +289,34 @@ class Transformer(nn.Module):
                   cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
                   static_segments, cfg.rope_layout == "sequence", cfg.norm_eps)
     block_kw = dict(dtype=dtype, param_dtype=param_dtype)
-    block = layers.Block if cfg.remat == "none" else nn.remat(
+    caching = rows is not None or return_kv   # a sampling path: nothing to rematerialise
+    block = layers.Block if cfg.remat == "none" or caching else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
-      stack = nn.scan(_ScanBlock(block), variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=nn.broadcast, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(*block_args, **block_kw, name="blocks")(x, positions, segments, key_valid)
+      stack = nn.scan(_ScanBlock(block, return_kv), variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = stack(*block_args, **block_kw, name="blocks")(x, kv, positions, segments, key_valid, given,
+                                                                 net_rows)
     else:
+      new_kv = []
       for i in range(cfg.num_layers):
-        x = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments, key_valid)
+        layer_cache = (net_rows, None if kv is None else kv[i], return_kv) if caching else ()
+        out = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments, key_valid, given,
+                                                                 *layer_cache)
+        x, layer_kv = out if return_kv else (out, None)
+        new_kv.append(layer_kv)
     if keep is not None:
       x = x[:, keep]
+    out = self._head(x, vocab, rows, hidden)
+    return (out, new_kv) if return_kv else out
+
+  def _head(self, x, vocab: int, rows, hidden: bool):
+    """The final norm, then (unless ``hidden``) the output projection and the modality restriction of
+    :meth:`__call__` at ``rows`` (all positions when None)."""
+    cfg, layout = self.config, self.config.layout
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if hidden:
       return x
@@ -274,7 +326,8 @@ class Transformer(nn.Module):
     logits = logits[..., :layout.size] if vocab != layout.size else logits
     if not cfg.restrict_output:
       return logits
-    return jnp.where(layout.allowed_ids(jnp)[None], logits, NEG_INF)
+    allowed = layout.allowed_ids(jnp)
+    return jnp.where((allowed if rows is None else allowed[rows])[None], logits, NEG_INF)
 
   def _modality_embedding(self, init, param_dtype):
     """float [S, D]: each position's modality vector (rows: text, image, and special when the layout has special
@@ -326,10 +379,11 @@ def segment_nll(config: TransformerConfig, params, features, targets):
   return jnp.concatenate(out, axis=1)
 
 
-def sequence_nll(model: Transformer, params, noisy, targets):
+def sequence_nll(model: Transformer, params, noisy, targets, given=None):
   """-log p(x0 | x_t) at every position, float32 [B, S]: the network's features on ``noisy`` (int32 [B, S]), then
-  the head per segment (:func:`segment_nll`). The one path of training, validation and scoring."""
-  features = model.apply({"params": params}, noisy, hidden=True)
+  the head per segment (:func:`segment_nll`). The one path of training, validation and scoring. ``given``: bool
+  [B, S], the positions of the segments that are not noised (read with ``model.isolate_given``)."""
+  features = model.apply({"params": params}, noisy, hidden=True, given=given)
   return segment_nll(model.config, params, features, targets)
 
 

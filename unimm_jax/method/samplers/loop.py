@@ -18,6 +18,12 @@ of (target positions, null positions) pairs: at the target positions, ``uncond``
 null positions all MASK (the null condition of training). The uncond passes are batched with the cond pass
 into one forward.
 
+Cached conditioning (``CachedNetwork``): the network computes only the positions it may change (``at``, static),
+each step's queries attending every position, the keys and values of the others read from a cache that a full
+forward fills at the first step (and every ``refresh_every`` steps). The method then sees those positions only
+([B, A] instead of [B, S]). The cache is exact for a network whose given positions never attend the generated
+ones (``model.isolate_given``), and Fast-dLLM's approximation otherwise.
+
 Invariants (tested): tokens that are not MASK at the start never change; no MASK is left after the last step
 at the generated positions; the confidence method reveals exactly the scheduled count each step. Randomness is
 per example (one key per row, folded with the step, then split in three: the token draw, the method's noise,
@@ -28,11 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unimm_jax.method.schedules import Schedule
 
@@ -50,6 +57,8 @@ class SamplerConfig:
   guidance_scale: float = 0.0    # w; 0 = plain conditional sampling
   threshold: float = 0.9         # threshold: reveal every masked position whose candidate has p >= this
   max_per_step: int = 0          # threshold: the most positions one step reveals (but the last); 0 = no limit
+  cache: str = "none"            # none | exact | dual: the network the caller builds (CachedNetwork, CACHES)
+  refresh_every: int = 0         # dual: recompute the cache every N steps (0: at the first step only)
 
   def __post_init__(self):
     if self.method not in _REGISTRY:
@@ -64,6 +73,30 @@ class SamplerConfig:
       raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
     if self.max_per_step < 0:
       raise ValueError(f"max_per_step={self.max_per_step} must be >= 0 (0 = no limit)")
+    if self.cache not in CACHES:
+      raise ValueError(f"cache {self.cache!r} is not one of {CACHES}")
+    if self.refresh_every < 0:
+      raise ValueError(f"refresh_every={self.refresh_every} must be >= 0 (0 = at the first step only)")
+
+
+CACHES = ("none", "exact", "dual")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedNetwork:
+  """A network that computes chosen positions only, reading the keys and values of the others from a cache.
+
+  full: int32 [B, S] -> (float32 logits [B, S, V], cache): every position, filling the cache.
+  rows: (int32 [B, S], cache) -> float32 logits [B, A, V] at ``at`` only (the tokens elsewhere are read through
+    the cache, i.e. as they were when it was filled).
+  at: int [A] sorted positions the sampler may change (static): the generated ones must be among them.
+  refresh_every: the cache is filled at step 0 and every ``refresh_every`` steps (0: at step 0 only).
+  """
+
+  full: Callable
+  rows: Callable
+  at: Any
+  refresh_every: int = 0
 
 
 @flax.struct.dataclass
@@ -145,17 +178,26 @@ def reveal_all_but(scores, masked, keep):
 Guide = tuple[tuple, ...]
 
 
-def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_scale: float, guide: Guide = ()):
-  """log p(x0 | x_t) with classifier-free guidance: float32 [B, S, V].
+def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_scale: float, guide: Guide = (),
+                     at=None):
+  """log p(x0 | x_t) with classifier-free guidance: float32 [B, S, V] (or [B, A, V] at ``at``).
 
   Args:
-    tokens_to_logits: int32 [B', S] -> float32 [B', S, V].
+    tokens_to_logits: int32 [B', S] -> float32 [B', S, V] (or [B', A, V]: the positions ``at`` only).
     tokens: int32 [B, S] current (partly masked) sequences.
     guide: ((target positions, null positions[, null tokens]), ...): bool [S] each, and int [S] ids the null
       positions take in the uncond pass (-1: MASK, the default null condition of training).
+    at: int [A] (static) or None: the positions ``tokens_to_logits`` returns.
   """
+  batch = guidance_batch(tokens, mask_id, guidance_scale, guide)
+  return combine_guidance(tokens_to_logits(batch), tokens.shape[0], guidance_scale, guide, at)
+
+
+def guidance_batch(tokens, mask_id: int, guidance_scale: float, guide: Guide = ()):
+  """int32 [B (1 + G), S]: the sequences of one guided forward, the cond rows then each guide entry's uncond
+  rows (its null positions replaced); ``tokens`` itself without guidance."""
   if guidance_scale == 0.0 or not guide:
-    return jax.nn.log_softmax(tokens_to_logits(tokens), axis=-1)
+    return tokens
   batches = [tokens]
   for entry in guide:
     null = jnp.asarray(entry[1])[None]
@@ -165,11 +207,19 @@ def guided_log_probs(tokens_to_logits: Callable, tokens, mask_id: int, guidance_
     else:
       replacement = mask_id
     batches.append(jnp.where(null, replacement, tokens))
-  out = jax.nn.log_softmax(tokens_to_logits(jnp.concatenate(batches)), axis=-1)
-  out = out.reshape(len(batches), tokens.shape[0], *out.shape[1:])
+  return jnp.concatenate(batches)
+
+
+def combine_guidance(logits, batch: int, guidance_scale: float, guide: Guide = (), at=None):
+  """float32 [B, S or A, V] guided log-probabilities from the logits of :func:`guidance_batch`'s rows."""
+  if guidance_scale == 0.0 or not guide:
+    return jax.nn.log_softmax(logits, axis=-1)
+  out = jax.nn.log_softmax(logits, axis=-1)
+  out = out.reshape(len(guide) + 1, batch, *out.shape[1:])
   cond, uncond = out[0], out[0]
   for i, entry in enumerate(guide, start=1):
-    uncond = jnp.where(jnp.asarray(entry[0])[None, :, None], out[i], uncond)
+    target = jnp.asarray(entry[0]) if at is None else jnp.asarray(entry[0])[at]
+    uncond = jnp.where(target[None, :, None], out[i], uncond)
   w = guidance_scale
   return jax.nn.log_softmax((1.0 + w) * cond - w * uncond, axis=-1)
 
@@ -214,9 +264,9 @@ def sample_with_steps(tokens_to_logits: Callable, tokens, keys, *, mask_id: int,
   return tokens, steps_taken
 
 
-def _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, generate):
+def _decode(network, tokens, keys, mask_id, config, schedule, guide, generate):
   """The loop of :func:`sample_with_trace`: (int32 [B, S] tokens, int32 [K, B] masked after each step,
-  int32 [B] steps taken)."""
+  int32 [B] steps taken). ``network``: ``tokens_to_logits`` or a :class:`CachedNetwork`."""
   steps = config.steps
   given = tokens != mask_id
   if generate is not None:
@@ -224,27 +274,57 @@ def _decode(tokens_to_logits, tokens, keys, mask_id, config, schedule, guide, ge
   to_fill = lambda tokens: (tokens == mask_id) & ~given                                     # bool [B, S]
   remaining = remaining_masked((~given).sum(axis=1), steps, config.reveal_schedule)         # [K, B]
   method = _REGISTRY[config.method]
+  cached = isinstance(network, CachedNetwork)
+  at = np.asarray(network.at) if cached else None
+  # What the method sees: the positions the network computes ([B, A]), or all of them.
+  view = (lambda x: x) if at is None else (lambda x: x[:, at])
+  if cached:
+    if generate is None or isinstance(generate, jax.core.Tracer):
+      raise ValueError("a cached network needs the generated positions as a static bool [S] (generate=)")
+    outside = np.asarray(generate, bool) & ~np.isin(np.arange(tokens.shape[1]), at)
+    if outside.any():
+      raise ValueError(f"positions {np.flatnonzero(outside).tolist()} are generated but not computed by the "
+                       "cached network (its at)")
+
+  def log_probs_of(k, tokens, cache):
+    """(float32 [B, S or A, V] guided log-probabilities, the cache after this step)."""
+    if not cached:
+      return guided_log_probs(network, tokens, mask_id, config.guidance_scale, guide), cache
+    refresh = (k == 0) if network.refresh_every == 0 else (k % network.refresh_every == 0)
+    def fill(batch, cache):
+      logits, new_cache = network.full(batch)
+      return logits[:, at], new_cache
+    def reuse(batch, cache):
+      return network.rows(batch, cache), cache
+    batch = guidance_batch(tokens, mask_id, config.guidance_scale, guide)
+    logits, cache = jax.lax.cond(refresh, fill, reuse, batch, cache)
+    return combine_guidance(logits, tokens.shape[0], config.guidance_scale, guide, at), cache
 
   def running(carry):
-    k, tokens, _, _ = carry
+    k, tokens = carry[:2]
     return (k < steps) & to_fill(tokens).any()
 
   def body(carry):
-    k, tokens, counts, steps_taken = carry
+    k, tokens, counts, steps_taken, cache = carry
     step_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k), 3))(keys)   # [B, 3, 2]
-    log_probs = guided_log_probs(tokens_to_logits, tokens, mask_id, config.guidance_scale, guide)
-    candidates = draw(step_keys[:, 0], log_probs, config.temperature)                       # [B, S]
-    masked = to_fill(tokens)
+    log_probs, cache = log_probs_of(k, tokens, cache)
+    candidates = draw(step_keys[:, 0], log_probs, config.temperature)                       # [B, S or A]
+    masked = view(to_fill(tokens))
     reveal = method(Step(k=k, log_probs=log_probs, candidates=candidates, masked=masked, remaining=remaining[k],
                          noise_key=step_keys[:, 1], uniform_key=step_keys[:, 2], config=config,
                          schedule=schedule))
-    tokens = jnp.where(reveal & masked, candidates, tokens)
+    new = jnp.where(reveal & masked, candidates, view(tokens))
+    tokens = new if at is None else tokens.at[:, at].set(new)
     counts = counts.at[k].set(to_fill(tokens).sum(axis=1).astype(jnp.int32))
     steps_taken = steps_taken + masked.any(axis=1).astype(jnp.int32)
-    return k + 1, tokens, counts, steps_taken
+    return k + 1, tokens, counts, steps_taken, cache
 
   batch = tokens.shape[0]
-  init = (jnp.int32(0), tokens, jnp.zeros((steps, batch), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  cache = None
+  if cached:   # an empty cache of the right shapes (the guided batch's rows included) for the loop's carry
+    shapes = jax.eval_shape(network.full, guidance_batch(tokens, mask_id, config.guidance_scale, guide))[1]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  init = (jnp.int32(0), tokens, jnp.zeros((steps, batch), jnp.int32), jnp.zeros((batch,), jnp.int32), cache)
   # A while_loop, not a scan: a batch whose examples are all filled before step K stops computing.
-  _, tokens, counts, steps_taken = jax.lax.while_loop(running, body, init)
+  _, tokens, counts, steps_taken, _ = jax.lax.while_loop(running, body, init)
   return tokens, counts, steps_taken
