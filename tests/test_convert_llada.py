@@ -196,25 +196,57 @@ def test_import_onto_eight_devices_places_shards_and_matches_the_reference(upstr
   np.testing.assert_allclose(np.asarray(result["logits"]), up.reference_logits(cfg, tensors, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
-def test_semi_autoregressive_low_confidence_decoding_equals_the_upstream_generate(upstream, tmp_path, cfg_scale):
-  """LLaDA's decoding on the imported model: a prompt segment given, the answer generated in blocks of 4, 2 steps a
-  block, low-confidence remasking (uniform reveal counts, argmax, no noise), with and without its guidance."""
+def _prompt_and_answer(upstream, directory):
+  """The imported model over [prompt (8) | answer (8)], and a batch of 3 prompts without MASK."""
   from unimm_jax import Pipeline, configuration, convert
-  src, cfg, tensors = upstream
+  src, cfg, _ = upstream
   config = convert.llada.apply_backbone(configuration.base_config(), cfg, 16)
   config.sequence.segments = (("prompt", "text", 8), ("answer", "text", 8))
   config.diffusion.tasks = {"answer": 1.0}
   config.diffusion.task_roles = {"answer": "prompt:clean answer:noised"}
-  convert.import_checkpoint("llada", src, tmp_path / "b", config)
-  pipe = Pipeline.load(tmp_path / "b")
+  convert.import_checkpoint("llada", src, directory, config)
   prompt = _ids(cfg, batch=3, seq=8, seed=4)
   prompt[prompt == cfg["mask_token_id"]] = 5      # a prompt holds no MASK
-  ours = pipe.complete({"prompt": prompt}, ["answer"], steps=2, block_length=4, temperature=0.0,
-                       confidence_noise=0.0, reveal_schedule="uniform", guidance_scale=cfg_scale, as_ids=True)
+  return Pipeline.load(directory), prompt
+
+
+LOW_CONFIDENCE = dict(temperature=0.0, confidence_noise=0.0, reveal_schedule="uniform", as_ids=True)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_semi_autoregressive_low_confidence_decoding_equals_the_upstream_generate(upstream, tmp_path, cfg_scale):
+  """LLaDA's decoding on the imported model: a prompt segment given, the answer generated in blocks of 4, 2 steps a
+  block, low-confidence remasking (uniform reveal counts, argmax, no noise), with and without its guidance."""
+  _, cfg, tensors = upstream
+  pipe, prompt = _prompt_and_answer(upstream, tmp_path / "b")
+  ours = pipe.complete({"prompt": prompt}, ["answer"], steps=2, block_length=4, guidance_scale=cfg_scale,
+                       **LOW_CONFIDENCE)
   ref = up.reference_generate(cfg, tensors, prompt, steps=4, gen_length=8, block_length=4, cfg_scale=cfg_scale)
   np.testing.assert_array_equal(ours["answer"], ref[:, 8:])
   assert len(set(map(tuple, ref[:, 8:].tolist()))) > 1     # the examples differ: a real comparison
+
+
+def test_blocks_with_the_dual_cache_and_threshold_decoding_on_the_import(upstream, tmp_path):
+  """Every speed-up at once on the imported model: blocks, Fast-dLLM's dual cache (the prompt's and the other
+  blocks' keys and values reused within a block) and threshold decoding. With the threshold off (low-confidence
+  remasking) and the cache refreshed every step, the upstream's tokens exactly; cached within the block, every
+  answer position is filled, the prompt never changes, and the threshold sampler's passes stay within its bound."""
+  _, cfg, tensors = upstream
+  pipe, prompt = _prompt_and_answer(upstream, tmp_path / "b")
+  ref = up.reference_generate(cfg, tensors, prompt, steps=4, gen_length=8, block_length=4)[:, 8:]
+  refreshed = pipe.complete({"prompt": prompt}, ["answer"], steps=2, block_length=4, cache="dual", refresh_every=1,
+                            **LOW_CONFIDENCE)
+  np.testing.assert_array_equal(refreshed["answer"], ref)
+  for method in ("confidence", "threshold"):
+    cached = pipe.complete({"prompt": prompt}, ["answer"], steps=4, block_length=4, cache="dual", method=method,
+                           threshold=0.5, **LOW_CONFIDENCE)["answer"]
+    assert cached.shape == (3, 8) and (cached != pipe.layout.mask_id).all()
+    assert ((pipe.last_forward_passes >= 2) & (pipe.last_forward_passes <= 8)).all()   # 1..4 a block
+  uncached = pipe.complete({"prompt": prompt}, ["answer"], steps=4, block_length=4, method="threshold",
+                           threshold=0.5, **LOW_CONFIDENCE)["answer"]
+  every_step = pipe.complete({"prompt": prompt}, ["answer"], steps=4, block_length=4, method="threshold",
+                             threshold=0.5, cache="dual", refresh_every=1, **LOW_CONFIDENCE)["answer"]
+  np.testing.assert_array_equal(every_step, uncached)
 
 
 def test_fine_tune_the_import_with_lora_then_export_it_back(upstream, imported, tmp_path):

@@ -224,8 +224,14 @@ def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe):
   pipe.complete({"image": np.zeros((3, 24, 24, 3), np.uint8)}, ["text"], steps=2, block_length=8)
   blocks = -(-pipe.layout.segment("text").size // 8)
   np.testing.assert_array_equal(pipe.last_forward_passes, [2 * blocks] * 3)
-  rows = bench_samplers.bench_samplers(pipe, num=2, batches=(2,), repeats=1, thresholds=(0.5,))
-  assert [r["sampler"] for r in rows] == ["confidence (plain)", "threshold 0.5"]
+  rows = bench_samplers.bench_samplers(pipe, num=2, batches=(2,), repeats=1, thresholds=(0.5,),
+                                       caches=("none", "dual/2"))
+  assert [r["sampler"] for r in rows] == ["confidence (plain)", "threshold 0.5", "confidence (plain), cache dual/2",
+                                          "threshold 0.5, cache dual/2"]
+  assert rows[2]["t2i"]["cache"] == "dual" and rows[2]["t2i"]["refresh_every"] == 2
+  assert bench_samplers.default_caches(pipe.config) == ("none", "dual", "dual/4")
+  with pytest.raises(ValueError, match="dual/N"):
+    bench_samplers.cache_kwargs("exact/3")
   assert rows[0]["t2i_passes_mean"] == pipe.config.sample.t2i_steps
   assert rows[1]["t2i_passes_max"] <= rows[0]["t2i_passes_max"]
   assert all(0.0 <= r["t2i_accuracy"] <= 1.0 and r["t2i_s_per_image_b2"] > 0 for r in rows)

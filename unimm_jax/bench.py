@@ -467,6 +467,8 @@ def _cli():
                                     "is scored on (bench_samplers).")
   thresholds = flags.DEFINE_list("thresholds", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.99"],
                                  "sample, a shapes workdir: the thresholds of confidence-threshold decoding.")
+  caches = flags.DEFINE_list("caches", None, "sample, a shapes workdir: cache settings, each none | exact | dual | "
+                             "dual/N (default: none and exact for a model.isolate_given run, else none, dual, dual/4).")
   plot = flags.DEFINE_string("plot", None, "sample, a shapes workdir: the accuracy-speed curve as a PNG here.")
 
   def main(argv):
@@ -496,7 +498,8 @@ def _cli():
         from unimm_jax import bench_samplers  # pylint: disable=g-import-not-at-top
         batches = tuple(int(b) for b in sample_batches.value)
         rows = bench_samplers.bench_samplers(pipe, sample_num.value, batches, repeats.value,
-                                             tuple(float(t) for t in thresholds.value))
+                                             tuple(float(t) for t in thresholds.value),
+                                             caches=None if caches.value is None else tuple(caches.value))
         result["samplers"] = rows
         print(bench_samplers.table(rows, batches))
         if plot.value:

@@ -1,7 +1,9 @@
 """Speed beside quality: ``python -m unimm_jax.bench --what=sample --workdir=RUN`` on a model trained on ``shapes``.
 
 For each sampler setting (the run's plain confidence sampler, then confidence-threshold decoding with the
-threshold swept), on the first ``num`` val examples of ``shapes``:
+threshold swept), each with every cache setting (``caches``: ``none``; ``exact`` on a model trained with
+``model.isolate_given``; ``dual`` or ``dual/N``, Fast-dLLM's approximate cache refreshed at the first step or
+every N steps), on the first ``num`` val examples of ``shapes``:
 
 * text -> image and image -> text accuracy, exactly as the report scores them (``evaluate``'s checkers);
 * forward passes per sample (``Pipeline.last_forward_passes``: sampler steps over the sequence, mean and max);
@@ -24,17 +26,36 @@ from unimm_jax.data import shapes
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
-def settings(config, thresholds=THRESHOLDS) -> list[tuple[str, dict, dict]]:
+def default_caches(config) -> tuple[str, ...]:
+  """The cache settings worth comparing for a run: the exact cache where the model was trained for it, else the
+  approximate one refreshed once and every 4 steps."""
+  return ("none", "exact") if config.model.get("isolate_given", False) else ("none", "dual", "dual/4")
+
+
+def cache_kwargs(cache: str) -> dict:
+  """``none`` | ``exact`` | ``dual`` | ``dual/N`` -> sampler call arguments."""
+  name, _, every = cache.partition("/")
+  if name not in ("none", "exact", "dual") or (every and (name != "dual" or not every.isdigit())):
+    raise ValueError(f"cache setting {cache!r} is not none, exact, dual or dual/N")
+  return {} if name == "none" else dict(cache=name, refresh_every=int(every or 0))
+
+
+def settings(config, thresholds=THRESHOLDS, caches=("none",)) -> list[tuple[str, dict, dict]]:
   """(name, t2i call arguments, i2t call arguments) of each sampler setting the sweep compares."""
   out = []
   t2i, i2t = pipeline_lib.sampler_kwargs(config, "t2i"), pipeline_lib.sampler_kwargs(config, "i2t")
   i2t.pop("candidates", None)
   for kw in (t2i, i2t):
     kw["guidance_scale"] = config.sample.guidance_scale
-  out.append((f"{t2i['method']} (plain)", dict(t2i), dict(i2t)))
-  for tau in thresholds:
-    extra = dict(method="threshold", threshold=float(tau), max_per_step=0)
-    out.append((f"threshold {tau}", {**t2i, **extra}, {**i2t, **extra}))
+    kw.pop("cache", None), kw.pop("refresh_every", None)
+  methods = [(f"{t2i['method']} (plain)", {})]
+  methods += [(f"threshold {tau}", dict(method="threshold", threshold=float(tau), max_per_step=0))
+              for tau in thresholds]
+  for cache in caches:
+    extra_cache = cache_kwargs(cache)
+    for name, extra in methods:
+      label = name if cache == "none" else f"{name}, cache {cache}"
+      out.append((label, {**t2i, **extra, **extra_cache}, {**i2t, **extra, **extra_cache}))
   return out
 
 
@@ -49,15 +70,15 @@ def _timed(fn, repeats: int) -> float:
 
 
 def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thresholds=THRESHOLDS,
-                   seed: int = 0) -> list[dict]:
-  """One row per sampler setting (module docstring)."""
+                   seed: int = 0, caches=None) -> list[dict]:
+  """One row per sampler setting (module docstring); ``caches`` default: :func:`default_caches`."""
   config = pipe.config
   examples = [shapes.sample_example("val", config.data.seed, i) for i in range(num)]
   sets = [e[0] for e in examples]
   images = np.stack([e[1] for e in examples])
   captions = [e[2] for e in examples]
   rows = []
-  for name, t2i, i2t in settings(config, thresholds):
+  for name, t2i, i2t in settings(config, thresholds, default_caches(config) if caches is None else caches):
     row = {"sampler": name, "t2i": dict(t2i), "i2t": dict(i2t)}
     pipe.batch_size = min(64, num)
     drawn = pipe.text_to_image(captions, seed=seed, **t2i)
@@ -101,12 +122,12 @@ def plot(rows: list[dict], path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
   for ax, task in zip(axes, ("t2i", "i2t")):
-    sweep = [r for r in rows if r["sampler"].startswith("threshold")]
+    sweep = [r for r in rows if r["sampler"].startswith("threshold") and "cache" not in r["sampler"]]
     ax.plot([r[f"{task}_passes_mean"] for r in sweep], [r[f"{task}_accuracy"] for r in sweep], "o-",
             label="threshold (swept)")
     for r in sweep:
       ax.annotate(r["sampler"].split()[-1], (r[f"{task}_passes_mean"], r[f"{task}_accuracy"]), fontsize=7)
-    plain = [r for r in rows if not r["sampler"].startswith("threshold")]
+    plain = [r for r in rows if not r["sampler"].startswith("threshold") and "cache" not in r["sampler"]]
     ax.plot([r[f"{task}_passes_mean"] for r in plain], [r[f"{task}_accuracy"] for r in plain], "*", markersize=12,
             label=plain[0]["sampler"] if plain else "plain")
     ax.set_xlabel("forward passes per sample")
