@@ -93,3 +93,21 @@ def test_the_sample_command_shows_the_unknown_words_warning(workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   warnings = [line for line in proc.stderr.splitlines() if "not in the vocabulary" in line]
   assert len(warnings) == 1 and warnings[0].endswith(UNKNOWN_WARNING), proc.stderr[-3000:]
+
+
+def test_sample_cache_and_block_flags(workdir, tmp_path):
+  """``--cache=exact`` on a model not trained for it is one error line; ``--cache=dual --block_length`` writes
+  captions block by block."""
+  image = tmp_path / "a.png"
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(image)
+  base = ("unimm_jax.sample", f"--workdir={workdir}", f"--out={tmp_path / 'o'}", "--task=i2t", f"--image={image}")
+  proc = _run(*base, "--cache=exact")
+  assert _error_line(proc) == ("error: --cache=exact needs a model trained with config.model.isolate_given=True "
+                               "(use --cache=dual)")
+  proc = _run(*base, "--refresh_every=2")
+  assert _error_line(proc) == "error: --refresh_every is for --cache=dual"
+  proc = _run(*base, "--cache=dual", "--refresh_every=2", "--block_length=4", "--steps=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "o" / "samples.json").exists()

@@ -540,11 +540,13 @@ class Pipeline:
       raise ValueError(f"candidates={candidates} must be >= 1")
     text, image = self._segment_of(sequence.TEXT).name, self._segment_of(sequence.IMAGE).name
     tokens, stages, _ = self._plan({image: images}, [text], None)
+    block_length = options.pop("block_length", 0)
     cfg = self._sampler_config(steps, temperature, guidance_scale, method, **options)
     keys = self._example_keys(seed, len(tokens))
     fold = lambda k: keys if k == 0 else jax.vmap(lambda key: jax.random.fold_in(key, k))(keys)
     guide = self._guide([text], [image])
-    drawn = np.stack([self._generate(tokens, stages, cfg, guide, seed, keys=fold(k)) for k in range(candidates)])
+    drawn = np.stack([self._generate(tokens, stages, cfg, guide, seed, keys=fold(k), block_length=block_length)
+                      for k in range(candidates)])
     if candidates == 1:
       return drawn, np.zeros((1, len(tokens)), np.float32)
     # One set of times and masks for every candidate of an example: the comparison is of the captions alone.

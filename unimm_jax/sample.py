@@ -42,6 +42,13 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (de
 _METHOD = flags.DEFINE_enum("method", None, ["confidence", "ancestral", "threshold"], "Sampler (default: config).")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "--method=threshold: reveal every position whose drawn token's "
                                  "probability reaches this (default: config.sample.threshold).")
+_CACHE = flags.DEFINE_enum("cache", None, ["none", "exact", "dual"], "Keys and values of the positions not being "
+                           "generated: exact (computed once; a model.isolate_given run) or dual (Fast-dLLM's "
+                           "approximate cache); default: config.sample.cache.")
+_REFRESH = flags.DEFINE_integer("refresh_every", None, "--cache=dual: recompute every N steps (0: at each block's "
+                                "first step only).")
+_BLOCK = flags.DEFINE_integer("block_length", None, "Generate in blocks of this many positions, left to right "
+                              "(semi-autoregressive; default: config.sample.block_length for infill, else 0).")
 _PRESET = flags.DEFINE_string("preset", None, "An upstream's decoding per task (mmada), replacing config.sample's "
                               "settings; '' for none (default: config.sample.preset).")
 _CANDIDATES = flags.DEFINE_integer("candidates", None, "i2t: captions drawn per image, the one that makes the "
@@ -106,6 +113,20 @@ def main(argv):
       kw["threshold"] = _THRESHOLD.value
   elif _THRESHOLD.value is not None:
     _fail("--threshold is for --method=threshold")
+  if _CACHE.value is not None:
+    kw["cache"] = _CACHE.value
+  if _REFRESH.value is not None:
+    if kw.get("cache", "none") != "dual":
+      _fail("--refresh_every is for --cache=dual")
+    kw["refresh_every"] = _REFRESH.value
+  if kw.get("cache", "none") == "none":
+    kw.pop("cache", None), kw.pop("refresh_every", None)
+  elif kw["cache"] == "exact" and not pipe.model.config.isolate_given:
+    _fail("--cache=exact needs a model trained with config.model.isolate_given=True (use --cache=dual)")
+  if _BLOCK.value is not None:
+    if task not in ("i2t", "infill", "vqa", "joint"):
+      _fail("--block_length is for tasks that write text (i2t, infill, vqa, joint)")
+    kw["block_length"] = _BLOCK.value
   if _CANDIDATES.value is not None:
     if task != "i2t":
       _fail("--candidates is for --task=i2t")
