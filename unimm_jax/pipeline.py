@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from unimm_jax import bundle, configuration, init_from, sequence, storage
+from unimm_jax import bundle, configuration, init_from, programs, sequence, storage
 from unimm_jax.data import input_pipeline
 from unimm_jax.method import samplers
 from unimm_jax.method.samplers import presets
@@ -87,8 +87,7 @@ class Pipeline:
     self.diffusion = MaskedDiffusion.from_config(config.diffusion, self.layout)
     self.schedule = self.diffusion.schedule
     self.batch_size = batch_size
-    self._samplers = {}
-    self._score_fns = {}
+    self.programs = programs.Programs(self.model, self.diffusion)
     self.last_forward_passes = None   # int [N] of the last sampling call (_batched)
 
   # ---- loading -------------------------------------------------------------------------------------------------
@@ -118,83 +117,6 @@ class Pipeline:
     params, restored = init_from.workdir_weights(path, "ema_params" if weights == "ema" else "params", step)
     logging.info("loaded %s weights of step %d from %s", weights, restored, path)
     return cls(config, params, toks, batch_size=batch_size, step=restored)
-
-  # ---- the one sampling loop, batched ---------------------------------------------------------------------------
-  def _sampler(self, cfg: samplers.SamplerConfig, guide, loops):
-    """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per entry of ``loops``, each a pair
-    (generate, region) of bool [S]: the positions the loop fills, and those being generated in its stage (its
-    block's whole stage; every other position is given: ``model.isolate_given``), with the later loops'
-    positions still MASK (their null condition); loop i > 0 draws with keys folded with i. Every loop
-    ``cfg.steps`` steps, all in one program.
-
-    Uncached, the positions and the guidance pairs (bool [S] each) are inputs of the program, not constants in
-    it, so one compiled program serves every choice of segments with the same number of loops and guidance
-    pairs. With ``cfg.cache`` the positions a loop computes are static (a program per choice of segments): the
-    region (``exact``: exact for a model trained with ``model.isolate_given``) or the block (``dual``:
-    Fast-dLLM's dual cache, refreshed at each block's start and every ``cfg.refresh_every`` steps).
-    """
-    cached = cfg.cache != "none"
-    if cfg.cache == "exact" and not self.model.config.isolate_given:
-      raise ValueError("sample cache='exact' reuses the given positions' keys and values, which is exact only for a "
-                       "model trained with config.model.isolate_given=True; this one was not: use cache='dual' "
-                       "(approximate) or 'none'")
-    key = (cfg, len(guide), loops if cached else len(loops))
-    if key not in self._samplers:
-      def run(params, tokens, keys, loop_masks, guide_masks, guide_tokens):
-        # bool [n_loops, 2, S], bool [n_guide, 2, S], int32 [n_guide, S] (-1: MASK)
-        pairs = tuple((guide_masks[j, 0], guide_masks[j, 1], guide_tokens[j]) for j in range(guide_masks.shape[0]))
-        passes = jnp.zeros(tokens.shape[0], jnp.int32)
-        for i in range(len(loops)):
-          if cached:
-            generate, region = (np.asarray(m, bool) for m in loops[i])
-            network = self._network(params, region, generate if cfg.cache == "dual" else region,
-                                    cfg.refresh_every if cfg.cache == "dual" else 0)
-          else:
-            generate, region = loop_masks[i, 0], loop_masks[i, 1]
-            network = self._network(params, region)
-          loop_keys = keys if i == 0 else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
-          tokens, steps = samplers.sample_with_steps(network, tokens, loop_keys, mask_id=self.layout.mask_id,
-                                                     config=cfg, schedule=self.schedule, guide=pairs,
-                                                     generate=generate)
-          passes = passes + steps
-        return tokens, passes
-      self._samplers[key] = jax.jit(run)
-    s = self.layout.seq_len
-    loop_masks = jnp.asarray(np.asarray(loops, bool).reshape(len(loops), 2, s))
-    guide_masks = jnp.asarray(np.asarray([g[:2] for g in guide], bool).reshape(len(guide), 2, s))
-    guide_tokens = jnp.asarray(np.asarray([g[2] if len(g) > 2 else (-1,) * s for g in guide], np.int32)
-                               .reshape(len(guide), s))
-    fn = self._samplers[key]
-    return lambda params, tokens, keys: fn(params, tokens, keys, loop_masks, guide_masks, guide_tokens)
-
-  def _network(self, params, region, rows=None, refresh_every: int = 0):
-    """The network as the sampling loop calls it: ``tokens_to_logits`` (int32 [B, S] -> float32 [B, S, V]), or
-    with ``rows`` (bool [S], static) a :class:`samplers.CachedNetwork` computing those positions. ``region``:
-    bool [S], the positions being generated (the others are given to a ``model.isolate_given`` network)."""
-    given = ~jnp.asarray(region, bool)
-    apply = lambda t, **kw: self.model.apply({"params": params}, t, given=jnp.broadcast_to(given, t.shape), **kw)
-    banned = None
-    if not self.model.config.restrict_output:
-      # Raw logits (an imported model): MASK is never a candidate all the same, and an image position draws
-      # an image code (the upstreams slice their logits to the codebook there; text takes any id).
-      banned = self._raw_logits_banned()
-    restrict = lambda logits, at=None: logits if banned is None else jnp.where(
-        (banned if at is None else banned[at])[None], transformer.NEG_INF, logits)
-    if rows is None:
-      return lambda t: restrict(apply(t))
-    at = np.flatnonzero(rows)
-    def full(t):
-      logits, kv = apply(t, return_kv=True)
-      return restrict(logits), kv
-    return samplers.CachedNetwork(full=full, rows=lambda t, kv: restrict(apply(t, rows=at, kv=kv), at), at=at,
-                                  refresh_every=refresh_every)
-
-  def _raw_logits_banned(self):
-    """bool [S, V]: the ids a model with raw logits may not draw: at each position the ids outside its modality's
-    range, and MASK (the layout's ``allowed_ids``). The upstreams slice their logits to the codebook at image
-    positions; at text positions MMaDA takes the argmax over the whole vocabulary, which a trained model puts on
-    text ids, and a text id is what a text segment can decode."""
-    return ~self.layout.allowed_ids(jnp)
 
   # ---- views: other layouts of the same network ----------------------------------------------------------------
   def view(self, name: str) -> "Pipeline":
@@ -244,27 +166,12 @@ class Pipeline:
                                   guidance_scale=float(guidance_scale), **kw)
 
   def _batched(self, fn, tokens: np.ndarray, keys) -> np.ndarray:
-    """Applies ``fn(params, tokens [b, S], keys [b, 2])`` over padded batches of ``batch_size``, so a call of any
-    size reuses the one compiled program; padding rows repeat the last example and are dropped. A sampling ``fn``
-    returns (tokens, forward passes int [b]); the passes of the call's examples are kept in
-    :attr:`last_forward_passes`."""
-    out, passes = [], []
-    for start in range(0, tokens.shape[0], self.batch_size):
-      chunk, chunk_keys = tokens[start:start + self.batch_size], keys[start:start + self.batch_size]
-      n = chunk.shape[0]
-      if n < self.batch_size:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
-        chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], self.batch_size - n, axis=0)])
-      result = fn(self.params, jnp.asarray(chunk), chunk_keys)
-      if isinstance(result, tuple):
-        result, steps = result
-        passes.append(np.asarray(steps)[:n])
-      out.append(np.asarray(result)[:n])
-    if passes:
-      # int [N]: the sampler steps each example of the last sampling call took, its stages and blocks summed:
-      # forward passes over its sequence (a guided step's pass carries the uncond rows beside it in one batch).
-      self.last_forward_passes = np.concatenate(passes)
-    return np.concatenate(out)
+    """``fn(params, tokens, keys)`` over padded batches (:meth:`programs.Programs.batched`); a sampling call's
+    forward passes per example are kept in :attr:`last_forward_passes`."""
+    out, passes = self.programs.batched(fn, self.params, tokens, keys, self.batch_size)
+    if passes is not None:
+      self.last_forward_passes = passes
+    return out
 
   @staticmethod
   def _example_keys(seed: int, n: int):
@@ -490,7 +397,7 @@ class Pipeline:
       else:
         loops.append((as_tuple(where), as_tuple(where)))
     keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
-    return self._batched(self._sampler(cfg, guide, tuple(loops)), tokens, keys)
+    return self._batched(self.programs.sampler(cfg, guide, tuple(loops)), tokens, keys)
 
   # ---- recipes over complete (two-segment [text | image] layouts) -------------------------------------------
   def text_to_image(self, prompts: Sequence[str], steps: int = 16, guidance_scale: float = 0.0,
@@ -554,7 +461,7 @@ class Pipeline:
     # token against 0.001 (BENCHMARKS.md), far beyond the noise of 8; the scoring is then about a third of each
     # candidate's cost.
     roles = {text: "clean", image: "noised"}
-    score = self._score_fn(self._roles(roles), num_samples=8)
+    score = self.programs.score_fn(self._roles(roles), num_samples=8)
     col = self.layout.index(image)
     bits = np.stack([self._batched(score, d, fold(candidates))[:, col] for d in drawn])
     return drawn, bits
@@ -689,41 +596,6 @@ class Pipeline:
       out.append(tasks_lib.ROLES[role])
     return tuple(out)
 
-  def _score_fn(self, roles: tuple[int, ...], num_samples: int = 16):
-    """:meth:`_score_batch` for one task (role codes per segment) as ``fn(params, tokens, keys)``; the roles are an
-    input of the one compiled program, so scoring any segments given any others compiles once."""
-    if num_samples not in self._score_fns:
-      self._score_fns[num_samples] = jax.jit(
-          lambda params, tokens, keys, roles: self._score_batch(params, tokens, keys, roles, num_samples))
-    fn, roles = self._score_fns[num_samples], jnp.asarray(roles, jnp.int32)
-    return lambda params, tokens, keys: fn(params, tokens, keys, roles)
-
-  def _score_batch(self, params, tokens, keys, roles, num_samples: int):
-    """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, G].
-
-    Only the noised segments are masked at their times (clean ones stay clean, null ones all MASK: a conditional
-    bound); the columns of the others are 0. Each example's times and masks come from its own key, so its score
-    does not depend on its batch. The corruption and the ELBO are the method's (:class:`MaskedDiffusion`), as in
-    training and validation.
-    """
-    diffusion, g = self.diffusion, len(self.layout.segments)
-    noised_row = roles == tasks_lib.NOISED                                                # bool [G]
-    def one(tok, key):
-      k_u, k_mask = jax.random.split(key)
-      u = jax.random.uniform(k_u, (g,))
-      j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
-      t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), diffusion.t_min, 1.0)                    # [n, G]
-      c = diffusion.corruption_at(t, roles)
-      rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
-      noisy, masked = diffusion.corrupt(k_mask, rep, c)
-      return rep, noisy, masked, c
-    rep, noisy, masked, c = jax.vmap(one)(tokens, keys)                                  # [B, n, ...]
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    c = jax.tree.map(flat, c)
-    nll = transformer.sequence_nll(self.model, params, flat(noisy), flat(rep), diffusion.given_positions(c))
-    bits = diffusion.elbo_bits(nll, flat(masked), c)
-    return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, g).mean(axis=1), 0.0)
-
   def likelihood(self, values: Mapping[str, Any], noised: Sequence[str], seed: int = 0,
                  num_samples: int = 16) -> dict[str, np.ndarray]:
     """Per-example negative ELBO (an upper bound on -log p) of the ``noised`` segments given the other segments
@@ -736,7 +608,7 @@ class Pipeline:
     if (tokens[:, self.layout.positions_of(list(values))] == self.layout.mask_id).any():
       raise ValueError("likelihood needs whole segments: their values hold -1 (MASK) tokens")
     roles = self._roles({name: "noised" if name in noised else "clean" for name in values})
-    bits = self._batched(self._score_fn(roles, num_samples), tokens, self._example_keys(seed, len(tokens)))
+    bits = self._batched(self.programs.score_fn(roles, num_samples), tokens, self._example_keys(seed, len(tokens)))
     return {name: bits[:, self.layout.index(name)] for name in noised}
 
   def score(self, prompts: Sequence[str], images, seed: int = 0, given: str | None = None) -> dict[str, np.ndarray]:
