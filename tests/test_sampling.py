@@ -229,6 +229,7 @@ def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe):
   assert [r["sampler"] for r in rows] == ["confidence (plain)", "threshold 0.5", "confidence (plain), cache dual/2",
                                           "threshold 0.5, cache dual/2"]
   assert rows[2]["t2i"]["cache"] == "dual" and rows[2]["t2i"]["refresh_every"] == 2
+  assert 0.0 <= rows[2]["i2t_same_as_uncached"] <= 1.0 and "t2i_same_as_uncached" not in rows[0]
   assert bench_samplers.default_caches(pipe.config) == ("none", "dual", "dual/4")
   with pytest.raises(ValueError, match="dual/N"):
     bench_samplers.cache_kwargs("exact/3")

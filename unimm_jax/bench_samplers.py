@@ -78,6 +78,7 @@ def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thre
   images = np.stack([e[1] for e in examples])
   captions = [e[2] for e in examples]
   rows = []
+  uncached = {}   # sampler name -> (images, captions) drawn without a cache
   for name, t2i, i2t in settings(config, thresholds, default_caches(config) if caches is None else caches):
     row = {"sampler": name, "t2i": dict(t2i), "i2t": dict(i2t)}
     pipe.batch_size = min(64, num)
@@ -89,6 +90,15 @@ def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thre
     passes = pipe.last_forward_passes
     row["i2t_accuracy"] = float(np.mean([shapes.read_caption(w) == s for w, s in zip(written, sets)]))
     row["i2t_passes_mean"], row["i2t_passes_max"] = float(passes.mean()), int(passes.max())
+    base = name.split(", cache ")[0]
+    if "cache" not in t2i:
+      uncached[base] = (drawn, written)
+    elif base in uncached:
+      # The cache's error against the uncached sampler: the share of samples drawn identically (same seed; the
+      # method's noise is drawn over the computed positions only, so with temperature or confidence noise > 0 a
+      # cached draw differs by its randomness too, and only the accuracy compares).
+      row["t2i_same_as_uncached"] = float(np.mean([np.array_equal(a, b) for a, b in zip(drawn, uncached[base][0])]))
+      row["i2t_same_as_uncached"] = float(np.mean([a == b for a, b in zip(written, uncached[base][1])]))
     for b in batches:
       pipe.batch_size = b
       row[f"t2i_s_per_image_b{b}"] = _timed(lambda: pipe.text_to_image(captions[:b], seed=seed, **t2i), repeats) / b
@@ -102,12 +112,13 @@ def bench_samplers(pipe, num: int = 256, batches=(1, 64), repeats: int = 3, thre
 
 def table(rows: list[dict], batches=(1, 64)) -> str:
   """The rows as a markdown table (BENCHMARKS.md)."""
-  head = ["sampler", "t2i acc", "t2i passes", "i2t acc", "i2t passes"]
+  head = ["sampler", "t2i acc", "t2i passes", "i2t acc", "i2t passes", "same as uncached (t2i / i2t)"]
   head += [f"ms/image b{b}" for b in batches] + [f"ms/caption b{b}" for b in batches]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in rows:
     cells = [r["sampler"], f"{r['t2i_accuracy']:.3f}", f"{r['t2i_passes_mean']:.1f} (max {r['t2i_passes_max']})",
-             f"{r['i2t_accuracy']:.3f}", f"{r['i2t_passes_mean']:.1f} (max {r['i2t_passes_max']})"]
+             f"{r['i2t_accuracy']:.3f}", f"{r['i2t_passes_mean']:.1f} (max {r['i2t_passes_max']})",
+             f"{r['t2i_same_as_uncached']:.3f} / {r['i2t_same_as_uncached']:.3f}" if "t2i_same_as_uncached" in r else ""]
     cells += [f"{r[f't2i_s_per_image_b{b}'] * 1e3:.1f}" for b in batches]
     cells += [f"{r[f'i2t_s_per_caption_b{b}'] * 1e3:.1f}" for b in batches]
     lines.append("| " + " | ".join(cells) + " |")

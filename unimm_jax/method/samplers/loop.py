@@ -235,7 +235,8 @@ def sample_with_trace(tokens_to_logits: Callable, tokens, keys, *, mask_id: int,
   """Fills the MASKs in ``tokens`` and reports how many stayed masked after each step.
 
   Args:
-    tokens_to_logits: the network, int32 [B, S] -> float32 [B, S, V] (already bound to its parameters).
+    tokens_to_logits: the network, int32 [B, S] -> float32 [B, S, V] (already bound to its parameters); or a
+      :class:`CachedNetwork` (then ``generate`` must be static and within its ``at``).
     tokens: int32 [B, S] global ids; MASK where to generate.
     keys: uint32 [B, 2] one PRNG key per example.
     mask_id: the MASK id.
@@ -279,9 +280,13 @@ def _decode(network, tokens, keys, mask_id, config, schedule, guide, generate):
   # What the method sees: the positions the network computes ([B, A]), or all of them.
   view = (lambda x: x) if at is None else (lambda x: x[:, at])
   if cached:
-    if generate is None or isinstance(generate, jax.core.Tracer):
+    try:
+      static = np.asarray(generate, bool) if generate is not None else None
+    except jax.errors.TracerArrayConversionError:
+      static = None
+    if static is None:
       raise ValueError("a cached network needs the generated positions as a static bool [S] (generate=)")
-    outside = np.asarray(generate, bool) & ~np.isin(np.arange(tokens.shape[1]), at)
+    outside = static & ~np.isin(np.arange(tokens.shape[1]), at)
     if outside.any():
       raise ValueError(f"positions {np.flatnonzero(outside).tolist()} are generated but not computed by the "
                        "cached network (its at)")
