@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from unimm_jax import configuration, tokenizers
-from unimm_jax.data import input_pipeline, shapes
+from unimm_jax import configuration
+from unimm_jax.data import shapes
 from unimm_jax.method import samplers
 from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models.transformer import Transformer, TransformerConfig, sequence_nll
-from unimm_jax.pipeline import Pipeline
 from unimm_jax.sequence import SequenceLayout
+from test_sampling import random_pipeline  # pytest puts tests/ on sys.path (prepend import mode)
 
 LAYOUT = SequenceLayout.two_segment(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
 TEXT_LEN = 5
@@ -106,30 +106,14 @@ def test_isolation_refuses_the_kernels_that_cannot_take_its_mask():
     configuration.validate(config)
 
 
-def _pipeline(isolate: bool, batch_size: int = 8) -> Pipeline:
-  config = configuration.base_config()
-  config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 2, 2
-  config.model.head_dim, config.model.mlp_dim = 16, 32
-  config.model.isolate_given = isolate
-  examples = [shapes.sample_example("train", 0, i) for i in range(200)]
-  text_tok = tokenizers.WordTokenizer.fit([e[2] for e in examples])
-  image_tok = tokenizers.PatchTokenizer.fit(np.stack([e[1] for e in examples]), 24, 3, 4, 4, 1024)
-  toks = input_pipeline.Tokenizers(text_tok, image_tok, config.text.max_len)
-  model = Transformer(TransformerConfig.from_config(config.model, toks.layout))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, toks.layout.seq_len), jnp.int32)))
-  params = params["params"]
-  params["head"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
-  return Pipeline(config, params, toks, batch_size=batch_size)
-
-
 @pytest.fixture(scope="module")
 def isolated():
-  return _pipeline(True)
+  return random_pipeline(num_layers=2, isolate_given=True)
 
 
 @pytest.fixture(scope="module")
 def plain():
-  return _pipeline(False)
+  return random_pipeline(num_layers=2)
 
 
 PROMPTS = [shapes.sample_example("val", 0, i)[2] for i in range(5)]

@@ -15,12 +15,13 @@ from unimm_jax.models.transformer import Transformer, TransformerConfig
 from unimm_jax.pipeline import Pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe():
-  """A Pipeline over a random (untrained) tiny model with a random head, so its outputs are diverse."""
+def random_pipeline(num_layers: int = 1, **model) -> Pipeline:
+  """A Pipeline over a random (untrained) tiny model with a random head, so its outputs are diverse; ``model``:
+  other ``config.model`` fields."""
   config = configuration.base_config()
-  config.model.d_model, config.model.num_layers, config.model.num_heads = 32, 1, 2
+  config.model.d_model, config.model.num_layers, config.model.num_heads = 32, num_layers, 2
   config.model.head_dim, config.model.mlp_dim = 16, 32
+  config.model.update(model)
   examples = [shapes.sample_example("train", 0, i) for i in range(200)]
   text_tok = tokenizers.WordTokenizer.fit([e[2] for e in examples])
   image_tok = tokenizers.PatchTokenizer.fit(np.stack([e[1] for e in examples]), 24, 3, 4, 4, 1024)
@@ -30,6 +31,11 @@ def pipe():
   params = params["params"]
   params["head"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
   return Pipeline(config, params, toks, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  return random_pipeline()
 
 
 def _start(pipe, n, seed=0):
