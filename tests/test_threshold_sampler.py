@@ -92,14 +92,16 @@ def test_cap_one_is_the_confidence_sampler_with_one_reveal_a_step():
                                                      confidence_noise=0.0, reveal_schedule="uniform"), keys=keys)
     for threshold, cap in ((0.05, 1), (1.0, 0)):
       got, taken = run(fn, tokens, samplers.SamplerConfig(method="threshold", steps=steps, temperature=temperature,
-                                                          threshold=threshold, max_per_step=cap), keys=keys)
+                                                          threshold=threshold, max_per_step=cap,
+                                                          confidence_noise=0.0), keys=keys)
       np.testing.assert_array_equal(got, want)
       np.testing.assert_array_equal(taken, num_masked)
   # And with every example masked alike, the linear schedule with K = N steps is one a step too.
   tokens = np.where(np.arange(S)[None] % 2 == 0, MASK, tokens % V).astype(np.int32)
   want, _ = run(fn, tokens, samplers.SamplerConfig(method="confidence", steps=S // 2, confidence_noise=0.0,
                                                    reveal_schedule="linear"), keys=keys)
-  got, taken = run(fn, tokens, samplers.SamplerConfig(method="threshold", steps=S // 2, threshold=1.0), keys=keys)
+  got, taken = run(fn, tokens, samplers.SamplerConfig(method="threshold", steps=S // 2, threshold=1.0,
+                                                      confidence_noise=0.0), keys=keys)
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(taken, np.full(8, S // 2))
 
@@ -183,3 +185,37 @@ def test_config_fields_and_bounds():
       samplers.SamplerConfig(method="threshold", threshold=bad)
   with pytest.raises(ValueError, match="max_per_step=-1"):
     samplers.SamplerConfig(method="threshold", max_per_step=-1)
+
+
+def half_sure_logits(tokens):
+  """int32 [B', S] -> float32 [B', S, V]: the even positions sure of one token (p ~ 1), the odd ones unsure
+  (p < 0.52), whatever the tokens."""
+  table = jax.random.normal(jax.random.PRNGKey(9), (S, V))
+  sure = 30.0 * jax.nn.one_hot(jnp.arange(S) % V, V)
+  logits = jnp.where((jnp.arange(S) % 2 == 0)[:, None], sure, jnp.tanh(table))
+  return jnp.broadcast_to(logits, tokens.shape + (V,))
+
+
+def test_noise_picks_among_the_unsure_only():
+  """``confidence_noise`` decides which position a step reveals when none passes (so samples of one input differ
+  where the model is unsure), never whether a passing position is revealed: with any noise the sure positions
+  all come at step 0, then one unsure position a step."""
+  tokens = np.full((16, S), MASK, np.int32)
+  half = S // 2
+  orders = set()
+  for noise in (0.0, 1.0, 50.0):
+    config = samplers.SamplerConfig(method="threshold", steps=S, threshold=0.9, temperature=0.0,
+                                    confidence_noise=noise)
+    history = []
+    out, taken = run(recording(half_sure_logits, history), tokens, config)
+    np.testing.assert_array_equal(taken, np.full(16, 1 + half))
+    states = np.stack(history + [out])                                        # [steps + 1, B, S]
+    revealed = states != MASK
+    assert revealed[1, :, 0::2].all() and not revealed[1, :, 1::2].any()      # all sure ones at step 0
+    np.testing.assert_array_equal(np.diff(revealed.sum(-1), axis=0)[1:], 1)   # then one a step
+    first_step = (revealed.argmax(axis=0))                                    # [B, S] step each was revealed
+    example_orders = {tuple(np.argsort(first_step[b, 1::2], kind="stable")) for b in range(16)}
+    if noise == 0.0:
+      assert len(example_orders) == 1                                         # deterministic: one order
+    orders |= example_orders
+  assert len(orders) > 2                                                      # noise: the unsure order varies
