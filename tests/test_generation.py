@@ -71,9 +71,32 @@ def test_caption_candidates_keep_the_one_that_makes_the_image_likeliest(workdir)
   assert len({tuple(c) for c in captions}) > 1                                   # the candidates differ
   chosen = pipe.image_to_text(images, candidates=4, **kw)
   assert chosen == [captions[k][i] for i, k in enumerate(bits.argmin(axis=0))]
+  np.testing.assert_array_equal(pipe.last_forward_passes, 4 * 8 + 4 * 8)   # 4 loops of 8 steps, 4 x 8 scorings
   assert chosen[:2] == pipe.image_to_text(images[:2], candidates=4, **kw)
   with pytest.raises(ValueError, match="candidates"):
     pipe.image_to_text(images, candidates=0)
+  with pytest.raises(ValueError, match="score_passes"):
+    pipe.image_to_text(images, candidates=2, score_passes=0)
+
+
+def test_threshold_candidates_differ_by_their_noise_and_one_scoring_pass_has_no_randomness(workdir):
+  """Threshold decoding at temperature 0 draws different candidates through its confidence noise alone (threshold
+  1.0: every step a forced pick); one scoring pass masks the whole image, so its bits do not depend on the key;
+  the passes counted are the loops' and the scorings'."""
+  pipe = Pipeline.load(workdir)
+  images = np.stack([shapes.sample_example("val", 0, i)[1] for i in range(6)])
+  kw = dict(steps=8, temperature=0.0, guidance_scale=0.0, method="threshold", threshold=1.0)
+  drawn, bits = pipe._caption_candidates(images, 3, 5, score_passes=1, **kw)
+  assert len({tuple(map(tuple, d)) for d in drawn}) == 3
+  chosen = pipe.image_to_text(images, candidates=3, score_passes=1, seed=5, **kw)
+  assert chosen == [pipe.tokenizers.decode(drawn[k])[0][i] for i, k in enumerate(bits.argmin(axis=0))]
+  passes = pipe.last_forward_passes
+  assert (passes >= 3 + 3).all() and (passes <= 3 * 8 + 3).all()
+  text = pipe.tokenizers.decode(drawn[0])[0]
+  one = pipe.programs.score_fn(pipe._roles({"text": "clean", "image": "noised"}), num_samples=1, grid=True)
+  a, b = (pipe._batched(one, drawn[0], pipe._example_keys(seed, 6)) for seed in (0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert text and np.all(a[:, pipe.layout.index("image")] > 0)
 
 
 def _sample(workdir, out, *args):

@@ -44,7 +44,7 @@ def settings(config, thresholds=THRESHOLDS, caches=("none",)) -> list[tuple[str,
   """(name, t2i call arguments, i2t call arguments) of each sampler setting the sweep compares."""
   out = []
   t2i, i2t = pipeline_lib.sampler_kwargs(config, "t2i"), pipeline_lib.sampler_kwargs(config, "i2t")
-  i2t.pop("candidates", None)
+  i2t.pop("candidates", None), i2t.pop("score_passes", None)
   for kw in (t2i, i2t):
     kw["guidance_scale"] = config.sample.guidance_scale
     kw.pop("cache", None), kw.pop("refresh_every", None)

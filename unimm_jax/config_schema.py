@@ -270,12 +270,14 @@ FIELDS: tuple[Field, ...] = (
     F("sample.i2t_steps", int, 24, "steps of image-to-text generation", bounds=">0"),
     F("sample.i2t_candidates", int, 1, "K > 1: K captions per image, the one that makes the image likeliest kept",
       bounds=">0"),
+    F("sample.i2t_score_passes", int, 8, "i2t_candidates > 1: forward passes scoring each candidate (at t = 1/n, "
+      "2/n, .., 1; 1 = one pass with the image all MASK)", bounds=">0"),
     F("sample.joint_steps", int, 32, "steps of joint generation (per stage)", bounds=">0"),
     F("sample.edit_steps", int, 16, "steps of instruction editing (the target image)", bounds=">0"),
     F("sample.vqa_steps", int, 3, "steps of visual question answering (the answer)", bounds=">0"),
     F("sample.temperature", float, 1.0, "sampling temperature; 0 = argmax", bounds=">=0"),
-    F("sample.confidence_noise", float, 1.0, "confidence: Gumbel noise on the confidences at the first step, "
-      "annealed to 0", bounds=">=0"),
+    F("sample.confidence_noise", float, 1.0, "confidence, threshold: Gumbel noise on the confidences that rank "
+      "the positions, annealed to 0 over the steps", bounds=">=0"),
     F("sample.reveal_schedule", str, "cosine", "confidence: how many positions each step reveals (uniform: "
       "N // K a step, the first N % K one more, LLaDA's)", choices=("cosine", "linear", "uniform")),
     F("sample.threshold", float, 0.9, "threshold: a step reveals every masked position whose drawn token has "

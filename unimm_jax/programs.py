@@ -26,7 +26,7 @@ class Programs:
     self.layout = diffusion.layout
     self.schedule = diffusion.schedule
     self.samplers = {}     # (sampler config, guide pairs, loops) -> jitted loop
-    self.score_fns = {}    # samples per example -> jitted ELBO
+    self.score_fns = {}    # (samples per example, grid) -> jitted ELBO
 
   def sampler(self, cfg: samplers.SamplerConfig, guide, loops):
     """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per entry of ``loops``, each a pair
@@ -127,30 +127,37 @@ class Programs:
       out.append(np.asarray(result)[:n])
     return np.concatenate(out), (np.concatenate(passes) if passes else None)
 
-  def score_fn(self, roles: tuple[int, ...], num_samples: int = 16):
+  def score_fn(self, roles: tuple[int, ...], num_samples: int = 16, grid: bool = False):
     """:meth:`_score_batch` for one task (role codes per segment) as ``fn(params, tokens, keys)``; the roles are an
     input of the one compiled program, so scoring any segments given any others compiles once."""
-    if num_samples not in self.score_fns:
-      self.score_fns[num_samples] = jax.jit(
-          lambda params, tokens, keys, roles: self._score_batch(params, tokens, keys, roles, num_samples))
-    fn, roles = self.score_fns[num_samples], jnp.asarray(roles, jnp.int32)
+    if (num_samples, grid) not in self.score_fns:
+      self.score_fns[num_samples, grid] = jax.jit(
+          lambda params, tokens, keys, roles: self._score_batch(params, tokens, keys, roles, num_samples, grid))
+    fn, roles = self.score_fns[num_samples, grid], jnp.asarray(roles, jnp.int32)
     return lambda params, tokens, keys: fn(params, tokens, keys, roles)
 
-  def _score_batch(self, params, tokens, keys, roles, num_samples: int):
-    """Mean over ``num_samples`` low-discrepancy times of each example's ELBO bits: float32 [B, G].
+  def _score_batch(self, params, tokens, keys, roles, num_samples: int, grid: bool = False):
+    """Mean over ``num_samples`` times of each example's ELBO bits: float32 [B, G].
 
-    Only the noised segments are masked at their times (clean ones stay clean, null ones all MASK: a conditional
-    bound); the columns of the others are 0. Each example's times and masks come from its own key, so its score
-    does not depend on its batch. The corruption and the ELBO are the method's (:class:`MaskedDiffusion`), as in
-    training and validation.
+    The times are low-discrepancy, ``t_j = (u + j / n) mod 1`` with u uniform per example and segment (an unbiased
+    estimate of the ELBO); or, with ``grid``, the fixed ``t_j = (j + 1) / n`` for every example and segment (not
+    an unbiased estimate, a score with no randomness in its times: n = 1 is one forward pass with the noised
+    segments all MASK, each token predicted from the clean segments alone). Only the noised segments are masked
+    at their times (clean ones stay clean, null ones all MASK: a conditional bound); the columns of the others
+    are 0. Each example's masks come from its own key, so its score does not depend on its batch. The corruption
+    and the ELBO are the method's (:class:`MaskedDiffusion`), as in training and validation.
     """
     diffusion, g = self.diffusion, len(self.layout.segments)
     noised_row = roles == tasks_lib.NOISED                                                # bool [G]
     def one(tok, key):
       k_u, k_mask = jax.random.split(key)
-      u = jax.random.uniform(k_u, (g,))
       j = jnp.arange(num_samples, dtype=jnp.float32)[:, None] / num_samples
-      t = jnp.clip(jnp.mod(u[None, :] + j, 1.0), diffusion.t_min, 1.0)                    # [n, G]
+      if grid:
+        t = jnp.broadcast_to(j + 1.0 / num_samples, (num_samples, g))
+      else:
+        u = jax.random.uniform(k_u, (g,))
+        t = jnp.mod(u[None, :] + j, 1.0)
+      t = jnp.clip(t, diffusion.t_min, 1.0)                                              # [n, G]
       c = diffusion.corruption_at(t, roles)
       rep = jnp.broadcast_to(tok, (num_samples,) + tok.shape)
       noisy, masked = diffusion.corrupt(k_mask, rep, c)
@@ -161,4 +168,3 @@ class Programs:
     nll = transformer.sequence_nll(self.model, params, flat(noisy), flat(rep), diffusion.given_positions(c))
     bits = diffusion.elbo_bits(nll, flat(masked), c)
     return jnp.where(noised_row, bits.reshape(tokens.shape[0], num_samples, g).mean(axis=1), 0.0)
-
