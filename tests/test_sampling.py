@@ -218,7 +218,7 @@ def test_guidance_null_tokens_replace_the_null_positions_instead_of_mask():
   np.testing.assert_array_equal(np.asarray(seen[0]), [[1, 2, 3, 6, 6], [6, 6, 6, 6, 6]])
 
 
-def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe):
+def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe, tmp_path):
   """Pipeline.last_forward_passes: K for the plain sampler (every step a pass), fewer with threshold decoding
   when the model is confident, blocks summed; the bench's sampler sweep scores and times each setting."""
   from unimm_jax import bench_samplers
@@ -231,14 +231,26 @@ def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe):
   blocks = -(-pipe.layout.segment("text").size // 8)
   np.testing.assert_array_equal(pipe.last_forward_passes, [2 * blocks] * 3)
   rows = bench_samplers.bench_samplers(pipe, num=2, batches=(2,), repeats=1, thresholds=(0.5,),
-                                       caches=("none", "dual/2"))
-  assert [r["sampler"] for r in rows] == ["confidence (plain)", "threshold 0.5", "confidence (plain), cache dual/2",
-                                          "threshold 0.5, cache dual/2"]
+                                       caches=("none", "dual/2"), candidates=("1", "2/1"))
+  two = ", 2 candidates (1 scoring passes)"
+  assert [r["sampler"] for r in rows] == [
+      "confidence (plain)", "confidence (plain)" + two, "threshold 0.5", "threshold 0.5" + two,
+      "confidence (plain), cache dual/2", "confidence (plain), cache dual/2" + two, "threshold 0.5, cache dual/2",
+      "threshold 0.5, cache dual/2" + two]
+  # Candidates: two sampling loops and two scoring passes per caption; text -> image measured once per sampler.
+  assert rows[1]["i2t_passes_mean"] == 2 * pipe.config.sample.i2t_steps + 2
+  assert rows[1]["t2i_s_per_image_b2"] == rows[0]["t2i_s_per_image_b2"] and "i2t_s_per_caption_b2" in rows[1]
+  bench_samplers.plot(rows, str(tmp_path / "curve.png"))
+  assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  rows = rows[0::2]
   assert rows[2]["t2i"]["cache"] == "dual" and rows[2]["t2i"]["refresh_every"] == 2
   assert 0.0 <= rows[2]["i2t_same_as_uncached"] <= 1.0 and "t2i_same_as_uncached" not in rows[0]
   assert bench_samplers.default_caches(pipe.config) == ("none", "dual", "dual/4")
   with pytest.raises(ValueError, match="dual/N"):
     bench_samplers.cache_kwargs("exact/3")
+  for bad in ("0", "1/2", "4/0", "four"):
+    with pytest.raises(ValueError, match="K or K/s"):
+      bench_samplers.candidates_kwargs(pipe.config, bad)
   assert rows[0]["t2i_passes_mean"] == pipe.config.sample.t2i_steps
   assert rows[1]["t2i_passes_max"] <= rows[0]["t2i_passes_max"]
   assert all(0.0 <= r["t2i_accuracy"] <= 1.0 and r["t2i_s_per_image_b2"] > 0 for r in rows)

@@ -469,6 +469,8 @@ def _cli():
                                  "sample, a shapes workdir: the thresholds of confidence-threshold decoding.")
   caches = flags.DEFINE_list("caches", None, "sample, a shapes workdir: cache settings, each none | exact | dual | "
                              "dual/N (default: none and exact for a model.isolate_given run, else none, dual, dual/4).")
+  candidates = flags.DEFINE_list("candidates", None, "sample, a shapes workdir: caption-candidates settings, each K "
+                                  "or K/s (K captions per image scored with s passes; default: 1 and the run's own).")
   plot = flags.DEFINE_string("plot", None, "sample, a shapes workdir: the accuracy-speed curve as a PNG here.")
 
   def main(argv):
@@ -499,7 +501,8 @@ def _cli():
         batches = tuple(int(b) for b in sample_batches.value)
         rows = bench_samplers.bench_samplers(pipe, sample_num.value, batches, repeats.value,
                                              tuple(float(t) for t in thresholds.value),
-                                             caches=None if caches.value is None else tuple(caches.value))
+                                             caches=None if caches.value is None else tuple(caches.value),
+                                             candidates=None if candidates.value is None else tuple(candidates.value))
         result["samplers"] = rows
         print(bench_samplers.table(rows, batches))
         if plot.value:
