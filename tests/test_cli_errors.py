@@ -108,6 +108,9 @@ def test_sample_cache_and_block_flags(workdir, tmp_path):
                                "(use --cache=dual)")
   proc = _run(*base, "--refresh_every=2")
   assert _error_line(proc) == "error: --refresh_every is for --cache=dual"
+  proc = _run(*base, "--score_passes=1")
+  assert _error_line(proc) == ("error: --score_passes is for --task=i2t with --candidates (or "
+                               "config.sample.i2t_candidates) above 1")
   proc = _run(*base, "--cache=dual", "--refresh_every=2", "--block_length=4", "--steps=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "o" / "samples.json").exists()

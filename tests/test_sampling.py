@@ -232,7 +232,7 @@ def test_the_pipeline_reports_forward_passes_and_the_bench_sweep_runs(pipe, tmp_
   np.testing.assert_array_equal(pipe.last_forward_passes, [2 * blocks] * 3)
   rows = bench_samplers.bench_samplers(pipe, num=2, batches=(2,), repeats=1, thresholds=(0.5,),
                                        caches=("none", "dual/2"), candidates=("1", "2/1"))
-  two = ", 2 candidates (1 scoring passes)"
+  two = ", 2 candidates (1 scoring pass)"
   assert [r["sampler"] for r in rows] == [
       "confidence (plain)", "confidence (plain)" + two, "threshold 0.5", "threshold 0.5" + two,
       "confidence (plain), cache dual/2", "confidence (plain), cache dual/2" + two, "threshold 0.5, cache dual/2",

@@ -78,7 +78,8 @@ def settings(config, thresholds=THRESHOLDS, caches=("none",), candidates=("1",))
       for setting in candidates:
         extra_i2t = candidates_kwargs(config, setting)
         k = extra_i2t["candidates"]
-        suffix = "" if k == 1 else f", {k} candidates ({extra_i2t['score_passes']} scoring passes)"
+        passes = extra_i2t.get("score_passes", 0)
+        suffix = "" if k == 1 else f", {k} candidates ({passes} scoring pass{'es' if passes > 1 else ''})"
         out.append((label + suffix, {**t2i, **extra, **extra_cache}, {**i2t, **extra, **extra_cache, **extra_i2t}))
   return out
 
@@ -173,7 +174,8 @@ def plot(rows: list[dict], path: str) -> None:
     groups = {}   # candidates setting -> its rows
     for r in uncached:
       k = r["i2t"].get("candidates", 1)
-      label = "one caption" if k == 1 else f"{k} candidates, {r['i2t']['score_passes']} scoring passes"
+      passes = r["i2t"].get("score_passes", 0)
+      label = "one caption" if k == 1 else f"{k} candidates, {passes} scoring pass{'es' if passes > 1 else ''}"
       if task == "i2t" or k == 1:
         groups.setdefault(label, []).append(r)
     for (label, group), color in zip(groups.items(), ("C0", "C1", "C2", "C3", "C4", "C5")):

@@ -53,6 +53,9 @@ _PRESET = flags.DEFINE_string("preset", None, "An upstream's decoding per task (
                               "settings; '' for none (default: config.sample.preset).")
 _CANDIDATES = flags.DEFINE_integer("candidates", None, "i2t: captions drawn per image, the one that makes the "
                                    "image likeliest kept (default: config.sample.i2t_candidates).")
+_SCORE_PASSES = flags.DEFINE_integer("score_passes", None, "i2t with candidates: forward passes scoring each "
+                                     "candidate, 1 = one pass with the image all MASK (default: "
+                                     "config.sample.i2t_score_passes).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same output.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights of a training workdir.")
 
@@ -131,6 +134,12 @@ def main(argv):
     if task != "i2t":
       _fail("--candidates is for --task=i2t")
     kw["candidates"] = _CANDIDATES.value
+  if _SCORE_PASSES.value is not None:
+    if task != "i2t" or kw.get("candidates", 1) < 2:
+      _fail("--score_passes is for --task=i2t with --candidates (or config.sample.i2t_candidates) above 1")
+    kw["score_passes"] = _SCORE_PASSES.value
+  if kw.get("candidates", 1) == 1:
+    kw.pop("score_passes", None)
   guidance = kw.pop("guidance_scale", s.guidance_scale) if _GUIDANCE.value is None else _GUIDANCE.value
   kw.pop("guidance_scale", None)
   size, _, channels = pipe.tokenizers.image.image_shape
