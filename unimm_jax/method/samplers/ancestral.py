@@ -22,8 +22,7 @@ def ancestral(step: Step) -> jax.Array:
   s = 1.0 - (step.k + 1.0) / steps
   p_reveal = (schedule.alpha(s) - schedule.alpha(t)) / (1.0 - schedule.alpha(t))
   p_reveal = jnp.where(step.k == steps - 1, 1.0, p_reveal)
-  u = jax.vmap(lambda key: jax.random.uniform(key, step.masked.shape[1:]))(step.uniform_key)
-  return step.masked & (u < p_reveal)
+  return step.masked & (step.uniform < p_reveal)
 
 
 register_sampler("ancestral", ancestral)

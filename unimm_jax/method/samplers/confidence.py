@@ -20,8 +20,7 @@ def confidence(step: Step) -> jax.Array:
   steps = step.config.steps
   conf = jnp.take_along_axis(step.log_probs, step.candidates[..., None], axis=-1)[..., 0]
   noise_scale = step.config.confidence_noise * (1.0 - (step.k + 1.0) / steps)
-  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, step.masked.shape[1:]))(step.noise_key)
-  return reveal_all_but(conf + noise_scale * gumbel, step.masked, step.remaining)
+  return reveal_all_but(conf + noise_scale * step.gumbel, step.masked, step.remaining)
 
 
 register_sampler("confidence", confidence)

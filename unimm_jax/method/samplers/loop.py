@@ -27,7 +27,9 @@ ones (``model.isolate_given``), and Fast-dLLM's approximation otherwise.
 Invariants (tested): tokens that are not MASK at the start never change; no MASK is left after the last step
 at the generated positions; the confidence method reveals exactly the scheduled count each step. Randomness is
 per example (one key per row, folded with the step, then split in three: the token draw, the method's noise,
-the method's uniforms), so an example's output does not depend on the batch it was padded into.
+the method's uniforms), so an example's output does not depend on the batch it was padded into; each is drawn for
+the whole sequence and read at the positions computed, so the exact cache gives the uncached sampler's tokens
+at any temperature and noise.
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ class Step:
   candidates: jax.Array      # int32 [B, S]: a token drawn at every position (with the temperature)
   masked: jax.Array          # bool [B, S]: still MASK and to be generated
   remaining: jax.Array       # int32 [B]: how many of them the reveal schedule leaves masked after this step
-  noise_key: jax.Array       # uint32 [B, 2]: per-example key for the method's noise
-  uniform_key: jax.Array     # uint32 [B, 2]: per-example key for the method's uniforms
+  gumbel: jax.Array          # float32 [B, S]: per-example Gumbel noise for the method (e.g. on confidences)
+  uniform: jax.Array         # float32 [B, S]: per-example uniforms in [0, 1) for the method
+  # (with a cached network every [B, S] field above is [B, A]: the computed positions only)
   config: SamplerConfig = flax.struct.field(pytree_node=False)
   schedule: Schedule | None = flax.struct.field(pytree_node=False, default=None)
 
@@ -150,12 +153,20 @@ def remaining_masked(num_masked, steps: int, reveal_schedule: str = "cosine"):
   return jnp.floor(gamma[:, None] * num_masked[None, :].astype(jnp.float32) + 1e-4).astype(jnp.int32)
 
 
-def draw(keys, log_probs, temperature: float):
-  """Per-example categorical draw: keys [B, 2], log_probs [B, S, V] -> int32 [B, S]."""
+def draw(keys, log_probs, temperature: float, at=None, length: int | None = None):
+  """Per-example categorical draw: keys [B, 2], log_probs [B, S, V] -> int32 [B, S] (or [B, A, V] -> [B, A] at
+  the positions ``at`` of a sequence of ``length``).
+
+  Gumbel-max over the noise of the whole sequence, read at ``at``: the same draw as ``jax.random.categorical``
+  with that key over all S positions, so a position's token does not depend on which positions a cached
+  network computes.
+  """
   if temperature == 0.0:
     return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-  return jax.vmap(lambda k, lp: jax.random.categorical(k, lp / temperature, axis=-1))(keys, log_probs).astype(
-      jnp.int32)
+  def one(key, lp):
+    g = jax.random.gumbel(key, (lp.shape[0] if at is None else length, lp.shape[-1]), lp.dtype)
+    return jnp.argmax((g if at is None else g[at]) + lp / temperature, axis=-1)
+  return jax.vmap(one)(keys, log_probs).astype(jnp.int32)
 
 
 def reveal_all_but(scores, masked, keep):
@@ -268,7 +279,7 @@ def sample_with_steps(tokens_to_logits: Callable, tokens, keys, *, mask_id: int,
 def _decode(network, tokens, keys, mask_id, config, schedule, guide, generate):
   """The loop of :func:`sample_with_trace`: (int32 [B, S] tokens, int32 [K, B] masked after each step,
   int32 [B] steps taken). ``network``: ``tokens_to_logits`` or a :class:`CachedNetwork`."""
-  steps = config.steps
+  steps, length = config.steps, tokens.shape[1]
   given = tokens != mask_id
   if generate is not None:
     given = given | ~jnp.asarray(generate, bool)[None]
@@ -313,11 +324,14 @@ def _decode(network, tokens, keys, mask_id, config, schedule, guide, generate):
     k, tokens, counts, steps_taken, cache = carry
     step_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k), 3))(keys)   # [B, 3, 2]
     log_probs, cache = log_probs_of(k, tokens, cache)
-    candidates = draw(step_keys[:, 0], log_probs, config.temperature)                       # [B, S or A]
+    candidates = draw(step_keys[:, 0], log_probs, config.temperature, at, length)           # [B, S or A]
     masked = view(to_fill(tokens))
+    # The method's noise is drawn for the whole sequence and read at the computed positions, so a cached network
+    # gives the uncached sampler's draws.
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (length,)))(step_keys[:, 1])       # [B, S]
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, (length,)))(step_keys[:, 2])     # [B, S]
     reveal = method(Step(k=k, log_probs=log_probs, candidates=candidates, masked=masked, remaining=remaining[k],
-                         noise_key=step_keys[:, 1], uniform_key=step_keys[:, 2], config=config,
-                         schedule=schedule))
+                         gumbel=view(gumbel), uniform=view(uniform), config=config, schedule=schedule))
     new = jnp.where(reveal & masked, candidates, view(tokens))
     tokens = new if at is None else tokens.at[:, at].set(new)
     counts = counts.at[k].set(to_fill(tokens).sum(axis=1).astype(jnp.int32))

@@ -42,10 +42,9 @@ def threshold(step: Step) -> jax.Array:
   count = jnp.clip(passing, 1, cap)
   count = jnp.where(step.k == config.steps - 1, num_masked, count)   # the bound: reveal all that is left
   noise_scale = config.confidence_noise * (1.0 - (step.k + 1.0) / config.steps)
-  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, step.masked.shape[1:]))(step.noise_key)
   # Rank by the noisy confidence, then put every passing position above every other whatever the noise (ranks are
   # whole numbers < S, so the key is exact; ties keep reveal_all_but's order, the later position first).
-  rank = jnp.argsort(jnp.argsort(log_conf + noise_scale * gumbel, axis=1), axis=1)
+  rank = jnp.argsort(jnp.argsort(log_conf + noise_scale * step.gumbel, axis=1), axis=1)
   key = (rank + jnp.where(passes, step.masked.shape[1], 0)).astype(jnp.float32)
   return reveal_all_but(key, step.masked, num_masked - count)
 
