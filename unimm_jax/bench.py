@@ -495,8 +495,9 @@ def _cli():
     if "sample" in what.value:
       from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
       pipe = Pipeline.load(workdir.value) if workdir.value else random_pipeline(cfg)
-      if workdir.value and pipe.config.data.source == "shapes" and pipe.layout.is_two_segment():
-        # A trained shapes model: every sampler setting with its accuracy, passes and wall time.
+      if workdir.value and pipe.config.data.source == "shapes":
+        # A trained shapes model (captions and images in [text | image], or among other segments as in
+        # configs/shapes_unified.py): every sampler setting with its accuracy, passes and wall time.
         from unimm_jax import bench_samplers  # pylint: disable=g-import-not-at-top
         batches = tuple(int(b) for b in sample_batches.value)
         rows = bench_samplers.bench_samplers(pipe, sample_num.value, batches, repeats.value,
