@@ -241,3 +241,21 @@ def test_report_scores_edits_and_questions_per_kind(workdir):
   page = (workdir / "report.html").read_text()
   assert "Editing (val source images)" in page and "Visual question answering" in page
   assert "edit accuracy by kind" in page
+
+
+def test_the_sampler_bench_runs_on_the_unified_layout(workdir, tmp_path):
+  """``bench --what=sample`` on a unified shapes workdir compares the sampler settings (text->image and image->text
+  with the other segments absent), candidates included."""
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, "-m", "unimm_jax.bench", "--what=sample", f"--workdir={workdir}",
+                         "--sample_num=2", "--thresholds=0.9", "--caches=none", "--candidates=1,2/1",
+                         "--sample_batches=2", "--repeats=1", f"--out={out}"], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["samplers"]
+  assert [r["sampler"] for r in rows][1::2] == ["confidence (plain), 2 candidates (1 scoring pass)",
+                                                 "threshold 0.9, 2 candidates (1 scoring pass)"]
+  config = Pipeline.load(workdir).config
+  assert rows[0]["i2t_passes_mean"] == config.sample.i2t_steps
+  assert rows[1]["i2t_passes_mean"] == 2 * config.sample.i2t_steps + 2
+  assert all(0.0 <= r["t2i_accuracy"] <= 1.0 and 0.0 <= r["i2t_accuracy"] <= 1.0 for r in rows)
