@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm_jax import Pipeline, evaluate, train
+from unimm_jax import Pipeline, evaluate, train, validation
 from unimm_jax import sequence as seq
 from unimm_jax.data import shapes, shapes_tasks
 from unimm_jax.method import tasks as tasks_lib
@@ -131,16 +131,16 @@ def test_corruption_and_validation_leave_absent_segments_alone():
   model = transformer.Transformer(transformer.TransformerConfig.from_config(config.model, lay))
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
   step_inputs = train.StepInputs(model=model, diffusion=method, tx=None)
-  bits = np.asarray(train.eval_step(step_inputs, params, tokens, jax.random.PRNGKey(4)))
-  assert train.val_figures(seq.SequenceLayout.two_segment(10, 5, 4, (2, 2))) == (
+  bits = np.asarray(validation.eval_step(step_inputs, params, tokens, jax.random.PRNGKey(4)))
+  assert validation.val_figures(seq.SequenceLayout.two_segment(10, 5, 4, (2, 2))) == (
       "text", "image", "text_given_image", "image_given_text")   # the two-segment figures, as before
-  figures = train.val_figures(lay, method)
+  figures = validation.val_figures(lay, method)
   assert figures == ("text", "image", "text_to_image", "image_to_text", "edit", "vqa")   # tasks nulling nothing
   col = dict(zip(figures, bits.T))
   # Example 0 is a caption pair, example 1 an edit: each task's figure counts only the examples it fits.
   assert np.isfinite(col["text_to_image"][0]) and np.isnan(col["text_to_image"][1])
   assert np.isnan(col["edit"][0]) and np.isfinite(col["edit"][1]) and np.isnan(col["vqa"]).all()
-  means = train.validate(lambda p, t, k: bits, params, [{"tokens": tokens, "weight": np.ones(2, np.float32)}], 0,
+  means = validation.validate(lambda p, t, k: bits, params, [{"tokens": tokens, "weight": np.ones(2, np.float32)}], 0,
                          figures)
   assert means["edit"] == pytest.approx(float(col["edit"][1])) and np.isnan(means["vqa"])
 
