@@ -17,10 +17,8 @@ from unimm_jax.method.samplers.loop import Step, register_sampler, reveal_all_bu
 
 def confidence(step: Step) -> jax.Array:
   """bool [B, S]: the most confident masked positions, all but ``step.remaining`` of them."""
-  steps = step.config.steps
   conf = jnp.take_along_axis(step.log_probs, step.candidates[..., None], axis=-1)[..., 0]
-  noise_scale = step.config.confidence_noise * (1.0 - (step.k + 1.0) / steps)
-  return reveal_all_but(conf + noise_scale * step.gumbel, step.masked, step.remaining)
+  return reveal_all_but(conf + step.confidence_noise(), step.masked, step.remaining)
 
 
 register_sampler("confidence", confidence)

@@ -116,6 +116,11 @@ class Step:
   config: SamplerConfig = flax.struct.field(pytree_node=False)
   schedule: Schedule | None = flax.struct.field(pytree_node=False, default=None)
 
+  def confidence_noise(self) -> jax.Array:
+    """float32 [B, S]: the Gumbel noise on confidences, scaled by ``confidence_noise * (1 - (k + 1) / K)``
+    (annealed to 0 at the last step)."""
+    return self.config.confidence_noise * (1.0 - (self.k + 1.0) / self.config.steps) * self.gumbel
+
 
 Method = Callable[[Step], jax.Array]   # -> bool [B, S]: the positions to reveal now (a subset of masked)
 _REGISTRY: dict[str, Method] = {}
