@@ -21,7 +21,7 @@ TEXT_KEYS = ('text', 'instruction', 'question', 'answer')
 def unified_config(data_dir, **overrides):
   """test_unified's tiny configs/shapes_unified.py, reading the folder ``data_dir``."""
   return tiny_unified_config(**{"data.source": "folder", "data.path": str(data_dir), "data.fit_examples": 32,
-                                "train.batch_size": 4, "eval.batch_size": 4, **overrides})
+                                "train.batch_size": 4, "eval.batch_size": 4, "data.kind_rows": (), **overrides})
 
 
 def _save(root, name, image):

@@ -42,6 +42,7 @@ def unified_config(**overrides):
   c.train.steps = 3
   c.train.log_every = 1
   c.train.batch_size = 8
+  c.data.kind_rows = (("caption", 2), ("edit", 1), ("vqa", 1))
   c.optim.warmup_steps = 1
   c.eval.batch_size = 16
   c.eval.every_steps = 3

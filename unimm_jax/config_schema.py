@@ -53,6 +53,10 @@ FIELDS: tuple[Field, ...] = (
     F("data.val_size", int, 512, "shapes: examples in the val split", bounds=">0"),
     F("data.shapes_kinds", tuple, (("caption", 1.0),), "shapes: kinds of example and their shares, "
       "(kind, weight) pairs of caption | edit | vqa (data/shapes_tasks.py); caption only is the original data"),
+    F("data.kind_rows", tuple, (), "shapes: (kind, rows) pairs; every block of sum(rows) consecutive rows of a "
+      "training batch holds that many examples of each kind, in this order (each kind shuffled on its own), and the "
+      "train step computes each kind on its own segments only (needs model.mask_absent); () draws each example's kind "
+      "from data.shapes_kinds"),
     F("data.fit_examples", int, 5_000, "training examples used to fit the tokenizers at the first run", bounds=">0"),
     F("data.num_threads", int, 1, "grain prefetch threads; 0 reads in the main thread", bounds=">=0"),
     # tfds: any TFDS image dataset with captions or class labels, read through tfds.data_source (no TensorFlow)
@@ -169,6 +173,9 @@ FIELDS: tuple[Field, ...] = (
       "attend only given positions, in training and sampling (LaViDa's prefix mask): their keys and values then do "
       "not depend on what is generated, so sample.cache='exact' computes them once per sample (XLA attention only)",
       state=True),
+    F("model.mask_absent", bool, False, "no query attends an <absent> position (a segment the example does not "
+      "have): each example is computed as the layout of its own segments alone, which lets data.kind_rows train each "
+      "kind on that shorter layout; False: absent positions are seen as ordinary given tokens"),
     F("model.rope_fraction", float, 0.5, "share of each head's dimensions that rotate; the rest match by content "
       "(BENCHMARKS)", bounds="[0, 1]"),
     F("model.dtype", str, "float32", "compute dtype; bfloat16 keeps float32 master weights",

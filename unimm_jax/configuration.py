@@ -203,6 +203,38 @@ def tokenizer_downsample(config: ConfigDict) -> int:
   return _image_kind(config).downsample(config)
 
 
+def _kind_rows_problems(c: ConfigDict) -> list[str]:
+  """``data.kind_rows``: each kind at fixed rows of every batch, computed on its own segments."""
+  rows = tuple(map(tuple, c.data.kind_rows))
+  if not rows:
+    return []
+  problems = []
+  if c.data.source != "shapes":
+    problems.append(f"config.data.kind_rows needs config.data.source='shapes' (it makes each kind on demand), got "
+                    f"{c.data.source!r}: set config.data.kind_rows=() to draw the kinds as the data gives them")
+  kinds = [k for k, _ in rows]
+  if len(set(kinds)) != len(kinds) or any(int(n) < 1 for _, n in rows) or \
+      set(kinds) - {"caption", "edit", "vqa"}:
+    problems.append(f"config.data.kind_rows={rows} must be (kind, rows >= 1) pairs of distinct kinds of caption, "
+                    "edit, vqa")
+    return problems
+  period = sum(int(n) for _, n in rows)
+  if c.train.batch_size % period:
+    problems.append(f"config.train.batch_size={c.train.batch_size} must be a multiple of the {period} rows of "
+                    f"config.data.kind_rows")
+  elif c.train.concurrent_chunks > 1 and any(c.train.batch_size // period * int(n) % c.train.concurrent_chunks
+                                             for _, n in rows):
+    problems.append(f"config.train.concurrent_chunks={c.train.concurrent_chunks} must divide every kind's rows of a "
+                    f"batch (config.data.kind_rows={rows}, batch {c.train.batch_size})")
+  if not c.model.mask_absent:
+    problems.append("config.data.kind_rows computes each kind on its own segments, which equals the whole layout "
+                    "only when absent segments are not attended: set config.model.mask_absent=True")
+  if c.model.rope_layout != "segment" or c.model.image_row_end_id >= 0 or c.model.pad_key_id >= 0:
+    problems.append("config.data.kind_rows needs positions that do not depend on the other segments: "
+                    "config.model.rope_layout='segment', no image_row_end_id, no pad_key_id")
+  return problems
+
+
 def _image_kind(config: ConfigDict) -> tokenizers.ImageKind:
   """The registry's record of ``config.image.tokenizer`` (each kind's geometry is defined there, once)."""
   if config.image.tokenizer not in tokenizers.IMAGE_KINDS:
@@ -337,6 +369,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   if c.train.concurrent_chunks > 0 and c.train.batch_size % c.train.concurrent_chunks:
     problems.append(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
                     f"config.train.concurrent_chunks={c.train.concurrent_chunks}")
+  problems += _kind_rows_problems(c)
   tasks = dict(c.diffusion.tasks)
   if any(w < 0 for w in tasks.values()) or sum(tasks.values()) <= 0:
     problems.append(f"config.diffusion.tasks={tasks} must be non-negative with a positive sum")

@@ -18,7 +18,9 @@ Examples of different kinds can share one layout that covers them all (``[text |
 serves caption pairs, edits and questions): a segment an example does not have is *absent*, every position of it
 holding the special token :data:`ABSENT` (``sequence.specials`` must name it). The token is always given, never
 predicted and never carries loss, so the network reads "not part of this example" from the input itself, the
-same way on every attention kernel; :meth:`SequenceLayout.present` recovers which segments an example has.
+same way on every attention kernel; :meth:`SequenceLayout.present` recovers which segments an example has. With
+``model.mask_absent`` the network goes further: no query attends an absent position, so an example is computed
+exactly as in the layout of its own segments alone (:meth:`SequenceLayout.only`).
 
 This module is the only place that knows where a segment starts and ends in the flat sequence: positions
 (1-D within a text or special segment, 2-D (row, column) within an image segment), segment and modality ids,
@@ -299,6 +301,14 @@ class SequenceLayout:
       lo, hi = self.span(name)
       out[lo:hi] = True
     return out
+
+  def only(self, names: Sequence[str]) -> "SequenceLayout":
+    """The layout of the named segments alone, in this layout's order, over the same vocabulary (ids, specials and
+    MASK unchanged): what an example that lacks the others is, to a network with ``model.mask_absent``."""
+    unknown = sorted(set(names) - set(self.names))
+    if unknown:
+      raise KeyError(f"no segments {unknown} in the layout {self.describe()}")
+    return dataclasses.replace(self, segments=tuple(s for s in self.segments if s.name in set(names)))
 
   def segment_starts(self) -> np.ndarray:
     """int32 [G]: the first position of each segment."""

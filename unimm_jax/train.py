@@ -8,6 +8,7 @@ modality, checkpoint, and write ``WORKDIR/report.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -103,6 +104,9 @@ class StepInputs:
   skip_nonfinite: bool = flax.struct.field(pytree_node=False, default=False)   # train.on_nonfinite == 'skip'
   concurrent_chunks: int = flax.struct.field(pytree_node=False, default=1)      # train.concurrent_chunks
   image_code_features: Any = flax.struct.field(pytree_node=False, default=None)  # np [V_img, F] for a fresh init
+  # data.kind_rows: per kind, (the network over that kind's segments alone, its rows in every block of P, the
+  # positions of those segments in the layout); the blocks' rows follow the kinds' order. () = one forward.
+  row_groups: tuple = flax.struct.field(pytree_node=False, default=())
 
   @property
   def layout(self) -> SequenceLayout:
@@ -156,10 +160,35 @@ def make_step_inputs(config, layout: SequenceLayout, image_code_features=None,
     raise configuration.ConfigError(
         f"config.train.concurrent_chunks={config.train.concurrent_chunks} is for XLA:CPU's concurrent thunks; on "
         f"{platform} set it to 1")
-  return StepInputs(model=make_model(config, layout, platform), diffusion=MaskedDiffusion.from_config(config.diffusion, layout),
+  model = make_model(config, layout, platform)
+  return StepInputs(model=model, diffusion=MaskedDiffusion.from_config(config.diffusion, layout),
                 tx=make_optimizer(config), ema_decay=config.train.ema_decay,
                 skip_nonfinite=config.train.on_nonfinite == "skip", concurrent_chunks=config.train.concurrent_chunks,
-                image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32))
+                image_code_features=None if image_code_features is None else np.asarray(image_code_features, np.float32),
+                row_groups=row_groups(config, layout, model))
+
+
+def row_groups(config, layout: SequenceLayout, model) -> tuple:
+  """``StepInputs.row_groups`` of ``data.kind_rows``: per kind, the network over the layout of its segments alone
+  (the same parameters: with ``model.mask_absent`` and segment-local positions nothing in the network depends on
+  the other segments), its rows per block, and where its segments sit in the full layout."""
+  merged = []   # [(segment names, rows)]: neighbours whose segments nest, within 10 % positions, share a forward
+  for kind, rows in config.data.get("kind_rows", ()):
+    present = set(input_pipeline.kind_segments(config, kind))
+    if merged:
+      last, last_rows = merged[-1]
+      union = last | present
+      size = lambda names: int(layout.positions_of(sorted(names)).sum())
+      if union in (last, present) and size(union) <= 1.1 * min(size(last), size(present)):
+        merged[-1] = (union, last_rows + int(rows))
+        continue
+    merged.append((present, int(rows)))
+  groups = []
+  for present, rows in merged:
+    names = tuple(n for n in layout.names if n in present)
+    cols = tuple(int(i) for i in np.flatnonzero(layout.positions_of(names)))
+    groups.append((model.clone(config=dataclasses.replace(model.config, layout=layout.only(names))), rows, cols))
+  return tuple(groups)
 
 
 def _initialiser(method: StepInputs, seed: int):
@@ -269,8 +298,7 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
 
   def loss_fn(params):   # a LoRA run differentiates the adapters only: its base is a constant here
     network = state.network_params(params)
-    nll = concurrent_map(functools.partial(sequence_nll, method, network), method.concurrent_chunks, noisy, tokens,
-                         diffusion.given_positions(corruption))
+    nll = grouped_nll(method, network, noisy, tokens, diffusion.given_positions(corruption))
     return diffusion.loss(nll, masked, corruption)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -296,9 +324,36 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
   return new_state, metrics
 
 
-def sequence_nll(method: StepInputs, params, noisy, tokens, given):
+def grouped_nll(method: StepInputs, params, noisy, tokens, given):
+  """-log p(x0 | x_t), float32 [B, S]: one forward of the whole layout, or with ``method.row_groups`` one forward
+  per kind of example over its own segments only (0 at the positions of segments it lacks, which never carry loss).
+
+  Rows are taken block by block (a batch is B / P blocks of P rows, kinds in the same rows of every block), so a
+  batch split over a mesh's data axis on whole blocks keeps every kind's rows where they are. With
+  ``model.mask_absent`` this equals the one forward at every present position; a caption pair then costs its 60
+  positions of the unified layout's 99, not all 99.
+  """
+  chunks = method.concurrent_chunks
+  if not method.row_groups:
+    return concurrent_map(functools.partial(sequence_nll, method.model, params), chunks, noisy, tokens, given)
+  batch, length = tokens.shape
+  period = sum(rows for _, rows, _ in method.row_groups)
+  blocks = lambda x: x.reshape((batch // period, period) + x.shape[1:])
+  out = jnp.zeros((batch // period, period, length), jnp.float32)
+  start = 0
+  for model, rows, cols in method.row_groups:
+    cols = np.asarray(cols)
+    take = lambda x: blocks(x)[:, start:start + rows][:, :, cols].reshape(-1, len(cols))   # [B / P * rows, S_k]
+    nll = concurrent_map(functools.partial(sequence_nll, model, params), chunks, take(noisy), take(tokens),
+                         take(given))
+    out = out.at[:, start:start + rows, cols].set(nll.reshape(batch // period, rows, len(cols)))
+    start += rows
+  return out.reshape(batch, length)
+
+
+def sequence_nll(model, params, noisy, tokens, given):
   """-log p(x0 | x_t) at every position, float32 [B, S] (:func:`~unimm_jax.models.transformer.sequence_nll`)."""
-  return transformer.sequence_nll(method.model, params, noisy, tokens, given)
+  return transformer.sequence_nll(model, params, noisy, tokens, given)
 
 
 def compile_steps(method: StepInputs, mesh, rules, shardings: TrainState):

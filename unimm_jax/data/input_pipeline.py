@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+import operator
+import sys
+from typing import Any, Mapping, Sequence
 
 import grain
 import jax
@@ -53,6 +55,10 @@ def make_source(config, split: str):
           f"config.image.size={config.image.size}, config.image.channels={config.image.channels}")
     size = config.data.train_size if split == "train" else config.data.val_size
     kinds = tuple(map(tuple, config.data.get("shapes_kinds", (("caption", 1.0),))))
+    rows = tuple((str(k), int(n)) for k, n in config.data.get("kind_rows", ()))
+    if rows and split == "train":
+      return KindRows({k: shapes_tasks.MixedShapesSource.from_kinds(split, size, config.data.seed, ((k, 1.0),))
+                       for k, _ in rows}, rows)
     if kinds != (("caption", 1.0),):
       return shapes_tasks.MixedShapesSource.from_kinds(split, size, config.data.seed, kinds)
     return shapes.ShapesSource(split, size, seed=config.data.seed)
@@ -66,6 +72,68 @@ def make_source(config, split: str):
     return pretokenized.PretokenizedSource(config.data.path, split)
   raise configuration.ConfigError(f"config.data.source={config.data.source!r} is not one of "
                                   "shapes, folder, tfds, pretokenized")
+
+
+class KindRows:
+  """A random-access source whose rows follow a fixed pattern of kinds (``data.kind_rows``): item j is, with
+  P = sum of the rows, the p-th block's slot s (p, s = divmod(j, P)), which holds the next example of that slot's
+  kind. A training batch of a multiple of P rows then has each kind at the same rows every step, which is what
+  lets the train step compute each kind on its own segments (``StepInputs.row_groups``); the training dataset
+  shuffles each kind's examples on its own (:func:`train_dataset`)."""
+
+  def __init__(self, sources: Mapping[str, Any], rows: Sequence[tuple[str, int]]):
+    rows = tuple((str(k), int(n)) for k, n in rows)
+    if not rows or any(n < 1 for _, n in rows) or len({k for k, _ in rows}) != len(rows):
+      raise ValueError(f"kind rows {rows} must be (kind, rows >= 1) pairs of distinct kinds")
+    missing = [k for k, _ in rows if k not in sources]
+    if missing:
+      raise ValueError(f"kind rows name {missing}, which have no source (sources: {sorted(sources)})")
+    self.sources, self.rows = dict(sources), rows
+    self.period = sum(n for _, n in rows)
+    self.slots = tuple((k, i) for k, n in rows for i in range(n))   # slot -> (kind, rank within its kind)
+    self._blocks = min(len(self.sources[k]) // n for k, n in rows)
+
+  def __len__(self) -> int:
+    return self._blocks * self.period
+
+  def __getitem__(self, index: int):
+    block, slot = divmod(operator.index(index), self.period)
+    if not 0 <= block < self._blocks:
+      raise IndexError(f"KindRows index {index} out of range [0, {len(self)})")
+    kind, rank = self.slots[slot]
+    return self.sources[kind][block * dict(self.rows)[kind] + rank]
+
+  def __repr__(self) -> str:  # grain checkpoints the data iterator by the source's repr
+    return f"KindRows({self.rows}, {', '.join(f'{k}={self.sources[k]!r}' for k, _ in self.rows)})"
+
+
+class _KindRowsDataset(grain.MapDataset):
+  """:class:`KindRows` over one (shuffled, repeated) dataset per kind: element j is the next element of the kind of
+  slot j mod P."""
+
+  def __init__(self, parents: Sequence[grain.MapDataset], source: KindRows):
+    super().__init__(parents)
+    self._source = source
+    blocks = min(len(p) // n for p, (_, n) in zip(parents, source.rows))
+    self._length = min(blocks, sys.maxsize // source.period) * source.period   # (repeated parents: "infinite")
+    self._which = {k: i for i, (k, _) in enumerate(source.rows)}
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _locate(self, j: int) -> tuple[int, int]:
+    block, slot = divmod(j, self._source.period)
+    kind, rank = self._source.slots[slot]
+    return self._which[kind], block * dict(self._source.rows)[kind] + rank
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    parent, j = self._locate(index)
+    return self._parents[parent][j]
+
+  def __str__(self) -> str:
+    return f"_KindRowsDataset({self._source.rows})"
 
 
 MISSING_KEY = "missing"   # an item's fields that this example does not have, comma-separated (values: placeholders)
@@ -85,6 +153,17 @@ def source_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
       if modality in keys and key not in keys[modality]:
         keys[modality].append(key)
   return tuple(keys["image"]), tuple(keys["text"])
+
+
+def kind_segments(config, kind: str) -> tuple[str, ...]:
+  """The segments an example of a ``shapes`` kind (caption | edit | vqa) has: those that read one of its fields
+  (``data.fields``, :data:`shapes_tasks.FIELDS`); the others are absent."""
+  if kind not in shapes_tasks.FIELDS:
+    raise configuration.ConfigError(f"example kind {kind!r} is not one of {tuple(shapes_tasks.FIELDS)}")
+  fields = {f[0]: tuple(f[1:]) for f in map(tuple, config.data.fields)}
+  specs = tuple(config.sequence.segments) or (("text", "text"), ("image", "image"))
+  return tuple(spec[0] for spec in specs
+               if spec[1] == sequence.SPECIAL or any(key in shapes_tasks.FIELDS[kind] for key in fields.get(spec[0], (spec[0],))))
 
 
 def missing_fields(item: dict) -> set[str]:
@@ -402,10 +481,16 @@ def _shuffled_rows(source, *, batch_size: int, seed: int, shard_index: int, shar
   """Shuffled, endlessly repeated examples of ``source``: this process's rows of each global batch."""
   if batch_size % shard_count:
     raise ValueError(f"the global batch {batch_size} is not divisible by the {shard_count} processes")
-  ds = grain.MapDataset.source(source)
-  if len(ds) < batch_size:
-    raise ValueError(f"the training split has {len(ds)} examples, fewer than the batch of {batch_size}")
-  ds = ds.shuffle(seed=seed).repeat(None)
+  if len(source) < batch_size:
+    raise ValueError(f"the training split has {len(source)} examples, fewer than the batch of {batch_size}")
+  if isinstance(source, KindRows):
+    if batch_size % source.period:
+      raise ValueError(f"the global batch {batch_size} is not a multiple of the {source.period} rows of "
+                       f"config.data.kind_rows {source.rows}")
+    ds = _KindRowsDataset([grain.MapDataset.source(source.sources[k]).shuffle(seed=seed + i).repeat(None)
+                           for i, (k, _) in enumerate(source.rows)], source)
+  else:
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   if shard_count > 1:
     ds = _ProcessRows(ds, batch_size, shard_index, shard_count)
   return ds

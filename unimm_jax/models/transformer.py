@@ -92,6 +92,7 @@ class TransformerConfig:
   pad_key_id: int = -1         # >= 0: tokens of this id are not there (never attended, no position; MMaDA's [iPAD])
   image_row_end_id: int = -1   # >= 0: the network sees this token after every image row (Lumina-DiMOO's <end-of-line>)
   isolate_given: bool = False  # given (not generated) positions attend only given positions (cacheable; __call__)
+  mask_absent: bool = False    # no query attends an ABSENT position: an example is computed as its own segments alone
 
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
@@ -112,6 +113,7 @@ def own_scores(model_config) -> dict[str, bool]:
   return {"directional_heads": bool(model_config.get("directional_heads", 0)),
           "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True),
           "pad_key_id": model_config.get("pad_key_id", -1) >= 0,   # (image_row_end_id needs no mask)
+          "mask_absent": bool(model_config.get("mask_absent", False)),
           "isolate_given": bool(model_config.get("isolate_given", False))}
 
 
@@ -278,6 +280,13 @@ class Transformer(nn.Module):
       key_valid = tokens != cfg.pad_key_id                                       # bool [B, S]
       counted = jnp.maximum(jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1, 0)
       positions = jnp.repeat(counted[..., None], 2, axis=-1)                     # int32 [B, S, 2]
+    if cfg.mask_absent and layout.has_absent:
+      # The segments an example lacks are not there for it: with every position segment-local (rope_layout
+      # 'segment', no absolute table over the flat sequence), each example's outputs are exactly those of the
+      # layout of its present segments alone, which is what lets the train step run each kind of example on its
+      # own shorter layout (StepInputs.row_groups). Unlike a pad, an absent position keeps its position.
+      present_keys = tokens != layout.absent_id                                  # bool [B, S]
+      key_valid = present_keys if key_valid is None else key_valid & present_keys
     rope_theta = cfg.rope_theta if cfg.positions in ("rope", "rope+learned") else None
     static_segments = None
     if cfg.attention == "splash":   # the kernel's block masks are built from the static segment ids
