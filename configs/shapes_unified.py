@@ -72,8 +72,17 @@ def get_config():
       "vqa": "text:clean image:clean target:absent answer:noised",
       "vqa_null": "text:null image:clean target:absent answer:noised",
   }
+  # Each kind at fixed rows of every batch, computed on its own segments only (absent segments are not attended,
+  # so this equals the covering layout): caption pairs and questions in one forward of [text | image | answer]
+  # (63 positions), edits in one of [text | image | target] (96), not all 99. In every 16 rows, 12 caption pairs
+  # (the drawing direction binds phrases to cells after about as many text->image examples as configs/shapes.py
+  # sees), 2 questions and 2 edits.
+  config.model.mask_absent = True
+  config.data.kind_rows = (("caption", 12), ("vqa", 2), ("edit", 2))
   config.data.val_size = 1024
   config.eval.num_generate = 512
   # 516 ms a step on the 2-core AVX-512 Xeon, 1.18 s on an AVX2-only EPYC (BENCHMARKS.md)
   config.train.steps = 6_000
+  config.eval.every_steps = 1_500
+  config.ckpt.every_steps = 1_500
   return config
