@@ -5,8 +5,6 @@ segments alone; the train step uses that to run each kind (at fixed rows of ever
 These tests pin the equivalences that make this an optimisation and not a change of model.
 """
 
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,26 +15,16 @@ from unimm_jax import configuration, train
 from unimm_jax import sequence as seq
 from unimm_jax.data import input_pipeline, shapes_tasks
 from unimm_jax.models import transformer
+from test_unified import unified_config as tiny_unified_config  # tests/ is on sys.path (as test_train)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 KIND_ROWS = (("caption", 2), ("edit", 1), ("vqa", 1))
 KIND_SEGMENTS = {"caption": ("text", "image"), "edit": ("text", "image", "target"), "vqa": ("text", "image", "answer")}
 
 
 def unified_config(**overrides):
-  spec = importlib.util.spec_from_file_location("_unified_for_kind_rows", ROOT / "configs" / "shapes_unified.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.data.fit_examples, c.data.train_size, c.data.val_size = 300, 2000, 32
-  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.head_dim, c.model.mlp_dim = 32, 2, 4, 8, 64
-  c.model.directional_heads = 1
-  c.data.kind_rows = KIND_ROWS
-  c.train.batch_size = 8
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
+  """test_unified's tiny configs/shapes_unified.py, with 4 heads (one directional pair) and KIND_ROWS."""
+  return tiny_unified_config(**{"model.num_layers": 2, "model.num_heads": 4, "model.head_dim": 8,
+                                "model.directional_heads": 1, "data.kind_rows": KIND_ROWS, **overrides})
 
 
 def layout():
