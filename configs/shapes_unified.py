@@ -20,21 +20,22 @@ rather than one layout per kind padded to a common length: each kind's tokens si
 would put them, unpadded (the caption and the instruction are the same 24-word text segment; the source image and
 the drawn image the same grid), so what the model learns about a caption's words or an image's codes is shared by
 every kind through the same positions and embeddings; and the whole machinery (one compiled step, the corruption,
-the ELBO, the samplers, the Pipeline) stays that of one layout. Its cost is compute on absent positions: a caption
-pair uses 60 of the 99 positions, an edit 96, a question 63. Several layouts padded to one length would cost the
-same compute (99 for all), and the absent token tells the model what a pad would.
+the ELBO, the samplers, the Pipeline) stays that of one layout. Absent positions cost next to nothing in training: they
+are not attended (``model.mask_absent``), so an example is computed exactly as the layout of its own segments,
+and the train step runs each kind at fixed rows of the batch on that layout (``data.kind_rows``; caption pairs
+and questions together on 63 positions, edits on 96). Several layouts padded to one length would cost 99 for all.
 
 Each kind trains on its own tasks (``diffusion.task_roles``): an example draws among the tasks whose absent
-segments are exactly the ones it lacks, so the mixture below is, per kind: caption pairs 45 % text->image, 45 %
+segments are exactly the ones it lacks, so the mixture below is, per kind: caption pairs 55 % text->image, 35 %
 image->text, and a little joint and null conditions; edits mostly the target given the instruction and the
 source, 5 % with the instruction null (the guidance null condition); questions likewise for the answer.
 
-Measured (BENCHMARKS.md, "One model for every task", second run and second seed; 6,000 steps), on 512 val examples
-of each task about scenes never trained on, seeds 0 / 1: edit accuracy 0.953 / 0.949 (every kind >= 0.91); VQA
-0.961 / 0.902 (position 0.766 on seed 0; kind 0.851 and exists 0.727 on seed 1; the others >= 0.92);
-text->image 0.613 / 0.607 and image->text 0.674 / 0.631 (one-shape scenes 1.000 both ways, two-shape 0.26-0.39);
-joint consistency 0.99 / 1.00. The issue's bars for VQA, text->image and image->text are not reached:
-text->image's val bits plateau near 0.03 from step 4,000 on both seeds.
+Measured (BENCHMARKS.md, "each kind on its own segments"; 6,000 steps), on 512 val examples of each task about
+scenes never trained on, seeds 0 / 1: text->image 1.000 / 1.000 (the drawing direction binds phrases to cells by
+step 3,000); edit 0.918 / 0.941 (every kind >= 0.85); VQA 0.947 / 0.951, position questions 0.753 / 0.727 (every
+other kind >= 0.94); image->text 0.891 / 0.838 (one-shape scenes 1.000, two-shape 0.80 / 0.70); joint consistency
+1.00. Not reached: VQA position, image->text, and the 30-minute wall on the 2-core AVX-512 EPYC of 2026-12-03 (a
+slow instance: the 6,000 steps alone take about 37 min there).
 """
 
 import importlib.util
@@ -59,7 +60,7 @@ def get_config():
   config.sequence.specials = ("<absent>",)
   config.model.max_len = 99
   config.diffusion.tasks = {
-      "text_to_image": 0.45, "image_to_text": 0.45, "joint": 0.05, "image_only": 0.025, "text_only": 0.025,
+      "text_to_image": 0.55, "image_to_text": 0.35, "joint": 0.05, "image_only": 0.025, "text_only": 0.025,
       "edit": 0.95, "edit_null": 0.05, "vqa": 0.95, "vqa_null": 0.05}
   config.diffusion.task_roles = {
       "text_to_image": f"text:clean image:noised {ABSENT_IN_CAPTIONS}",
@@ -74,14 +75,15 @@ def get_config():
   }
   # Each kind at fixed rows of every batch, computed on its own segments only (absent segments are not attended,
   # so this equals the covering layout): caption pairs and questions in one forward of [text | image | answer]
-  # (63 positions), edits in one of [text | image | target] (96), not all 99. In every 16 rows, 12 caption pairs
-  # (the drawing direction binds phrases to cells after about as many text->image examples as configs/shapes.py
-  # sees), 2 questions and 2 edits.
+  # (63 positions), edits in one of [text | image | target] (96), not all 99: a step 0.74 of the covering one. In
+  # every 16 rows, 12 caption pairs, 2 questions and 2 edits; with text->image 55 % of the caption pairs a batch
+  # holds 26 text->image examples, near configs/shapes.py's 29, and the drawing direction binds phrases to cells
+  # by step 3,000 (at 17 a batch it had not by 6,000: BENCHMARKS.md, "each kind on its own segments").
   config.model.mask_absent = True
   config.data.kind_rows = (("caption", 12), ("vqa", 2), ("edit", 2))
   config.data.val_size = 1024
   config.eval.num_generate = 512
-  # 516 ms a step on the 2-core AVX-512 Xeon, 1.18 s on an AVX2-only EPYC (BENCHMARKS.md)
+  # 467.7 ms a step (bench) on the 2-core AVX-512 EPYC of 2026-12-03, whose configs/shapes.py step is 345.6 ms
   config.train.steps = 6_000
   config.eval.every_steps = 1_500
   config.ckpt.every_steps = 1_500
