@@ -335,7 +335,8 @@ def grouped_nll(method: StepInputs, params, noisy, tokens, given):
   """
   chunks = method.concurrent_chunks
   if not method.row_groups:
-    return concurrent_map(functools.partial(sequence_nll, method.model, params), chunks, noisy, tokens, given)
+    return concurrent_map(functools.partial(transformer.sequence_nll, method.model, params), chunks, noisy, tokens,
+                          given)
   batch, length = tokens.shape
   period = sum(rows for _, rows, _ in method.row_groups)
   blocks = lambda x: x.reshape((batch // period, period) + x.shape[1:])
@@ -344,16 +345,11 @@ def grouped_nll(method: StepInputs, params, noisy, tokens, given):
   for model, rows, cols in method.row_groups:
     cols = np.asarray(cols)
     take = lambda x: blocks(x)[:, start:start + rows][:, :, cols].reshape(-1, len(cols))   # [B / P * rows, S_k]
-    nll = concurrent_map(functools.partial(sequence_nll, model, params), chunks, take(noisy), take(tokens),
+    nll = concurrent_map(functools.partial(transformer.sequence_nll, model, params), chunks, take(noisy), take(tokens),
                          take(given))
     out = out.at[:, start:start + rows, cols].set(nll.reshape(batch // period, rows, len(cols)))
     start += rows
   return out.reshape(batch, length)
-
-
-def sequence_nll(model, params, noisy, tokens, given):
-  """-log p(x0 | x_t) at every position, float32 [B, S] (:func:`~unimm_jax.models.transformer.sequence_nll`)."""
-  return transformer.sequence_nll(model, params, noisy, tokens, given)
 
 
 def compile_steps(method: StepInputs, mesh, rules, shardings: TrainState):
