@@ -167,6 +167,32 @@ def test_tokens_weighting_weighs_examples_by_their_masked_count():
   assert float(tok["loss_image"]) == 0.0   # no image is noised
 
 
+def test_segment_loss_weight_counts_a_segment_as_repeated_pairs():
+  # [text "question" 1 | image 1x1 | text "answer" 1]; both examples' question and answer are noised and masked.
+  from unimm_jax.sequence import image, text
+  layout = SequenceLayout((text("question", 1), image("image", (1, 1)), text("answer", 1)), 3, 2)
+  tokens = jnp.array([[0, 3, 1], [2, 4, 0]], jnp.int32)
+  masked = jnp.array([[True, False, True], [True, False, True]])
+  nll = jnp.log(jnp.array([[2.0, 1.0, 4.0], [8.0, 1.0, 2.0]]))        # -log p = log 2, ., log 4 / log 8, ., log 2
+  c = loss_lib.Corruption(t=jnp.full((2, 3), 0.5), mask_prob=jnp.zeros((2, 3)),
+                          noised=jnp.array([[True, False, True]] * 2), task=jnp.zeros(2, jnp.int32))
+  ln2 = math.log(2)
+
+  def loss(segment_weights):
+    m = MaskedDiffusion(layout, get_schedule("linear"), ("vqa",), (1.0,),
+                        ((tasks_lib.NOISED, tasks_lib.CLEAN, tasks_lib.NOISED),), "flat",
+                        segment_weights=segment_weights)
+    return m.loss(nll, masked, c)[1]["loss_text"]
+
+  # Unweighted: mean over the 4 (example, text segment) pairs, (1 + 3 + 2 + 1) / 4 log 2.
+  np.testing.assert_allclose(loss(()), 7 / 4 * ln2, rtol=1e-6)
+  # answer x 3: (1 + 3 + 3 * (2 + 1)) / 4 log 2, and not renormalised by the weights.
+  np.testing.assert_allclose(loss((("answer", 3.0),)), 13 / 4 * ln2, rtol=1e-6)
+  np.testing.assert_allclose(loss((("answer", 0.0),)), 4 / 4 * ln2, rtol=1e-6)
+  with pytest.raises(ValueError, match="segment_loss_weights names \\['answr'\\]"):
+    loss((("answr", 2.0),))
+
+
 def _batch(batch, seed=0, schedule="linear"):
   key = jax.random.PRNGKey(seed)
   k1, k2, k3 = jax.random.split(key, 3)

@@ -217,6 +217,9 @@ FIELDS: tuple[Field, ...] = (
     F("diffusion.t_min", float, 1e-3, "smallest sampled t", bounds="(0, 0.5)"),
     F("diffusion.text_loss_weight", float, 1.0, "multiplies the text tokens' loss", bounds=">=0"),
     F("diffusion.image_loss_weight", float, 1.0, "multiplies the image tokens' loss", bounds=">=0"),
+    F("diffusion.segment_loss_weights", float, {}, "segment name -> c: multiplies that segment's loss within "
+      "its modality's mean (method/diffusion.py), e.g. {'answer': 2.0}; a segment not named keeps 1", bounds=">=0",
+      open=True),
     F("diffusion.tasks", float, {"joint": 0.4, "text_to_image": 0.2, "image_to_text": 0.2, "image_only": 0.1,
                                  "text_only": 0.1}, _TASKS_DOC, open=True),
     F("diffusion.task_roles", str, {}, "tasks declared here: name -> 'segment:role ...' (clean | noised | null | absent), "

@@ -16,9 +16,11 @@ For a schedule alpha(t) (:mod:`unimm_jax.method.schedules`) and a task (a role p
    - ``tokens``: L_g = sum over the masked positions of g; each modality's loss is then divided by the batch's
      masked count of that modality (MaskGIT's loss: heavily masked examples weigh more).
 
-   Each modality's loss is the mean of L_g over the (example, segment) pairs of that modality where g is noised
-   (and, for ``flat`` / ``tokens``, has a masked token); the total is text_loss_weight * L_text +
-   image_loss_weight * L_image. Per-token ELBO bits are L_g (``elbo``) / ln 2.
+   Each modality's loss is the mean of c_g L_g over the (example, segment) pairs of that modality where g is
+   noised (and, for ``flat`` / ``tokens``, has a masked token), with c_g = 1 unless
+   ``diffusion.segment_loss_weights`` gives segment g another (the count in the denominator is not weighted, so
+   c_g = 2 counts each of g's pairs as two of weight 1 would); the total is text_loss_weight * L_text +
+   image_loss_weight * L_image. Per-token ELBO bits are L_g (``elbo``) / ln 2, never weighted.
 """
 
 from __future__ import annotations
@@ -75,10 +77,15 @@ class MaskedDiffusion:
   t_min: float = 1e-3
   shared_time: bool = False
   modality_weights: tuple[tuple[str, float], ...] = ((TEXT, 1.0), (IMAGE, 1.0))
+  segment_weights: tuple[tuple[str, float], ...] = ()   # c_g of the segments whose loss weight is not 1
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:
       raise ValueError(f"unknown loss weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+    unknown = [name for name, _ in self.segment_weights if name not in self.layout.names]
+    if unknown:
+      raise ValueError(f"config.diffusion.segment_loss_weights names {unknown}, not segments of the layout "
+                       f"{list(self.layout.names)}")
 
   @classmethod
   def from_config(cls, diffusion_config, layout: SequenceLayout) -> "MaskedDiffusion":
@@ -89,7 +96,9 @@ class MaskedDiffusion:
     return cls(layout=layout, schedule=get_schedule(d.schedule, d.poly_power), task_names=names,
                task_weights=tuple(float(w) for w in weights), task_roles=tuple(map(tuple, roles.tolist())),
                weighting=d.loss_weighting, t_min=d.t_min, shared_time=d.shared_time,
-               modality_weights=((TEXT, d.text_loss_weight), (IMAGE, d.image_loss_weight)))
+               modality_weights=((TEXT, d.text_loss_weight), (IMAGE, d.image_loss_weight)),
+               segment_weights=tuple(sorted((str(k), float(v))
+                                            for k, v in dict(d.get("segment_loss_weights", {}) or {}).items())))
 
   def roles(self, task: str) -> np.ndarray:
     """int32 [G] role codes of a task of the mixture, or of any registered task."""
@@ -198,6 +207,9 @@ class MaskedDiffusion:
     """(scalar training loss, {'loss_text', 'loss_image'}: mean per-modality losses, nats per token)."""
     losses, valid, counts = self.segment_losses(nll, masked, corruption)
     sums = losses.sum(axis=0)                                                        # [G]
+    if self.segment_weights:
+      weights = dict(self.segment_weights)
+      sums = sums * jnp.asarray([weights.get(name, 1.0) for name in self.layout.names], jnp.float32)
     denominators = ((counts * valid).sum(axis=0) if self.weighting == "tokens" else valid.sum(axis=0))
     total, parts = 0.0, {}
     for modality, weight in self.modality_weights:
