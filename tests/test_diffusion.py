@@ -12,7 +12,7 @@ from unimm_jax.method import tasks as tasks_lib
 from unimm_jax.method.diffusion import MaskedDiffusion, token_nll
 from unimm_jax.method.schedules import get_schedule
 from unimm_jax.models.transformer import NEG_INF
-from unimm_jax.sequence import SequenceLayout
+from unimm_jax.sequence import SequenceLayout, image, text
 
 
 def _method(layout, schedule, weighting="elbo", modality_weights=(1.0, 1.0), tasks=None, shared_time=False):
@@ -169,9 +169,7 @@ def test_tokens_weighting_weighs_examples_by_their_masked_count():
 
 def test_segment_loss_weight_counts_a_segment_as_repeated_pairs():
   # [text "question" 1 | image 1x1 | text "answer" 1]; both examples' question and answer are noised and masked.
-  from unimm_jax.sequence import image, text
   layout = SequenceLayout((text("question", 1), image("image", (1, 1)), text("answer", 1)), 3, 2)
-  tokens = jnp.array([[0, 3, 1], [2, 4, 0]], jnp.int32)
   masked = jnp.array([[True, False, True], [True, False, True]])
   nll = jnp.log(jnp.array([[2.0, 1.0, 4.0], [8.0, 1.0, 2.0]]))        # -log p = log 2, ., log 4 / log 8, ., log 2
   c = loss_lib.Corruption(t=jnp.full((2, 3), 0.5), mask_prob=jnp.zeros((2, 3)),
