@@ -86,3 +86,25 @@ def test_bench_cli_writes_train_sample_and_data_figures(tmp_path):
   assert all(v["images_per_s"] > 0 and v["step_over_forward"] > 0 for v in s["text_to_image"].values())
   d = r["data"]
   assert d["batches_per_s"] > 0 and d["headroom"] == d["batches_per_s"] * t["step_s_median"]
+
+
+def test_kind_rows_flops_count_each_groups_own_positions_and_match_xla():
+  """With ``data.kind_rows`` the step computes each group of rows over its own segments: the formula counts that
+  (within 15 % of XLA's count of the compiled step), not the covering layout at every row."""
+  from test_kind_rows import layout as covering_layout, unified_config  # pylint: disable=g-import-not-at-top
+  c = unified_config(**{"model.d_model": 128, "model.num_layers": 2, "model.num_heads": 4, "model.head_dim": 32,
+                        "model.mlp_dim": 384, "model.directional_heads": 0,
+                        "data.kind_rows": (("caption", 2), ("vqa", 1), ("edit", 1))})
+  lay = covering_layout()
+  method = train.make_step_inputs(c, lay)
+  assert len(method.row_groups) == 2    # caption pairs with the questions (63 positions), edits (96)
+  mesh = sharding.single_device_mesh()
+  abstract, shardings = train.state_shardings(method, mesh, ())
+  step_fn, _ = train.compile_steps(method, mesh, (), shardings)
+  batch = {"tokens": jax.ShapeDtypeStruct((c.train.batch_size, lay.seq_len), jnp.int32)}
+  cost = step_fn.lower(abstract, batch).compile().cost_analysis()
+  xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  grouped = bench.step_model_flops(method, abstract.params, c.train.batch_size)
+  whole = bench.model_flops_per_step(abstract.params, method.model.config, c.train.batch_size, lay.seq_len)
+  assert abs(grouped - xla) / xla < 0.15, (grouped, xla)
+  assert whole > 1.25 * grouped

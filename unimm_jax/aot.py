@@ -318,8 +318,7 @@ def _compile(fn, *args) -> tuple[Any, float, float]:
 def model_flops(programs: Programs) -> float:
   from unimm_jax import bench  # pylint: disable=g-import-not-at-top
   state = programs.abstract_state
-  return bench.model_flops_per_step(state.network_params(state.params), programs.config.model,
-                                    programs.config.train.batch_size, programs.layout.seq_len)
+  return bench.step_model_flops(programs.method, state.network_params(state.params), programs.config.train.batch_size)
 
 
 def describe_program(compiled, hlo: str, hbm: int | None, lower_s: float, compile_s: float,

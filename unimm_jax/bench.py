@@ -201,6 +201,16 @@ def model_flops_per_step(params, model_config, batch: int, seq_len: int) -> floa
   return 6.0 * matmul_param_count(params) * tokens + attention
 
 
+def step_model_flops(method, network, batch: int) -> float:
+  """:func:`model_flops_per_step` of the step ``method`` compiles: with ``data.kind_rows`` (``method.row_groups``)
+  each group's rows over its own positions only, which is all that step computes; else the whole layout."""
+  if not method.row_groups:
+    return model_flops_per_step(network, method.model.config, batch, method.layout.seq_len)
+  period = sum(rows for _, rows, _ in method.row_groups)
+  return sum(model_flops_per_step(network, method.model.config, batch // period * rows, len(cols))
+             for _, rows, cols in method.row_groups)
+
+
 def measured_matmul_peak(devices, repeats: int = 7) -> dict:
   """The matmul rate these devices reach together, measured now: {'flops_per_s', 'how'}.
 
@@ -282,7 +292,7 @@ def bench_train(config, steps: int = 10, warmup: int = 3, peak: dict | None = No
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   network = abstract.network_params(abstract.params)   # a LoRA run's base with its adapters
-  flops = model_flops_per_step(network, method.model.config, batch, layout.seq_len)
+  flops = step_model_flops(method, network, batch)
   devices = list(mesh.devices.flat)
   peak = peak or measured_matmul_peak(devices)
   nominal = nominal_peak(devices[0].device_kind)
