@@ -78,8 +78,9 @@ def get_config():
   # so this equals the covering layout): caption pairs and questions in one forward of [text | image | answer]
   # (63 positions), edits in one of [text | image | target] (96), not all 99: a step 0.74 of the covering one. In
   # every 16 rows, 12 caption pairs, 2 questions and 2 edits; with text->image 55 % of the caption pairs a batch
-  # holds 26 text->image examples, near configs/shapes.py's 29, and the drawing direction binds phrases to cells
-  # by step 3,000 (at 17 a batch it had not by 6,000: BENCHMARKS.md, "each kind on its own segments").
+  # holds 26 text->image examples, near configs/shapes.py's 29; the drawing direction bound phrases to cells by
+  # step 3,000 on both seeds (at 17 a batch it had not by 6,000), though not in nearby configs with 26-29 a batch
+  # (BENCHMARKS.md, "each kind on its own segments" and "two attempts at the position questions").
   config.model.mask_absent = True
   config.data.kind_rows = (("caption", 12), ("vqa", 2), ("edit", 2))
   config.data.val_size = 1024
