@@ -191,6 +191,36 @@ def test_segment_loss_weight_counts_a_segment_as_repeated_pairs():
     loss((("answr", 2.0),))
 
 
+def test_tasks_later_changes_the_mixture_from_its_step_on():
+  from unimm_jax import configuration
+  config = configuration.base_config()
+  config.diffusion.tasks = {"text_to_image": 0.9, "image_to_text": 0.1}
+  config.diffusion.tasks_later = {"text_to_image": 0.1, "image_to_text": 0.9}
+  config.diffusion.tasks_later_from = 100
+  configuration.validate(config)
+  m = MaskedDiffusion.from_config(config.diffusion, LAYOUT)
+  assert m.task_names == ("text_to_image", "image_to_text") and m.later_weights == (0.1, 0.9)
+  draw = jax.jit(lambda step, key: m.sample_corruption(key, 4096, task_weights=m.task_weights_at(step)).task)
+  key = jax.random.PRNGKey(0)
+  # The share of text_to_image examples (4,096 draws: one standard deviation 0.005) before and after step 100.
+  shares = {step: float(jnp.mean(draw(jnp.int32(step), key) == 0)) for step in (0, 99, 100, 5000)}
+  assert abs(shares[0] - 0.9) < 0.025 and abs(shares[99] - 0.9) < 0.025, shares
+  assert abs(shares[100] - 0.1) < 0.025 and abs(shares[5000] - 0.1) < 0.025, shares
+  # Without tasks_later the weights are the mixture's at every step, and a draw is the one of the plain mixture.
+  plain = MaskedDiffusion.from_config(configuration.base_config().diffusion, LAYOUT)
+  np.testing.assert_array_equal(plain.task_weights_at(jnp.int32(10**6)), np.asarray(plain.task_weights, np.float32))
+  np.testing.assert_array_equal(plain.sample_corruption(key, 64, task_weights=plain.task_weights_at(7)).task,
+                                plain.sample_corruption(key, 64).task)
+  # A name that is not a task of the mixture, or a mixture without its step, is a config error naming the field.
+  config.diffusion.tasks_later = {"image_too_text": 0.5}
+  with pytest.raises(configuration.ConfigError, match="tasks_later names \\['image_too_text'\\]"):
+    configuration.validate(config)
+  config.diffusion.tasks_later = {"image_to_text": 0.5}
+  config.diffusion.tasks_later_from = 0
+  with pytest.raises(configuration.ConfigError, match="go together"):
+    configuration.validate(config)
+
+
 def _batch(batch, seed=0, schedule="linear"):
   key = jax.random.PRNGKey(seed)
   k1, k2, k3 = jax.random.split(key, 3)

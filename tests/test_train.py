@@ -185,3 +185,22 @@ def test_a_step_in_concurrent_chunks_is_the_same_update():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[1][1], results[0][1])
   with pytest.raises(configuration.ConfigError, match="concurrent_chunks"):
     tiny_config(**{"train.concurrent_chunks": 3})
+
+
+def test_the_train_step_draws_from_the_later_mixture_from_its_step_on():
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm_jax.sequence import SequenceLayout  # pylint: disable=g-import-not-at-top
+  layout = SequenceLayout.two_segment(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
+  rng = np.random.default_rng(0)
+  tokens = layout.pack({"text": rng.integers(0, 40, (16, 8)), "image": rng.integers(0, 64, (16, 16))}).astype(np.int32)
+  # Only text->image before step 3 (no text noised: no text loss), only image->text from step 3 on.
+  config = tiny_config(**{"diffusion.tasks": {"text_to_image": 1.0, "image_to_text": 0.0},
+                          "diffusion.tasks_later": {"text_to_image": 0.0, "image_to_text": 1.0},
+                          "diffusion.tasks_later_from": 3})
+  method = train.make_step_inputs(config, layout)
+  step = jax.jit(lambda s, b: train.train_step(method, s, b)[1])
+  state = train.init_state(method, 0)
+  for at, (zero, nonzero) in ((0, ("loss_text", "loss_image")), (2, ("loss_text", "loss_image")),
+                              (3, ("loss_image", "loss_text")), (40, ("loss_image", "loss_text"))):
+    metrics = step(state.replace(step=jax.numpy.int32(at)), {"tokens": tokens})
+    assert float(metrics[zero]) == 0.0 and float(metrics[nonzero]) > 0.0, (at, metrics)

@@ -224,6 +224,11 @@ FIELDS: tuple[Field, ...] = (
                                  "text_only": 0.1}, _TASKS_DOC, open=True),
     F("diffusion.task_roles", str, {}, "tasks declared here: name -> 'segment:role ...' (clean | noised | null | absent), "
       "e.g. 'text:clean image:noised'", open=True),
+    F("diffusion.tasks_later", float, {}, "from step diffusion.tasks_later_from on, these tasks take these weights "
+      "(task name -> weight; tasks not named keep theirs); every name must be one of diffusion.tasks", bounds=">=0",
+      open=True),
+    F("diffusion.tasks_later_from", int, 0, "the step from which diffusion.tasks_later applies; 0: one mixture "
+      "throughout", bounds=">=0"),
 
     F("train.steps", int, 2_000, "optimizer steps", bounds=">0"),
     F("train.batch_size", int, 64, "global batch", bounds=">0"),

@@ -373,6 +373,17 @@ def validate(config: ConfigDict) -> ConfigDict:
   tasks = dict(c.diffusion.tasks)
   if any(w < 0 for w in tasks.values()) or sum(tasks.values()) <= 0:
     problems.append(f"config.diffusion.tasks={tasks} must be non-negative with a positive sum")
+  later = dict(c.diffusion.get("tasks_later", {}) or {})
+  unknown = sorted(set(later) - set(tasks))
+  if unknown:
+    problems.append(f"config.diffusion.tasks_later names {unknown}, not tasks of config.diffusion.tasks "
+                    f"{sorted(tasks)}")
+  elif later and sum({**tasks, **later}.values()) <= 0:
+    problems.append(f"config.diffusion.tasks_later={later} leaves no task with a positive weight")
+  if bool(later) != (c.diffusion.get("tasks_later_from", 0) > 0):
+    problems.append(f"config.diffusion.tasks_later={later} and config.diffusion.tasks_later_from="
+                    f"{c.diffusion.get('tasks_later_from', 0)} go together: both set (a mixture and the step it "
+                    "starts) or neither")
   if c.tokenizer.warmup_steps >= c.tokenizer.steps > 0:
     problems.append(f"config.tokenizer.warmup_steps={c.tokenizer.warmup_steps} must be < "
                     f"config.tokenizer.steps={c.tokenizer.steps}")

@@ -293,7 +293,8 @@ def train_step(method: StepInputs, state: TrainState, batch: dict[str, jax.Array
   key = jax.random.fold_in(state.rng, state.step)
   k_corruption, k_mask = jax.random.split(key)
   present = method.layout.present(tokens, jnp) if method.layout.has_absent else None
-  corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0], present=present)
+  corruption = diffusion.sample_corruption(k_corruption, tokens.shape[0], present=present,
+                                           task_weights=diffusion.task_weights_at(state.step))
   noisy, masked = diffusion.corrupt(k_mask, tokens, corruption)
 
   def loss_fn(params):   # a LoRA run differentiates the adapters only: its base is a constant here
@@ -438,6 +439,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         f"each, the config implies {want} (for a learned tokenizer, set config.tokenizer.fsq_levels / vq_dim to "
         "the tokenizer's)")
   method = make_step_inputs(config, layout, code_features)
+  if method.diffusion.later_weights:
+    d = method.diffusion
+    mix = lambda w: ", ".join(f"{n} {v / sum(w):.3f}" for n, v in zip(d.task_names, w))
+    logging.info("task mixture: %s; from step %d: %s", mix(d.task_weights), d.later_from, mix(d.later_weights))
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters%s",
                dict(mesh.shape), mesh.size, jax.process_count(),

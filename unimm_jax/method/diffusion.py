@@ -4,7 +4,8 @@ object (MD4's habit), used alike by the train step, validation and ``Pipeline.sc
 For a schedule alpha(t) (:mod:`unimm_jax.method.schedules`) and a task (a role per segment,
 :mod:`unimm_jax.method.tasks`):
 
-1. Each example draws a task from the mixture. Each segment draws its own time t in [t_min, 1], low-discrepancy
+1. Each example draws a task from the mixture (``diffusion.tasks``; from step ``diffusion.tasks_later_from`` on,
+   with the weights ``diffusion.tasks_later`` gives, :meth:`MaskedDiffusion.task_weights_at`). Each segment draws its own time t in [t_min, 1], low-discrepancy
    across the batch, t_i = (u + i/B) mod 1, one stream per segment (the streams after the first permuted, so they
    are not tied by the batch index), or one shared t (``diffusion.shared_time``, UniDisc's choice).
 2. Each token is replaced by MASK with probability 1 - alpha(t) of its segment (0 if clean, 1 if null).
@@ -78,6 +79,9 @@ class MaskedDiffusion:
   shared_time: bool = False
   modality_weights: tuple[tuple[str, float], ...] = ((TEXT, 1.0), (IMAGE, 1.0))
   segment_weights: tuple[tuple[str, float], ...] = ()   # c_g of the segments whose loss weight is not 1
+  # diffusion.tasks_later: from step later_from on, the mixture's weights are later_weights (same names and order)
+  later_weights: tuple[float, ...] = ()
+  later_from: int = 0
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:
@@ -93,18 +97,36 @@ class MaskedDiffusion:
     d = diffusion_config
     declared = dict(d.get("task_roles", {}) or {})
     names, weights, roles = tasks_lib.mixture(dict(d.tasks), layout, declared)
+    later = dict(d.get("tasks_later", {}) or {})
+    later_weights = ()
+    if later:
+      unknown = sorted(set(later) - set(names))
+      if unknown:
+        raise ValueError(f"config.diffusion.tasks_later names {unknown}, not tasks of the mixture {list(names)}")
+      later_weights = tuple(float(later.get(n, w)) for n, w in zip(names, weights))
+      if sum(later_weights) <= 0:
+        raise ValueError(f"config.diffusion.tasks_later={later} leaves no task with a positive weight")
     return cls(layout=layout, schedule=get_schedule(d.schedule, d.poly_power), task_names=names,
                task_weights=tuple(float(w) for w in weights), task_roles=tuple(map(tuple, roles.tolist())),
                weighting=d.loss_weighting, t_min=d.t_min, shared_time=d.shared_time,
                modality_weights=((TEXT, d.text_loss_weight), (IMAGE, d.image_loss_weight)),
                segment_weights=tuple(sorted((str(k), float(v))
-                                            for k, v in dict(d.get("segment_loss_weights", {}) or {}).items())))
+                                            for k, v in dict(d.get("segment_loss_weights", {}) or {}).items())),
+               later_weights=later_weights, later_from=int(d.get("tasks_later_from", 0)) if later_weights else 0)
 
   def roles(self, task: str) -> np.ndarray:
     """int32 [G] role codes of a task of the mixture, or of any registered task."""
     if task in self.task_names:
       return np.asarray(self.task_roles[self.task_names.index(task)], np.int32)
     return tasks_lib.roles_of(task, self.layout)
+
+  def task_weights_at(self, step):
+    """float32 [T]: the mixture's weights at training step ``step`` (an int or a traced scalar): ``task_weights``,
+    or ``later_weights`` from step ``later_from`` on (``diffusion.tasks_later``)."""
+    early = jnp.asarray(self.task_weights, jnp.float32)
+    if not self.later_weights:
+      return early
+    return jnp.where(jnp.asarray(step) >= self.later_from, jnp.asarray(self.later_weights, jnp.float32), early)
 
   # ---- corruption ------------------------------------------------------------------------------------------
   def sample_times(self, key, batch: int) -> jax.Array:
