@@ -440,9 +440,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         "the tokenizer's)")
   method = make_step_inputs(config, layout, code_features)
   if method.diffusion.later_weights:
-    d = method.diffusion
-    mix = lambda w: ", ".join(f"{n} {v / sum(w):.3f}" for n, v in zip(d.task_names, w))
-    logging.info("task mixture: %s; from step %d: %s", mix(d.task_weights), d.later_from, mix(d.later_weights))
+    logging.info("task mixture: %s", method.diffusion.describe_mixture())
   abstract, shardings = state_shardings(method, mesh, rules)
   logging.info("mesh: %s over %d devices (%d processes); model: %s parameters%s",
                dict(mesh.shape), mesh.size, jax.process_count(),

@@ -5,9 +5,10 @@ For a schedule alpha(t) (:mod:`unimm_jax.method.schedules`) and a task (a role p
 :mod:`unimm_jax.method.tasks`):
 
 1. Each example draws a task from the mixture (``diffusion.tasks``; from step ``diffusion.tasks_later_from`` on,
-   with the weights ``diffusion.tasks_later`` gives, :meth:`MaskedDiffusion.task_weights_at`). Each segment draws its own time t in [t_min, 1], low-discrepancy
-   across the batch, t_i = (u + i/B) mod 1, one stream per segment (the streams after the first permuted, so they
-   are not tied by the batch index), or one shared t (``diffusion.shared_time``, UniDisc's choice).
+   with the weights ``diffusion.tasks_later`` gives, :meth:`MaskedDiffusion.task_weights_at`). Each segment draws
+   its own time t in [t_min, 1], low-discrepancy across the batch, t_i = (u + i/B) mod 1, one stream per segment
+   (the streams after the first permuted, so they are not tied by the batch index), or one shared t
+   (``diffusion.shared_time``, UniDisc's choice).
 2. Each token is replaced by MASK with probability 1 - alpha(t) of its segment (0 if clean, 1 if null).
 3. Only noised segments carry loss. For an example and segment g with N_g positions:
 
@@ -127,6 +128,12 @@ class MaskedDiffusion:
     if not self.later_weights:
       return early
     return jnp.where(jnp.asarray(step) >= self.later_from, jnp.asarray(self.later_weights, jnp.float32), early)
+
+  def describe_mixture(self) -> str:
+    """The mixture's normalised weights, 'name share, ...', and those from ``later_from`` on where they change."""
+    mix = lambda w: ", ".join(f"{n} {v / sum(w):.3f}" for n, v in zip(self.task_names, w))
+    later = f"; from step {self.later_from}: {mix(self.later_weights)}" if self.later_weights else ""
+    return mix(self.task_weights) + later
 
   # ---- corruption ------------------------------------------------------------------------------------------
   def sample_times(self, key, batch: int) -> jax.Array:
