@@ -143,3 +143,53 @@ def test_kind_rows_refuse_what_breaks_the_equivalence():
   with pytest.raises(configuration.ConfigError, match="distinct kinds"):
     configuration.validate(unified_config(**{"data.kind_rows": (("caption", 2), ("photo", 2))}))
   configuration.validate(unified_config())
+
+
+def _random_pipeline(tmp_path, **model):
+  """A Pipeline over the tiny unified config's layout with random weights of some size (so outputs differ)."""
+  from unimm_jax.pipeline import Pipeline  # pylint: disable=g-import-not-at-top
+  c = unified_config(**{f"model.{k}": v for k, v in model.items()})
+  toks = input_pipeline.fit_or_load_tokenizers(c, tmp_path, input_pipeline.make_source(c, "train"))
+  net = transformer.from_config(c, toks.layout)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, toks.layout.seq_len), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(5), x.shape), params)
+  return Pipeline(c, params, toks, batch_size=4)
+
+
+def test_pipeline_calls_compute_the_present_segments_alone_and_give_the_whole_layouts_output(tmp_path):
+  """Sampling and scoring on a layout with absent segments run over the present segments only (a question's 63
+  positions of the 99) and give what the whole layout gives: the same tokens (no sampling noise), the same bits
+  (no random masks: one grid pass)."""
+  pipe = _random_pipeline(tmp_path)
+  whole = lambda tokens: (pipe.programs, None)
+  scenes = [shapes_tasks.sample_question("val", 0, i) for i in range(5)]
+  from unimm_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  images = np.stack([shapes.render(q.scene) for q in scenes])
+  questions = [q.question for q in scenes]
+  calls = {"answer": dict(given={"text": questions, "image": images}, generate=["answer"]),
+           "caption": dict(given={"image": images}, generate=["text"]),
+           "edit": dict(given={"text": questions, "image": images}, generate=["target"])}
+  sizes = {"answer": 63, "caption": 60, "edit": 96}
+  kw = dict(steps=3, temperature=0.0, confidence_noise=0.0, as_ids=True)
+  for name, call in calls.items():
+    tokens = pipe.start_tokens(call["given"], call["generate"])
+    programs, cols = pipe._alone(tokens)
+    assert programs is not pipe.programs and len(cols) == sizes[name], name
+    alone = pipe.complete(**call, **kw)
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(pipe, "_alone", whole)
+      full = pipe.complete(**call, **kw)
+    for segment in alone:
+      np.testing.assert_array_equal(alone[segment], full[segment], err_msg=name)
+  assert len({tuple(a) for a in alone["target"].tolist()}) > 1   # the random model draws different targets
+  tokens = pipe._absent(pipe._start({"text": questions, "image": images}, None), {"text", "image"})
+  keys = pipe._example_keys(0, len(tokens))
+  roles = {"text": "clean", "image": "noised"}
+  a = pipe._score_bits(roles, tokens, keys, 1, grid=True)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(pipe, "_alone", whole)
+    b = pipe._score_bits(roles, tokens, keys, 1, grid=True)
+  assert a.shape == b.shape == (5, 4) and float(b[:, 1].min()) > 0.1
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  # A network that attends absent positions computes every position: nothing is cut.
+  assert _random_pipeline(tmp_path / "attending", mask_absent=False)._alone(tokens)[1] is None

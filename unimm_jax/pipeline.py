@@ -173,6 +173,34 @@ class Pipeline(recipes.Recipes):
       self.last_forward_passes = passes
     return out
 
+  def _alone(self, tokens: np.ndarray):
+    """(programs, cols): for calls whose examples all lack the same segments (as :meth:`_plan` builds them) on a
+    network that computes an example as its present segments alone (``TransformerConfig.segments_alone``), the
+    programs over the present segments (:meth:`programs.Programs.alone`) and their positions, int [S']: the
+    same model at the cost of those positions only (a caption of configs/shapes_unified.py: 60 of 99).
+    Else (the whole layout's programs, None)."""
+    if not (self.layout.has_absent and self.model.config.segments_alone):
+      return self.programs, None
+    present = self.layout.present(np.asarray(tokens))                                  # bool [N, G]
+    if present.all() or not (present == present[:1]).all():
+      return self.programs, None
+    names = [n for n, p in zip(self.layout.names, present[0]) if p]
+    return self.programs.alone(names), np.flatnonzero(self.layout.positions_of(names))
+
+  def _score_bits(self, roles: Mapping[str, str], tokens: np.ndarray, keys, num_samples: int,
+                  grid: bool = False) -> np.ndarray:
+    """float [N, G]: :meth:`programs.Programs.score_fn` of the task ``roles`` ({segment: role}; others absent or
+    null) over ``tokens``, on the present segments alone where the network allows it (0 at the others)."""
+    programs, cols = self._alone(tokens)
+    codes = self._roles(roles)
+    if cols is None:
+      return self._batched(programs.score_fn(codes, num_samples, grid), tokens, keys)
+    idx = [self.layout.index(n) for n in programs.layout.names]
+    bits = np.zeros((len(tokens), len(self.layout.segments)), np.float32)
+    bits[:, idx] = self._batched(programs.score_fn(tuple(codes[i] for i in idx), num_samples, grid),
+                                 np.asarray(tokens)[:, cols], keys)
+    return bits
+
   @staticmethod
   def _example_keys(seed: int, n: int):
     """uint32 [n, 2]: example i's key is fold_in(PRNGKey(seed), i), whatever batch it lands in."""
@@ -397,7 +425,15 @@ class Pipeline(recipes.Recipes):
       else:
         loops.append((as_tuple(where), as_tuple(where)))
     keys = self._example_keys(seed, tokens.shape[0]) if keys is None else keys
-    return self._batched(self.programs.sampler(cfg, guide, tuple(loops)), tokens, keys)
+    programs, cols = self._alone(tokens)
+    if cols is None:
+      return self._batched(programs.sampler(cfg, guide, tuple(loops)), tokens, keys)
+    take = lambda mask: tuple(np.asarray(mask)[cols].tolist())   # a per-position tuple on the present positions
+    loops = tuple((take(a), take(b)) for a, b in loops)
+    guide = tuple(tuple(take(m) for m in g) for g in guide)
+    out = np.array(tokens)
+    out[:, cols] = self._batched(programs.sampler(cfg, guide, loops), out[:, cols], keys)
+    return out
 
   # ---- likelihood ----------------------------------------------------------------------------------------------
   def _roles(self, roles: Mapping[str, str]) -> tuple[int, ...]:
@@ -421,8 +457,8 @@ class Pipeline(recipes.Recipes):
     tokens = self._absent(self._start(values, None), set(values))
     if (tokens[:, self.layout.positions_of(list(values))] == self.layout.mask_id).any():
       raise ValueError("likelihood needs whole segments: their values hold -1 (MASK) tokens")
-    roles = self._roles({name: "noised" if name in noised else "clean" for name in values})
-    bits = self._batched(self.programs.score_fn(roles, num_samples), tokens, self._example_keys(seed, len(tokens)))
+    bits = self._score_bits({name: "noised" if name in noised else "clean" for name in values}, tokens,
+                            self._example_keys(seed, len(tokens)), num_samples)
     return {name: bits[:, self.layout.index(name)] for name in noised}
 
   def score(self, prompts: Sequence[str], images, seed: int = 0, given: str | None = None) -> dict[str, np.ndarray]:

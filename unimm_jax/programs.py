@@ -7,6 +7,8 @@ outputs; this module knows the network, the method and the layout, not tokenizer
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,28 @@ class Programs:
     self.schedule = diffusion.schedule
     self.samplers = {}     # (sampler config, guide pairs, loops) -> jitted loop
     self.score_fns = {}    # (samples per example, grid) -> jitted ELBO
+    self._alone = {}       # segment names -> Programs over those segments alone
+
+  def alone(self, names) -> "Programs":
+    """The programs of the same network and weights over the layout of the segments ``names`` alone (in this
+    layout's order; ``layout.only``), for examples that lack the others. For a network that computes an example
+    as its present segments alone (``TransformerConfig.segments_alone``) they give what the whole layout gives,
+    at the cost of those positions only. The method's roles and loss weights are those segments' columns."""
+    names = tuple(n for n in self.layout.names if n in set(names))
+    if names == self.layout.names:
+      return self
+    if names not in self._alone:
+      if not self.model.config.segments_alone:
+        raise ValueError(f"Programs.alone{names}: this network's outputs depend on the other segments (it needs "
+                         "model.mask_absent=True, rope_layout='segment', no image_row_end_id, no pad_key_id)")
+      sub = self.layout.only(names)
+      idx = [self.layout.index(n) for n in names]
+      d = self.diffusion
+      diffusion = dataclasses.replace(d, layout=sub, task_roles=tuple(tuple(r[i] for i in idx) for r in d.task_roles),
+                                      segment_weights=tuple((n, w) for n, w in d.segment_weights if n in names))
+      self._alone[names] = Programs(self.model.clone(config=dataclasses.replace(self.model.config, layout=sub)),
+                                    diffusion)
+    return self._alone[names]
 
   def sampler(self, cfg: samplers.SamplerConfig, guide, loops):
     """The jitted sampling loop(s) as ``fn(params, tokens, keys)``: one loop per entry of ``loops``, each a pair

@@ -94,10 +94,9 @@ class Recipes:
     # One set of times and masks for every candidate of an example: the comparison is of the captions alone.
     # A caption with the objects in the wrong cells costs the image about 1 bit a token against 0.001
     # (BENCHMARKS.md), far beyond the noise of a few times.
-    roles = {text: "clean", image: "noised"}
-    score = self.programs.score_fn(self._roles(roles), num_samples=score_passes, grid=True)
     col = self.layout.index(image)
-    bits = np.stack([self._batched(score, d, fold(candidates))[:, col] for d in drawn])
+    bits = np.stack([self._score_bits({text: "clean", image: "noised"}, d, fold(candidates), score_passes,
+                                      grid=True)[:, col] for d in drawn])
     self.last_forward_passes = passes + candidates * score_passes
     return drawn, bits
 

@@ -94,6 +94,15 @@ class TransformerConfig:
   isolate_given: bool = False  # given (not generated) positions attend only given positions (cacheable; __call__)
   mask_absent: bool = False    # no query attends an ABSENT position: an example is computed as its own segments alone
 
+  @property
+  def segments_alone(self) -> bool:
+    """Whether an example is computed exactly as the layout of its present segments alone (``layout.only``, the
+    same parameters): absent positions are not attended and no position's input depends on another segment
+    (segment-local rotary positions, no row-end tokens, no pad keys). The train step's ``data.kind_rows`` and the
+    Pipeline's calls on a layout with absent segments compute the present positions only when it holds."""
+    return (self.mask_absent and self.rope_layout == "segment" and self.image_row_end_id < 0
+            and self.pad_key_id < 0)
+
   @classmethod
   def from_config(cls, model_config, layout: SequenceLayout, code_feature_dim: int = 0,
                   platform: str | None = None) -> "TransformerConfig":
