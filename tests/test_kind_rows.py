@@ -169,19 +169,22 @@ def test_pipeline_calls_compute_the_present_segments_alone_and_give_the_whole_la
   calls = {"answer": dict(given={"text": questions, "image": images}, generate=["answer"]),
            "caption": dict(given={"image": images}, generate=["text"]),
            "edit": dict(given={"text": questions, "image": images}, generate=["target"])}
-  sizes = {"answer": 63, "caption": 60, "edit": 96}
+  sizes = {"answer": 63, "caption": 60, "edit": None}   # an edit's 96 of 99 positions: not worth a program
   kw = dict(steps=3, temperature=0.0, confidence_noise=0.0, as_ids=True)
+  drawn = {}
   for name, call in calls.items():
     tokens = pipe.start_tokens(call["given"], call["generate"])
     programs, cols = pipe._alone(tokens)
-    assert programs is not pipe.programs and len(cols) == sizes[name], name
+    assert (cols is None and programs is pipe.programs) if sizes[name] is None else \
+        (programs is not pipe.programs and len(cols) == sizes[name]), name
     alone = pipe.complete(**call, **kw)
     with pytest.MonkeyPatch.context() as m:
       m.setattr(pipe, "_alone", whole)
       full = pipe.complete(**call, **kw)
     for segment in alone:
       np.testing.assert_array_equal(alone[segment], full[segment], err_msg=name)
-  assert len({tuple(a) for a in alone["target"].tolist()}) > 1   # the random model draws different targets
+    drawn[name] = alone
+  assert len({tuple(a) for a in drawn["caption"]["text"].tolist()}) > 1   # the random model draws different captions
   tokens = pipe._absent(pipe._start({"text": questions, "image": images}, None), {"text", "image"})
   keys = pipe._example_keys(0, len(tokens))
   roles = {"text": "clean", "image": "noised"}

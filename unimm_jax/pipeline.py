@@ -177,15 +177,19 @@ class Pipeline(recipes.Recipes):
     """(programs, cols): for calls whose examples all lack the same segments (as :meth:`_plan` builds them) on a
     network that computes an example as its present segments alone (``TransformerConfig.segments_alone``), the
     programs over the present segments (:meth:`programs.Programs.alone`) and their positions, int [S']: the
-    same model at the cost of those positions only (a caption of configs/shapes_unified.py: 60 of 99).
-    Else (the whole layout's programs, None)."""
+    same model at the cost of those positions only (a caption of configs/shapes_unified.py: 60 of 99). Else,
+    or when that would cut less than a tenth of the positions (an edit's 96 of 99, which measured slower alone
+    on a CPU, BENCHMARKS.md), (the whole layout's programs, None)."""
     if not (self.layout.has_absent and self.model.config.segments_alone):
       return self.programs, None
     present = self.layout.present(np.asarray(tokens))                                  # bool [N, G]
     if present.all() or not (present == present[:1]).all():
       return self.programs, None
     names = [n for n, p in zip(self.layout.names, present[0]) if p]
-    return self.programs.alone(names), np.flatnonzero(self.layout.positions_of(names))
+    cols = np.flatnonzero(self.layout.positions_of(names))
+    if len(cols) > 0.9 * self.layout.seq_len:
+      return self.programs, None
+    return self.programs.alone(names), cols
 
   def _score_bits(self, roles: Mapping[str, str], tokens: np.ndarray, keys, num_samples: int,
                   grid: bool = False) -> np.ndarray:
