@@ -98,8 +98,9 @@ class TransformerConfig:
   def segments_alone(self) -> bool:
     """Whether an example is computed exactly as the layout of its present segments alone (``layout.only``, the
     same parameters): absent positions are not attended and no position's input depends on another segment
-    (segment-local rotary positions, no row-end tokens, no pad keys). The train step's ``data.kind_rows`` and the
-    Pipeline's calls on a layout with absent segments compute the present positions only when it holds."""
+    (segment-local rotary positions, no row-end tokens, no pad keys). The Pipeline's calls on a layout with absent
+    segments compute the present positions only when it holds; the train step's ``data.kind_rows`` needs the same
+    (checked on the config, ``configuration._kind_rows_problems``, with an error for each condition)."""
     return (self.mask_absent and self.rope_layout == "segment" and self.image_row_end_id < 0
             and self.pad_key_id < 0)
 
