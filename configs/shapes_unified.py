@@ -36,7 +36,7 @@ drawing direction binds phrases to cells by step 3,000; not assured: nearby conf
 image->text 0.980 / 0.984 with the 16 candidates below; edit 0.918 / 0.941 (every kind >= 0.85); VQA 0.947 / 0.951,
 position questions 0.753 / 0.727 (every other kind >= 0.94); joint consistency 1.00. Not reached: VQA position, and
 the 30-minute wall on the 2-core AVX-512 EPYC instances of 2026-12-03 (the 6,000 steps alone take about 37 min
-there, the report about 8 more).
+there, the report about 3.5 more).
 """
 
 import importlib.util
