@@ -74,7 +74,8 @@ def _models(**overrides):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(rope_fraction=0.5, cross_modal_rope=False, directional_heads=1),   # two key sets and per-head masks
+    # two key sets and per-head masks (a left- and a right-looking head, each also one direction of cross-modal lookup)
+    dict(rope_fraction=0.5, cross_modal_rope=False, directional_heads=1, cross_modal_heads=1),
     dict(rope_fraction=1.0, cross_modal_rope=True),                          # one key set, no mask but padding
 ])
 def test_splash_kernel_equals_the_xla_path_forward_and_backward(overrides):

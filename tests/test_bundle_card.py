@@ -4,7 +4,7 @@
 The numpy forward below (:func:`numpy_forward`) knows nothing of unimm_jax: every convention (segments, id ranges,
 MASK, which embeddings are added, the embedding scale, the norm epsilon, the q/k/v layout, qk-norm, which head
 dimensions rotate and how they pair, the rotary frequencies and positions, the attention scale, the directional
-heads, the tensor names, the scanned-layer layout, the output restriction) is read from the bundle, so a change of
+and cross-modal heads, the tensor names, the scanned-layer layout, the output restriction) is read from the bundle, so a change of
 the network that the card does not follow fails here. The bundle's weights are changed first so that each
 convention moves the logits by far more than the tolerance (:func:`_bundle`).
 """
@@ -29,10 +29,10 @@ SHAPES = {"model.qk_norm": True, "model.cross_modal_rope": False, "model.image_c
           "sequence.id_align": 1}
 # The other layouts of the same tensors: separate q/k/v, scanned (and rematerialised) layers, half of each head
 # rotating, rotary positions only, aligned id ranges (unused ids between text and image), heads beyond the
-# directional ones.
+# directional ones, one head where only text reads the image and one where only the image reads the text.
 OTHER = {"model.fused_qkv": False, "model.scan_layers": True, "model.remat": "full", "model.rope_fraction": 0.5,
          "model.positions": "rope", "model.num_heads": 4, "model.directional_heads": 1, "sequence.id_align": 8,
-         "model.vocab_multiple": 16}
+         "model.vocab_multiple": 16, "model.cross_modal_heads": 1}
 # An imported backbone's options (issue 25): 1-D rotary over the flat sequence, its norm epsilon, no embedding
 # scale, no modality embedding, unrestricted logits.
 BACKBONE = {"model.rope_layout": "sequence", "model.norm_eps": 1e-5, "model.embedding_scale": 1.0,
@@ -106,6 +106,10 @@ def numpy_forward(conv: dict, w: dict, tokens: np.ndarray) -> np.ndarray:
     allowed[head] &= ~text_pair | (k_idx <= q_idx)
   for head in att["right_heads"]:
     allowed[head] &= ~text_pair | (k_idx >= q_idx)
+  for head in att.get("text_reads_image_heads", []):
+    allowed[head] &= ~(~is_text[:, None] & is_text[None, :])
+  for head in att.get("image_reads_text_heads", []):
+    allowed[head] &= ~(is_text[:, None] & ~is_text[None, :])
 
   for i in range(lay["num_layers"]):
     prefix = lay["prefix"].format(i=i)

@@ -117,6 +117,42 @@ def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
     layers.Attention(2, 8, 10_000.0, 1.0, directional_heads=2).init(jax.random.PRNGKey(1), x, positions, modality)
 
 
+def test_cross_modal_heads_give_each_direction_of_lookup_heads_of_its_own():
+  """cross_modal_heads=1 of 4 heads (with directional_heads=1): in head 0 image queries see no text key and in head
+  1 text queries see no image key; every other pair of those heads, and heads 2-3, as before (head 0 also looks
+  left, head 1 right, within the caption). Checked through each head's dependence on each input position, and
+  through the module: with only head 0 reaching the output, changing a caption word leaves every image position's
+  output exactly unchanged; with only head 1, changing an image token leaves every caption word's output so."""
+  segment = jnp.asarray([0, 0, 0, 1, 1, 1, 1])
+  modality = (segment, segment == 0)
+  positions = jnp.asarray([[0, 0], [1, 1], [2, 2], [0, 0], [0, 1], [1, 0], [1, 1]])
+  allowed = attention.directional_masks(*modality, 4, 1, xp=jnp, cross_modal=1)[None]    # [1, 4, 7, 7]
+  q, k, v = (jax.random.normal(key, (1, 7, 4, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  jac = jax.jacobian(lambda v: layers.heads_first_attention(q, k, v, allowed=allowed))(v)
+  dep = np.abs(np.asarray(jac)[0, :, :, :, 0, :, :, :]).sum(axis=(2, 5))
+  dep = np.stack([dep[:, n, :, n] for n in range(4)])                            # [head, query, key]
+  text, image = np.arange(3), np.arange(3, 7)
+  assert np.all(dep[0][np.ix_(image, text)] == 0) and np.all(dep[0][np.ix_(image, image)] > 0)
+  assert np.all(dep[0][np.ix_(text, image)] > 0)                                 # text reads the image
+  assert np.all(dep[1][np.ix_(text, image)] == 0) and np.all(dep[1][np.ix_(image, text)] > 0)
+  for i in text:                                                                 # directional within the caption
+    assert np.all(dep[0, i, i + 1:3] == 0) and np.all(dep[1, i, :i] == 0)
+  assert np.all(dep[2:] > 0)
+  np.testing.assert_array_equal(np.asarray(allowed[0, 2:]), True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 7, 12))
+  attn = layers.Attention(4, 8, 10_000.0, 1.0, cross_modal_rope=False, directional_heads=1, cross_modal_heads=1)
+  params = nn.meta.unbox(attn.init(jax.random.PRNGKey(1), x, positions, modality))
+  for head, changed, unchanged in ((0, text, image), (1, image, text)):
+    only = jax.tree.map(lambda a: a, params)
+    kernel = only["params"]["out"]["kernel"]
+    only["params"]["out"]["kernel"] = jnp.zeros_like(kernel).at[head].set(kernel[head])
+    out = lambda x: attn.apply(only, x, positions, modality)
+    moved = np.abs(np.asarray(out(x.at[0, changed[0]].add(1.0)) - out(x)))[0].max(axis=-1)
+    assert np.all(moved[unchanged] == 0) and np.all(moved[changed[:1]] > 0)
+  with np.testing.assert_raises(ValueError):
+    layers.Attention(2, 8, 10_000.0, 1.0, cross_modal_heads=2).init(jax.random.PRNGKey(1), x, positions, modality)
+
+
 def test_qk_norm_makes_scores_independent_of_query_and_key_scale():
   """qk_norm=True: scaling the query and key projections (what weight decay and learning rate act on) leaves the
   output unchanged, and the learned gains of the norms scale the scores; without it the same scaling changes it."""

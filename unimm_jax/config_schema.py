@@ -195,6 +195,8 @@ FIELDS: tuple[Field, ...] = (
     F("model.qk_norm", bool, False, "RMS-normalise each head's queries and keys (learned gain) before scoring"),
     F("model.directional_heads", int, 0, "P: per block, P heads see only earlier caption words and P only later "
       "ones", bounds=">=0"),
+    F("model.cross_modal_heads", int, 0, "C: per block, C heads where only text reads the image (image queries see "
+      "no text) and C where only the image reads the text", bounds=">=0"),
     F("model.fused_qkv", bool, True, "one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)",
       state=True, legacy=False),   # before: separate query/key/value projections
     F("model.remat", str, "none", "rematerialise blocks: none | full | save_qkv | save_attention | minimal (named "

@@ -135,6 +135,7 @@ def conventions(config, layout: sequence.SequenceLayout) -> dict:
               "positions": pos, "cross_modal": bool(opt("cross_modal_rope", True))}
 
   p = int(opt("directional_heads", 0))
+  c = int(opt("cross_modal_heads", 0))
   attention = {
       "num_heads": n, "head_dim": h,
       "qkv": ({"fused": "attn/qkv/kernel", "order": ["q", "k", "v"]} if opt("fused_qkv", True)
@@ -143,6 +144,8 @@ def conventions(config, layout: sequence.SequenceLayout) -> dict:
       "qk_norm": {"q": "attn/query_norm/scale", "k": "attn/key_norm/scale"} if opt("qk_norm", False) else None,
       "scale": 1.0 / math.sqrt(h),
       "directional_heads": p, "left_heads": list(range(p)), "right_heads": list(range(p, 2 * p)),
+      "cross_modal_heads": c, "text_reads_image_heads": list(range(c)),
+      "image_reads_text_heads": list(range(c, 2 * c)),
   }
   scan = bool(opt("scan_layers", False))
   return {
@@ -300,6 +303,10 @@ def _forward_section(conv: dict, meta: dict) -> list[str]:
     lines.append(f"- directional heads: between two positions of the same text segment, heads "
                  f"{att['left_heads']} let a query at i see only keys j <= i, heads {att['right_heads']} only "
                  "j >= i (the other scores -inf); every other pair and every other head sees all keys;")
+  if att.get("cross_modal_heads"):
+    lines.append(f"- cross-modal heads: in heads {att['text_reads_image_heads']} a query at an image position sees "
+                 f"no text key, in heads {att['image_reads_text_heads']} a query at a text position sees no image "
+                 "key (those scores -inf; combined with any directional restriction of the same head);")
   lines += [
       f"- `o = softmax(s over keys) @ v` [B, S, N, H], then `o @ {att['out']}` ([N, H, D]) -> [B, S, D].",
       "",

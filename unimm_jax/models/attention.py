@@ -14,7 +14,8 @@ A kernel named explicitly that cannot take the config (cuDNN with float32 or a m
 is an :class:`AttentionConfigError` naming the fields, never a silent fallback.
 
 The masks. With ``directional_heads = P``, within a text segment the first P heads see only the same or earlier
-words and the next P only the same or later ones. With rotary offsets within a segment only (``cross_modal_rope
+words and the next P only the same or later ones; with ``cross_modal_heads = C``, in the first C heads only text
+reads the image and in the next C only the image reads the text (one direction of cross-modal lookup each). With rotary offsets within a segment only (``cross_modal_rope
 = False``), a pair of one segment scores with the rotated q, k and a pair across segments with the unrotated ones.
 The splash kernel computes one score per (query, key) pair, so the second case is written as attention over twice
 the keys: query ``[rot(q_r), q_r, q_p]`` (rotating dims r, passing dims p), keys ``[rot(k_r), 0, k_p]`` allowed
@@ -166,9 +167,12 @@ def xla_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None, allowed=N
 # ---------------------------------------------------------------------------------------------------------------
 # Masks (numpy, from the layout's static segment ids)
 # ---------------------------------------------------------------------------------------------------------------
-def directional_masks(segment, is_text, num_heads: int, directional: int, xp=np):
+def directional_masks(segment, is_text, num_heads: int, directional: int, xp=np, cross_modal: int = 0):
   """bool [N, S, S], True where a query may attend a key: the first P heads look left and the next P right
-  between the words of one text segment; every other pair and head sees everything.
+  between the words of one text segment; with ``cross_modal = C``, in the first C heads an image query sees no
+  text key (only text reads the image there) and in the next C a text query sees no image key (only the image
+  reads the text); every other pair and head sees everything. The two kinds of restriction are independent and
+  combine (a head may be both left-looking and text-reads-image).
 
   ``xp=jnp`` builds it inside the program from the (iota-built) segment ids, so no [N, S, S] constant is baked
   into it; ``xp=np`` gives the static mask the splash kernel is built from."""
@@ -178,18 +182,25 @@ def directional_masks(segment, is_text, num_heads: int, directional: int, xp=np)
   left = ~text_pair | (idx[None, :] <= idx[:, None])
   right = ~text_pair | (idx[None, :] >= idx[:, None])
   every = xp.ones((s, s), bool)
-  return xp.stack([left] * directional + [right] * directional + [every] * (num_heads - 2 * directional))
+  sides = xp.stack([left] * directional + [right] * directional + [every] * (num_heads - 2 * directional))
+  if not cross_modal:
+    return sides
+  text_reads_image = ~(~is_text[:, None] & is_text[None, :])     # no image query -> text key pair
+  image_reads_text = ~(is_text[:, None] & ~is_text[None, :])     # no text query -> image key pair
+  crossing = xp.stack([text_reads_image] * cross_modal + [image_reads_text] * cross_modal
+                      + [every] * (num_heads - 2 * cross_modal))
+  return sides & crossing
 
 
 def splash_mask(segment: np.ndarray, is_text: np.ndarray, num_heads: int, directional: int,
-                within_segment_rope: bool, groups: np.ndarray | None = None) -> np.ndarray:
+                within_segment_rope: bool, groups: np.ndarray | None = None, cross_modal: int = 0) -> np.ndarray:
   """bool [N, S', K'] of the splash call: S' = S padded to a multiple of :data:`SPLASH_BLOCK`; K' = S' (one key
   set) or 2 S' (keys scored with the rotated q, k within a segment, then the unrotated ones across segments).
 
   Padded keys are never attended; padded queries attend the real keys (their outputs are dropped)."""
   s = segment.shape[0]
   pad = -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
-  allowed = directional_masks(segment, is_text, num_heads, directional)                # [N, S, S]
+  allowed = directional_masks(segment, is_text, num_heads, directional, cross_modal=cross_modal)   # [N, S, S]
   groups = segment if groups is None else groups   # the rotating pairs: within a group (layers.Attention)
   same = groups[:, None] == groups[None, :]
   parts = [allowed & same, allowed & ~same] if within_segment_rope else [allowed]

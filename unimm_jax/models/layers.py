@@ -111,6 +111,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6     # qk_norm's epsilon
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cross_modal_heads: int = 0  # C > 0: C heads where only text reads the image, C where only the image reads text
 
   @nn.compact
   def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
@@ -138,6 +139,11 @@ class Attention(nn.Module):
     With ``directional_heads=P``, between the words of one text segment the first P heads attend only to the same
     or earlier words and the next P heads only to the same or later ones (every other pair, and every other
     head, as before).
+
+    With ``cross_modal_heads=C``, in the first C heads no image query attends a text key (text reads the image
+    there) and in the next C no text query attends an image key (the image reads the text): the two directions of
+    cross-modal lookup (a caption word finding its cell; a cell finding the phrase that names it) each get heads
+    of their own instead of sharing every head. Within a modality every head sees as before.
     A bidirectional attention can tell left from right only through rotary phases, which over a caption's length
     are nearly flat at the low frequencies and wrap at the high ones; a left-looking head that finds the word
     "and" says at once which phrase of a caption a word belongs to, which binding each phrase to its own grid
@@ -186,33 +192,37 @@ class Attention(nn.Module):
         k_raw = kv["k_raw"].at[:, rows].set(k_raw)
     new_kv = {"k": k, "v": v, **({"k_raw": k_raw} if within_segment_rope else {})}
     query_rows = (lambda a, axis: a) if rows is None else (lambda a, axis: jnp.take(a, rows, axis=axis))
-    if (within_segment_rope or self.directional_heads) and segments is None:
-      raise ValueError("Attention(cross_modal_rope=False or directional_heads > 0) needs the segment of each "
-                       "position")
-    if 2 * self.directional_heads > self.num_heads:
-      raise ValueError(f"directional_heads={self.directional_heads} needs at least {2 * self.directional_heads} "
-                       f"heads, got {self.num_heads}")
+    masked_heads = self.directional_heads or self.cross_modal_heads
+    if (within_segment_rope or masked_heads) and segments is None:
+      raise ValueError("Attention(cross_modal_rope=False, directional_heads > 0 or cross_modal_heads > 0) needs the "
+                       "segment of each position")
+    for name in ("directional_heads", "cross_modal_heads"):
+      if 2 * getattr(self, name) > self.num_heads:
+        raise ValueError(f"{name}={getattr(self, name)} needs at least {2 * getattr(self, name)} heads, got "
+                         f"{self.num_heads}")
     if given is not None and self.kernel != "xla" and rows is None:
       raise attention.AttentionConfigError(f"model.isolate_given needs a per-example mask, which the {self.kernel} "
                                            "kernel does not take: set config.model.attention=xla")
     if self.kernel == "cudnn" and rows is None:
-      if within_segment_rope or self.directional_heads or key_valid is not None:
+      if within_segment_rope or masked_heads or key_valid is not None:
         raise attention.AttentionConfigError("cuDNN attention cannot take cross_modal_rope=False, "
-                                             "directional_heads > 0 or pad_key_id (attention.resolve)")
+                                             "directional_heads > 0, cross_modal_heads > 0 or pad_key_id "
+                                             "(attention.resolve)")
       out = attention.cudnn_attention(q, k, v)
     elif self.kernel == "splash" and rows is None:
       if self.static_segments is None:
         raise ValueError("Attention(kernel='splash') needs static_segments")
       segment, text, *groups = (np.asarray(a) for a in self.static_segments)
       mask = attention.splash_mask(segment, text, self.num_heads, self.directional_heads, within_segment_rope,
-                                   groups=groups[0] if groups else None)
+                                   groups=groups[0] if groups else None, cross_modal=self.cross_modal_heads)
       out = attention.splash_attention(q, k, v, mask, q_raw, k_raw, r, interpret=self.interpret,
                                        key_valid=key_valid)
     else:
       allowed = None
-      if self.directional_heads:
+      if masked_heads:
         allowed = query_rows(attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads,
-                                                         xp=jnp), 1)[None]                # [1, N, A, S]
+                                                         xp=jnp, cross_modal=self.cross_modal_heads),
+                             1)[None]                                                     # [1, N, A, S]
       if key_valid is not None:
         keys = key_valid[:, None, None, :]                                                # [B, 1, 1, S]
         allowed = keys if allowed is None else allowed & keys
@@ -311,6 +321,7 @@ class Block(nn.Module):
   norm_eps: float = 1e-6     # of every RMS norm of the block
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cross_modal_heads: int = 0  # Attention.cross_modal_heads
 
   @nn.compact
   def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
@@ -321,7 +332,8 @@ class Block(nn.Module):
     h = RMSNorm(self.norm_eps, name="attn_norm", **kw)(x)
     out = Attention(self.num_heads, self.head_dim, self.rope_theta, self.rope_fraction, self.kernel,
                     self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
-                    self.static_segments, self.rope_1d, self.norm_eps, name="attn", **kw)(
+                    self.static_segments, self.rope_1d, self.norm_eps, name="attn",
+                    cross_modal_heads=self.cross_modal_heads, **kw)(
                         h, positions, segments, key_valid, given, rows, kv, return_kv)
     out, new_kv = out if return_kv else (out, None)
     x = x + out

@@ -82,6 +82,7 @@ class TransformerConfig:
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
   cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
+  cross_modal_heads: int = 0   # C: per block, C heads where only text reads the image, C where only the image reads text
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
   rope_layout: str = "segment"  # segment: 1-D per text segment, 2-D per image grid | sequence: 1-D over all (LLaDA)
@@ -121,6 +122,7 @@ def own_scores(model_config) -> dict[str, bool]:
   rotary = model_config.get("positions", "rope") in ("rope", "rope+learned") and \
       int(model_config.get("head_dim", 32) * model_config.get("rope_fraction", 1.0)) // 4 > 0
   return {"directional_heads": bool(model_config.get("directional_heads", 0)),
+          "cross_modal_heads": bool(model_config.get("cross_modal_heads", 0)),
           "cross_modal_rope": rotary and not model_config.get("cross_modal_rope", True),
           "pad_key_id": model_config.get("pad_key_id", -1) >= 0,   # (image_row_end_id needs no mask)
           "mask_absent": bool(model_config.get("mask_absent", False)),
@@ -307,7 +309,7 @@ class Transformer(nn.Module):
     block_args = (cfg.num_heads, cfg.head_dim, cfg.mlp_dim, rope_theta, cfg.attention, cfg.rope_fraction,
                   cfg.fused_qkv, cfg.cross_modal_rope, cfg.directional_heads, cfg.qk_norm, cfg.attention_interpret,
                   static_segments, cfg.rope_layout == "sequence", cfg.norm_eps)
-    block_kw = dict(dtype=dtype, param_dtype=param_dtype)
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype, cross_modal_heads=cfg.cross_modal_heads)
     caching = rows is not None or return_kv   # a sampling path: nothing to rematerialise
     block = layers.Block if cfg.remat == "none" or caching else nn.remat(
         layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
