@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from unimm_jax import checkpointing, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unimm_jax import checkpointing, train, train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unimm_jax.sequence import SequenceLayout  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -30,7 +30,7 @@ LAYOUT = SequenceLayout.two_segment(text_vocab=40, image_vocab=64, text_len=8, i
 def tiny_method(**overrides):
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"model.head_dim": 8, "model.num_heads": 4, "model.mlp_dim": 64, **overrides})
-  return config, train.make_step_inputs(config, LAYOUT)
+  return config, train_state.make_step_inputs(config, LAYOUT)
 
 
 def batches(n, batch=16, seed=0):
@@ -44,8 +44,8 @@ def setup(mesh_shape, method, config, devices=None):
   mesh = (sharding_lib.single_device_mesh() if mesh_shape is None
           else sharding_lib.make_mesh(mesh_shape, devices))
   rules = sharding_lib.rules_of(config)
-  abstract, shardings = train.state_shardings(method, mesh, rules)
-  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  abstract, shardings = train_state.state_shardings(method, mesh, rules)
+  step_fn, _ = train_state.compile_steps(method, mesh, rules, shardings)
   return mesh, rules, abstract, shardings, step_fn
 
 
@@ -63,7 +63,7 @@ def losses(out):
   result = {"losses": {}, "specs": {}}
   for shape in [None] + MESHES:
     mesh, rules, _, _, step_fn = setup(shape, method, config)
-    state = train.init_state(method, 0, mesh, rules)
+    state = train_state.init_state(method, 0, mesh, rules)
     if shape == (2, 2, 2):
       p = state.params
       for name, arr in [("token_embedding", p["token_embedding"]), ("qkv", p["block_0"]["attn"]["qkv"]["kernel"]),
@@ -77,15 +77,16 @@ def losses(out):
   # Scanned layers (stacked parameters) on a mesh: same losses as the loop of the same stacked weights.
   config_s, method_s = tiny_method(**{"model.scan_layers": True, "model.remat": "full"})
   mesh, rules, _, _, step_fn = setup((2, 4, 1), method_s, config_s)
-  state = train.init_state(method_s, 0, mesh, rules)
+  state = train_state.init_state(method_s, 0, mesh, rules)
   result["scan_query_spec"] = [a for a in state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.spec]
   _, result["losses"]["scan(2, 4, 1)"] = run_steps(state, step_fn, mesh, data)
   mesh, rules, _, _, step_fn = setup(None, method_s, config_s)
-  _, result["losses"]["scan None"] = run_steps(train.init_state(method_s, 0, mesh, rules), step_fn, mesh, data)
+  _, result["losses"]["scan None"] = run_steps(train_state.init_state(method_s, 0, mesh, rules), step_fn, mesh, data)
   # train.concurrent_chunks on a mesh whose data and fsdp axes split the batch: the same losses as one device.
   config_c, method_c = tiny_method(**{"train.concurrent_chunks": 2})
   mesh, rules, _, _, step_fn = setup((2, 4, 1), method_c, config_c)
-  _, result["losses"]["chunks(2, 4, 1)"] = run_steps(train.init_state(method_c, 0, mesh, rules), step_fn, mesh, data)
+  _, result["losses"]["chunks(2, 4, 1)"] = run_steps(train_state.init_state(method_c, 0, mesh, rules), step_fn,
+                                                   mesh, data)
   json.dump(result, open(out, "w"))
 
 
@@ -93,7 +94,7 @@ def restore(out, directory):
   config, method = tiny_method()
   data = batches(3)
   mesh, rules, _, _, step_fn = setup((2, 4, 1), method, config)
-  state, first = run_steps(train.init_state(method, 0, mesh, rules), step_fn, mesh, data[:2])
+  state, first = run_steps(train_state.init_state(method, 0, mesh, rules), step_fn, mesh, data[:2])
   ckpt = checkpointing.Checkpointer(directory, every_steps=1, max_to_keep=2, async_save=True)
   ckpt.save(2, state, force=True)
   ckpt.wait()

@@ -127,18 +127,18 @@ def test_named_remat_policy_keeps_no_attention_scores_across_the_layer_scan():
   """The XLA path writes [B, N, S, S] float32 scores each layer; the large configs' policy saves named matmul
   outputs only, so no per-example [.., S, S] array is carried from the forward scan to the backward one ('dots'
   carries the scores of every layer)."""
-  from unimm_jax import sharding as sharding_lib, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import sharding as sharding_lib, train_state  # pylint: disable=g-import-not-at-top
   carried = {}
   for remat in (_config("large_v5e32").model.remat, "dots"):
     config = small_bf16_config(scan_layers=True, remat=remat, attention="xla", num_layers=3, d_model=64,
                                head_dim=16, mlp_dim=128, dtype="float32")
     config.mesh.shape = (1, 1, 1)
     layout = dry_run.planned_layout(config)
-    method = train.make_step_inputs(config, layout)
+    method = train_state.make_step_inputs(config, layout)
     mesh = sharding_lib.single_device_mesh()
-    _, shardings = train.state_shardings(method, mesh, ())
-    abstract, _ = train.state_shardings(method, mesh, ())
-    step, _ = train.compile_steps(method, mesh, (), shardings)
+    _, shardings = train_state.state_shardings(method, mesh, ())
+    abstract, _ = train_state.state_shardings(method, mesh, ())
+    step, _ = train_state.compile_steps(method, mesh, (), shardings)
     tokens = jax.ShapeDtypeStruct((8, layout.seq_len), np.int32)
     hlo = step.lower(abstract, {"tokens": tokens}).compile().as_text()
     s, heads = layout.seq_len, config.model.num_heads
@@ -185,11 +185,11 @@ def test_cuda_export_of_a_float32_model_runs_the_xla_path_and_explicit_cudnn_is_
 
 def test_concurrent_chunks_are_refused_on_accelerators():
   """Sub-batches only help XLA:CPU's concurrent thunks; on a TPU or GPU they would duplicate the whole graph."""
-  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import train_state  # pylint: disable=g-import-not-at-top
   config = _config("bench_cpu")
   assert config.train.concurrent_chunks == 2
   layout = dry_run.planned_layout(config)
-  assert train.make_step_inputs(config, layout, platform="cpu").concurrent_chunks == 2
+  assert train_state.make_step_inputs(config, layout, platform="cpu").concurrent_chunks == 2
   for platform in ("tpu", "gpu"):
     with pytest.raises(configuration.ConfigError, match="concurrent_chunks=2.*set it to 1"):
-      train.make_step_inputs(config, layout, platform=platform)
+      train_state.make_step_inputs(config, layout, platform=platform)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimm_jax import bench, configuration, sharding, train
+from unimm_jax import bench, configuration, sharding, train_state
 from unimm_jax.sequence import SequenceLayout
 
 
@@ -26,8 +26,8 @@ def _matmul_heavy_config():
 def test_flops_formula_equals_a_hand_count():
   c = _matmul_heavy_config()
   layout = SequenceLayout.two_segment(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
-  method = train.make_step_inputs(c, layout)
-  abstract, _ = train.state_shardings(method, sharding.single_device_mesh(), ())
+  method = train_state.make_step_inputs(c, layout)
+  abstract, _ = train_state.state_shardings(method, sharding.single_device_mesh(), ())
   d, heads, hd, mlp, L, V = 128, 4, 32, 384, 2, layout.size
   per_layer = 4 * d * heads * hd + 3 * d * mlp          # q, k, v, out; gate, up, down
   matmul_params = L * per_layer + d * V                 # + the output head
@@ -40,10 +40,10 @@ def test_flops_formula_equals_a_hand_count():
 def test_flops_formula_is_within_15_percent_of_xla_cost_analysis():
   c = _matmul_heavy_config()
   layout = SequenceLayout.two_segment(text_vocab=64, image_vocab=256, text_len=16, image_grid=(8, 8))
-  method = train.make_step_inputs(c, layout)
+  method = train_state.make_step_inputs(c, layout)
   mesh = sharding.single_device_mesh()
-  abstract, shardings = train.state_shardings(method, mesh, ())
-  step_fn, _ = train.compile_steps(method, mesh, (), shardings)
+  abstract, shardings = train_state.state_shardings(method, mesh, ())
+  step_fn, _ = train_state.compile_steps(method, mesh, (), shardings)
   batch = {"tokens": jax.ShapeDtypeStruct((4, layout.seq_len), jnp.int32)}
   cost = step_fn.lower(abstract, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -96,11 +96,11 @@ def test_kind_rows_flops_count_each_groups_own_positions_and_match_xla():
                         "model.mlp_dim": 384, "model.directional_heads": 0,
                         "data.kind_rows": (("caption", 2), ("vqa", 1), ("edit", 1))})
   lay = covering_layout()
-  method = train.make_step_inputs(c, lay)
+  method = train_state.make_step_inputs(c, lay)
   assert len(method.row_groups) == 2    # caption pairs with the questions (63 positions), edits (96)
   mesh = sharding.single_device_mesh()
-  abstract, shardings = train.state_shardings(method, mesh, ())
-  step_fn, _ = train.compile_steps(method, mesh, (), shardings)
+  abstract, shardings = train_state.state_shardings(method, mesh, ())
+  step_fn, _ = train_state.compile_steps(method, mesh, (), shardings)
   batch = {"tokens": jax.ShapeDtypeStruct((c.train.batch_size, lay.seq_len), jnp.int32)}
   cost = step_fn.lower(abstract, batch).compile().cost_analysis()
   xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

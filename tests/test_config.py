@@ -28,7 +28,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_validates_and_traces_one_train_step(path):
-  from unimm_jax import train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import train_state  # pylint: disable=g-import-not-at-top
   config = configuration.validate(_load(path))
   if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
     config.model.attention = "xla"   # cuDNN flash attention traces only for a GPU; the rest of the step is the same
@@ -38,10 +38,10 @@ def test_every_config_validates_and_traces_one_train_step(path):
   # (an upstream's special tokens, sequence.special_ids, are text ids too: Lumina-DiMOO's reach 126,355)
   text_vocab = max(64, config.sequence.mask_id + 1, *(i + 1 for i in dict(config.sequence.special_ids).values()))
   layout = sequence.from_config(config, text_vocab=text_vocab, image_vocab=256, image_grid=(h, w))
-  method = train.make_step_inputs(config, layout)
-  state = jax.eval_shape(lambda: train.init_state(method, 0))
+  method = train_state.make_step_inputs(config, layout)
+  state = jax.eval_shape(lambda: train_state.init_state(method, 0))
   batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32)}
-  new_state, metrics = jax.eval_shape(lambda s, b: train.train_step(method, s, b), state, batch)
+  new_state, metrics = jax.eval_shape(lambda s, b: train_state.train_step(method, s, b), state, batch)
   assert new_state.step.shape == () and metrics["loss"].shape == ()
   assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
 

@@ -28,15 +28,15 @@ configuration.split_cpu_devices(2)              # what main does for mesh.cpu_de
 import jax
 import numpy as np
 from test_train import tiny_config
-from unimm_jax import sharding as sharding_lib, train
+from unimm_jax import sharding as sharding_lib, train_state
 from unimm_jax.sequence import SequenceLayout
 config = tiny_config(**{"model.head_dim": 8, "model.num_heads": 4, "model.mlp_dim": 64, "train.batch_size": 32})
 layout = SequenceLayout.two_segment(text_vocab=40, image_vocab=64, text_len=8, image_grid=(4, 4))
-method = train.make_step_inputs(config, layout)
+method = train_state.make_step_inputs(config, layout)
 mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_of(config)
-_, shardings = train.state_shardings(method, mesh, rules)
-state = train.init_state(method, config.seed, mesh, rules)
-step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+_, shardings = train_state.state_shardings(method, mesh, rules)
+state = train_state.init_state(method, config.seed, mesh, rules)
+step_fn, _ = train_state.compile_steps(method, mesh, rules, shardings)
 rng = np.random.default_rng(0)
 tokens = layout.pack({"text": rng.integers(0, 40, (32, 8)), "image": rng.integers(0, 64, (32, 16))}).astype(np.int32)
 batch = {"tokens": sharding_lib.global_array(tokens, sharding_lib.batch_sharding(mesh))}

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from unimm_jax import bundle, checkpointing, configuration, export, init_from, train
+from unimm_jax import bundle, checkpointing, configuration, export, init_from, train, train_state
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import input_pipeline
 from unimm_jax.models import params as params_lib
@@ -37,8 +37,8 @@ def base(tmp_path_factory):
 def _method_and_target(config, workdir):
   """(step inputs, abstract train state on one device) of ``config`` with the tokenizers saved in ``workdir``."""
   layout = input_pipeline.load_tokenizers(workdir, config).layout
-  method = train.make_step_inputs(config, layout)
-  abstract, _ = train.state_shardings(method, sharding_lib.single_device_mesh(), ())
+  method = train_state.make_step_inputs(config, layout)
+  abstract, _ = train_state.state_shardings(method, sharding_lib.single_device_mesh(), ())
   return method, abstract
 
 
@@ -61,7 +61,7 @@ def test_init_from_a_workdir_starts_at_its_ema_weights_with_a_fresh_optimizer(ba
                                f"{len(bundle.flatten(weights))} tensors, {count:,} parameters")
   want, _ = checkpointing.restore_weights(path, "ema_params")
   want = _host(want)
-  state = train.init_state(method, 1, weights=weights)   # another seed: nothing random is left in the weights
+  state = train_state.init_state(method, 1, weights=weights)   # another seed: nothing random is left in the weights
   _assert_trees_equal(state.params, want)
   _assert_trees_equal(state.ema_params, want)
   assert int(state.step) == 0
@@ -100,13 +100,13 @@ import sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from test_train import tiny_config
-from unimm_jax import checkpointing, init_from, sharding as sharding_lib, train
+from unimm_jax import checkpointing, init_from, sharding as sharding_lib, train_state
 from unimm_jax.data import input_pipeline
 base, bundles = sys.argv[1], sys.argv[2:]
 config = tiny_config(**{"mesh.shape": (1, 4, 1)})
 mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_of(config)
-method = train.make_step_inputs(config, input_pipeline.load_tokenizers(base, config).layout)
-abstract, _ = train.state_shardings(method, mesh, rules)
+method = train_state.make_step_inputs(config, input_pipeline.load_tokenizers(base, config).layout)
+abstract, _ = train_state.state_shardings(method, mesh, rules)
 want, _ = checkpointing.restore_weights(base, "ema_params")
 split = 0
 for path in [base] + bundles:
@@ -126,10 +126,10 @@ data = input_pipeline.train_iterator(input_pipeline.train_dataset(
 batches = [next(data)["tokens"] for _ in range(2)]
 losses = []
 for m in (sharding_lib.single_device_mesh(), mesh):
-  method = train.make_step_inputs(config, toks.layout)
-  abstract, shardings = train.state_shardings(method, m, rules)
-  state = train.init_state(method, 0, m, rules, init_from.load(base, abstract.weights)[0])
-  step_fn, _ = train.compile_steps(method, m, rules, shardings)
+  method = train_state.make_step_inputs(config, toks.layout)
+  abstract, shardings = train_state.state_shardings(method, m, rules)
+  state = train_state.init_state(method, 0, m, rules, init_from.load(base, abstract.weights)[0])
+  step_fn, _ = train_state.compile_steps(method, m, rules, shardings)
   losses.append([])
   for tokens in batches:
     state, metrics = step_fn(state, {"tokens": sharding_lib.global_batch(tokens, sharding_lib.batch_sharding(m))})

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm_jax import configuration, train
+from unimm_jax import configuration, train_state
 from unimm_jax import sequence as seq
 from unimm_jax.data import input_pipeline, shapes_tasks
 from unimm_jax.models import transformer
@@ -86,7 +86,7 @@ def test_the_grouped_step_equals_one_forward_of_the_whole_layout(kind_rows, grou
   kinds whose segments nest within 10 % more positions share one forward."""
   lay = layout()
   c = unified_config(**{"data.kind_rows": kind_rows})
-  grouped = train.make_step_inputs(c, lay)
+  grouped = train_state.make_step_inputs(c, lay)
   assert [(m.config.layout.names, n) for m, n, _ in grouped.row_groups] == groups
   whole = grouped.replace(row_groups=())
   tokens = patterned_tokens(lay, 2, seed=1, kind_rows=kind_rows)
@@ -99,7 +99,7 @@ def test_the_grouped_step_equals_one_forward_of_the_whole_layout(kind_rows, grou
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(5), x.shape), params)
 
   def loss(method):
-    return jax.value_and_grad(lambda p: diffusion.loss(train.grouped_nll(method, p, noisy, tokens, given), masked,
+    return jax.value_and_grad(lambda p: diffusion.loss(train_state.grouped_nll(method, p, noisy, tokens, given), masked,
                                                        corruption)[0])(params)
 
   (a, grad_a), (b, grad_b) = loss(grouped), loss(whole)
@@ -109,7 +109,7 @@ def test_the_grouped_step_equals_one_forward_of_the_whole_layout(kind_rows, grou
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6)
   # A row of the wrong kind is computed on the wrong segments: the grouping is not a no-op that hides mistakes.
   swapped = jnp.concatenate([tokens[3:4], tokens[1:3], tokens[0:1], tokens[4:]])
-  nll = lambda m: train.grouped_nll(m, params, swapped, swapped, jnp.ones_like(given))
+  nll = lambda m: train_state.grouped_nll(m, params, swapped, swapped, jnp.ones_like(given))
   assert float(jnp.abs(nll(grouped) - nll(whole)).max()) > 1e-2
 
 

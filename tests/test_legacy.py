@@ -28,7 +28,7 @@ from unimm_jax import configuration
 config = shapes.get_config()
 configuration.prepare_host(config)
 import jax
-from unimm_jax import sharding as sharding_lib, train
+from unimm_jax import sharding as sharding_lib, train_state
 from unimm_jax.data import input_pipeline
 mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_of(config)
 with tempfile.TemporaryDirectory() as tmp:
@@ -36,10 +36,10 @@ with tempfile.TemporaryDirectory() as tmp:
   toks = input_pipeline.fit_or_load_tokenizers(config, tmp, source)
   it = input_pipeline.train_iterator(input_pipeline.train_dataset(source, toks, batch_size=config.train.batch_size,
                                                       seed=config.seed), config.data.num_threads)
-  inputs = train.make_step_inputs(config, toks.layout, toks.image.code_features())
-  abstract, shardings = train.state_shardings(inputs, mesh, rules)
-  state = train.init_state(inputs, config.seed, mesh, rules)
-  step_fn, _ = train.compile_steps(inputs, mesh, rules, shardings)
+  inputs = train_state.make_step_inputs(config, toks.layout, toks.image.code_features())
+  abstract, shardings = train_state.state_shardings(inputs, mesh, rules)
+  state = train_state.init_state(inputs, config.seed, mesh, rules)
+  step_fn, _ = train_state.compile_steps(inputs, mesh, rules, shardings)
   batch_sh = sharding_lib.batch_sharding(mesh)
   losses = []
   for _ in range(50):

@@ -12,7 +12,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from unimm_jax import checkpointing, train
+from unimm_jax import checkpointing, train, train_state
 from unimm_jax import sharding as sharding_lib
 from test_train import tiny_config  # pytest puts tests/ on sys.path (rootdir-less "prepend" import mode)
 
@@ -22,12 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def nan_from_update_7(monkeypatch):
   """A learning rate that turns NaN from the 7th update on (optimizer count 6): updates, then params, go bad."""
-  real = train.learning_rate_schedule
+  real = train_state.learning_rate_schedule
 
   def poisoned(config):
     base = real(config)
     return lambda count: jnp.where(count < 6, base(count), jnp.nan)
-  monkeypatch.setattr(train, "learning_rate_schedule", poisoned)
+  monkeypatch.setattr(train_state, "learning_rate_schedule", poisoned)
 
 
 def _finite(tree):
@@ -40,8 +40,8 @@ def test_nonfinite_update_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
     train.train_and_evaluate(config, tmp_path)
   ckpt = checkpointing.Checkpointer(tmp_path, every_steps=3, max_to_keep=5)
   assert ckpt.latest_step() == 6 and ckpt.all_steps() == [3, 6]     # step 9 (bad) was never written
-  method = train.make_step_inputs(config, _layout(tmp_path, config))
-  abstract, _ = train.state_shardings(method, sharding_lib.single_device_mesh(), ())
+  method = train_state.make_step_inputs(config, _layout(tmp_path, config))
+  abstract, _ = train_state.state_shardings(method, sharding_lib.single_device_mesh(), ())
   state = ckpt.restore(abstract)
   ckpt.close()
   assert int(state.step) == 6 and _finite(state.params) and _finite(state.opt_state)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from unimm_jax import bundle, checkpointing, configuration, export, init_from, train
+from unimm_jax import bundle, checkpointing, configuration, export, init_from, train, train_state
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import input_pipeline
 from unimm_jax.models import lora
@@ -47,10 +47,10 @@ def test_lora_starts_at_the_base_model_and_trains_the_adapters_only(base):
   method, abstract = _method_and_target(config, path)
   weights, _ = init_from.load(path, abstract.weights)
   want = _host(weights)
-  state = train.init_state(method, 0, weights=weights)
+  state = train_state.init_state(method, 0, weights=weights)
   tokens = input_pipeline.load_tokenizers(path, config).layout.random_tokens(np.random.default_rng(0), 4)
   network = lambda p: method.model.apply({"params": state.network_params(p)}, tokens)
-  plain = train.make_model(_config(), method.layout)
+  plain = train_state.make_model(_config(), method.layout)
   np.testing.assert_array_equal(network(state.params), plain.apply({"params": want}, tokens))   # B = 0
 
   base_shapes = {tuple(x.shape) for x in jax.tree.leaves(want) if x.ndim >= 2}
@@ -59,8 +59,8 @@ def test_lora_starts_at_the_base_model_and_trains_the_adapters_only(base):
   assert params_lib.param_count(state.opt_state) < 2 * params_lib.param_count(state.params) + 8
 
   mesh = sharding_lib.single_device_mesh()
-  _, shardings = train.state_shardings(method, mesh, ())
-  step_fn, _ = train.compile_steps(method, mesh, (), shardings)
+  _, shardings = train_state.state_shardings(method, mesh, ())
+  step_fn, _ = train_state.compile_steps(method, mesh, (), shardings)
   source = input_pipeline.make_source(config, "train")
   data = input_pipeline.train_iterator(input_pipeline.train_dataset(
       source, input_pipeline.load_tokenizers(path, config), batch_size=config.train.batch_size, seed=0), 0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm_jax import configuration, evaluate, train
+from unimm_jax import configuration, evaluate, train, train_state
 from unimm_jax.data import input_pipeline, shapes
 
 
@@ -152,7 +152,7 @@ def test_image_code_features_are_the_codebook_kept_fixed_and_restored(tmp_path):
   for weights in ("raw", "ema"):
     pipe = Pipeline.load(tmp_path, weights=weights)
     np.testing.assert_array_equal(np.asarray(pipe.params["image_code_features"]), features)
-  fresh = train.init_state(train.make_step_inputs(config, toks.layout, features), config.seed)
+  fresh = train_state.init_state(train_state.make_step_inputs(config, toks.layout, features), config.seed)
   assert np.abs(np.asarray(pipe.params["code_projection"]["kernel"])
                 - np.asarray(fresh.params["code_projection"]["kernel"])).max() > 0    # the projection trained
 
@@ -163,9 +163,9 @@ def test_concurrent_map_keeps_the_order_of_the_rows():
   y = jnp.arange(8, dtype=jnp.int32)[:, None] * 10
   fn = lambda x, y: x * 2.0 + y + x.sum(axis=-1, keepdims=True)    # per-row
   for chunks in (1, 2, 4, 8):
-    np.testing.assert_array_equal(train.concurrent_map(fn, chunks, x, y), fn(x, y))
+    np.testing.assert_array_equal(train_state.concurrent_map(fn, chunks, x, y), fn(x, y))
   with pytest.raises(ValueError, match="does not divide the batch of 8"):
-    train.concurrent_map(fn, 3, x, y)
+    train_state.concurrent_map(fn, 3, x, y)
 
 
 def test_a_step_in_concurrent_chunks_is_the_same_update():
@@ -176,9 +176,9 @@ def test_a_step_in_concurrent_chunks_is_the_same_update():
   tokens = layout.pack({"text": rng.integers(0, 40, (16, 8)), "image": rng.integers(0, 64, (16, 16))}).astype(np.int32)
   results = []
   for chunks in (1, 2):
-    method = train.make_step_inputs(tiny_config(**{"train.concurrent_chunks": chunks}), layout)
-    state = train.init_state(method, 0)
-    state, metrics = jax.jit(lambda s, b, m=method: train.train_step(m, s, b))(state, {"tokens": tokens})
+    method = train_state.make_step_inputs(tiny_config(**{"train.concurrent_chunks": chunks}), layout)
+    state = train_state.init_state(method, 0)
+    state, metrics = jax.jit(lambda s, b, m=method: train_state.train_step(m, s, b))(state, {"tokens": tokens})
     results.append((float(metrics["loss"]), state.params))
   assert np.isfinite(results[0][0])
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
@@ -197,9 +197,9 @@ def test_the_train_step_draws_from_the_later_mixture_from_its_step_on():
   config = tiny_config(**{"diffusion.tasks": {"text_to_image": 1.0, "image_to_text": 0.0},
                           "diffusion.tasks_later": {"text_to_image": 0.0, "image_to_text": 1.0},
                           "diffusion.tasks_later_from": 3})
-  method = train.make_step_inputs(config, layout)
-  step = jax.jit(lambda s, b: train.train_step(method, s, b)[1])
-  state = train.init_state(method, 0)
+  method = train_state.make_step_inputs(config, layout)
+  step = jax.jit(lambda s, b: train_state.train_step(method, s, b)[1])
+  state = train_state.init_state(method, 0)
   for at, (zero, nonzero) in ((0, ("loss_text", "loss_image")), (2, ("loss_text", "loss_image")),
                               (3, ("loss_image", "loss_text")), (40, ("loss_image", "loss_text"))):
     metrics = step(state.replace(step=jax.numpy.int32(at)), {"tokens": tokens})

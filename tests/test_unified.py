@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimm_jax import Pipeline, evaluate, train, validation
+from unimm_jax import Pipeline, evaluate, train, train_state, validation
 from unimm_jax import sequence as seq
 from unimm_jax.data import shapes, shapes_tasks
 from unimm_jax.method import tasks as tasks_lib
@@ -131,7 +131,7 @@ def test_corruption_and_validation_leave_absent_segments_alone():
   config = unified_config()
   model = transformer.Transformer(transformer.TransformerConfig.from_config(config.model, lay))
   params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-  step_inputs = train.StepInputs(model=model, diffusion=method, tx=None)
+  step_inputs = train_state.StepInputs(model=model, diffusion=method, tx=None)
   bits = np.asarray(validation.eval_step(step_inputs, params, tokens, jax.random.PRNGKey(4)))
   assert validation.val_figures(seq.SequenceLayout.two_segment(10, 5, 4, (2, 2))) == (
       "text", "image", "text_given_image", "image_given_text")   # the two-segment figures, as before

@@ -243,7 +243,7 @@ class Programs:
 
   config: Any
   layout: Any
-  method: Any                # train.StepInputs
+  method: Any                # train_state.StepInputs
   mesh: Any
   abstract_state: Any        # TrainState of ShapeDtypeStructs with their shardings
   train_step: Any            # jitted (state, batch) -> (state, metrics)
@@ -256,7 +256,7 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
   """The main job's train step and a text->image sampling loop of ``config`` over ``devices`` (not compiled)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from unimm_jax import dry_run, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import dry_run, train_state  # pylint: disable=g-import-not-at-top
   from unimm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from unimm_jax.method import samplers  # pylint: disable=g-import-not-at-top
   from unimm_jax.sequence import IMAGE, TEXT  # pylint: disable=g-import-not-at-top
@@ -270,12 +270,12 @@ def build(config, devices, platform: str, topology: str | None = None) -> Progra
   layout = dry_run.planned_layout(config)
   mesh = sharding_lib.make_mesh(shape, devices)
   rules = sharding_lib.rules_of(config)
-  method = train.make_step_inputs(config, layout, platform=platform)
-  abstract, shardings = train.state_shardings(method, mesh, rules)
+  method = train_state.make_step_inputs(config, layout, platform=platform)
+  abstract, shardings = train_state.state_shardings(method, mesh, rules)
   sharding_lib.check_divisible(abstract, shardings)
   with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   abstract_state = jax.tree.map(with_sharding, abstract, shardings)
-  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  step_fn, _ = train_state.compile_steps(method, mesh, rules, shardings)
   batch_sh = sharding_lib.batch_sharding(mesh)
   batch = {"tokens": jax.ShapeDtypeStruct((config.train.batch_size, layout.seq_len), jnp.int32, sharding=batch_sh)}
 

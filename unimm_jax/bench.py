@@ -3,7 +3,7 @@
 Any config override works as in ``main`` (``--config.train.batch_size=16``); ``mesh.cpu_devices`` splits the CPU as
 in the main job. Prints a table and writes the figures as JSON (``--out``).
 
-``train``: the real training step (``train.compile_steps``: the model, per-modality loss and head, AdamW, EMA,
+``train``: the real training step (``train_state.compile_steps``: the model, per-modality loss and head, AdamW, EMA,
 jitted with the config's mesh and shardings, state donated) on random tokens of the config's sizes:
 
 * compile seconds; step time, median and p90 over ``--steps`` timed steps after ``--warmup`` (each synchronised with
@@ -63,16 +63,16 @@ def _one_device_step(config, **model_overrides):
 
   A word tokenizer's vocabulary is taken as ``text.max_vocab`` or 64 words (timing does not depend on it).
   """
-  from unimm_jax import dry_run, sharding, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import dry_run, sharding, train_state  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
   for name, value in model_overrides.items():
     c.model[name] = value
   if c.text.tokenizer == "word" and not c.text.max_vocab:
     c.text.max_vocab = 64
-  method = train.make_step_inputs(c, dry_run.planned_layout(c))
+  method = train_state.make_step_inputs(c, dry_run.planned_layout(c))
   mesh, rules = sharding.single_device_mesh(), sharding.rules_of(c)
-  abstract, shardings = train.state_shardings(method, mesh, rules)
-  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  abstract, shardings = train_state.state_shardings(method, mesh, rules)
+  step_fn, _ = train_state.compile_steps(method, mesh, rules, shardings)
   return c, method, mesh, abstract, step_fn
 
 
@@ -94,9 +94,9 @@ def bench_compile(config, layers=(4, 8, 16, 32)) -> dict:
 def bench_checkpoint(config, steps: int = 200, every: int = 20) -> dict:
   """{'no_save'|'async'|'sync': {'mean_ms', 'median_ms' (steps without a save), 'save_step_ms'}}."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  from unimm_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import checkpointing, sharding, train_state  # pylint: disable=g-import-not-at-top
   c, method, mesh, _, step_fn = _one_device_step(config)
-  state = train.init_state(method, 0, mesh, sharding.rules_of(c))
+  state = train_state.init_state(method, 0, mesh, sharding.rules_of(c))
   lay = method.layout
   rng = np.random.default_rng(0)
   batches = [sharding.global_array(lay.random_tokens(rng, c.train.batch_size), sharding.batch_sharding(mesh))
@@ -260,27 +260,27 @@ def _random_tokens(layout, batch: int, seed: int) -> np.ndarray:
 
 def _train_setup(config):
   """(config, method, mesh, rules, abstract state, shardings) on the config's mesh, layout from its sizes."""
-  from unimm_jax import dry_run, sharding, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import dry_run, sharding, train_state  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
   if c.text.tokenizer == "word" and not c.text.max_vocab:
     c.text.max_vocab = 64
-  method = train.make_step_inputs(c, dry_run.planned_layout(c))
+  method = train_state.make_step_inputs(c, dry_run.planned_layout(c))
   mesh, rules = sharding.make_mesh(c.mesh.shape), sharding.rules_of(c)
-  abstract, shardings = train.state_shardings(method, mesh, rules)
+  abstract, shardings = train_state.state_shardings(method, mesh, rules)
   return c, method, mesh, rules, abstract, shardings
 
 
 def bench_train(config, steps: int = 10, warmup: int = 3, peak: dict | None = None) -> dict:
   """The train step's compile time, step times, throughput, model FLOPs, MFU and peak memory."""
-  from unimm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
   c, method, mesh, rules, abstract, shardings = _train_setup(config)
   layout, batch = method.layout, c.train.batch_size
-  step_fn, _ = train.compile_steps(method, mesh, rules, shardings)
+  step_fn, _ = train_state.compile_steps(method, mesh, rules, shardings)
   batches = [sharding.global_array(_random_tokens(layout, batch, i), sharding.batch_sharding(mesh)) for i in range(2)]
   start = time.perf_counter()
   compiled = step_fn.lower(abstract, {"tokens": batches[0]}).compile()
   compile_s = time.perf_counter() - start
-  state = train.init_state(method, 0, mesh, rules)
+  state = train_state.init_state(method, 0, mesh, rules)
   for i in range(warmup):
     state, metrics = compiled(state, {"tokens": batches[i % 2]})
   jax.block_until_ready(metrics)
@@ -357,7 +357,7 @@ def random_pipeline(config):
   Text is the config's byte or word tokenizer (a word vocabulary from the shapes captions); the image tokenizer
   is a patch codebook of random distinct patches, as large as ``image.codebook_size``.
   """
-  from unimm_jax import pipeline as pipeline_lib, tokenizers, train  # pylint: disable=g-import-not-at-top
+  from unimm_jax import pipeline as pipeline_lib, tokenizers, train_state  # pylint: disable=g-import-not-at-top
   from unimm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   c = config
   if c.text.tokenizer == "byte":
@@ -370,8 +370,8 @@ def random_pipeline(config):
   image = tokenizers.PatchTokenizer(c.image.size, c.image.channels, c.image.levels, c.image.patch,
                                     codebook[:c.image.codebook_size])
   toks = input_pipeline.Tokenizers(text, image, c.text.max_len, id_align=c.sequence.id_align)
-  method = train.make_step_inputs(c, toks.layout)
-  state = train.init_state(method, 0)
+  method = train_state.make_step_inputs(c, toks.layout)
+  state = train_state.init_state(method, 0)
   params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(3), x.shape, x.dtype),
                         state.params)   # the head starts at zero: give the sampler non-uniform logits
   return pipeline_lib.Pipeline(c, params, toks)

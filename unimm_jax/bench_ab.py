@@ -14,6 +14,7 @@ value, and both are fed the same random tokens (the two-segment layout's ids are
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import shutil
 import statistics
@@ -54,8 +55,10 @@ def _flat(cfg, prefix=""):
 
 def _step(pkg, config):
   """(compiled step, state, abstract) of package ``pkg`` for ``config`` (this code's ConfigDict)."""
+  # The state and its step: ``train_state``, or ``train`` in a checkout from before the two were split.
+  state_mod = "train_state" if importlib.util.find_spec(f"{pkg.__name__}.train_state") else "train"
   mods = {name: importlib.import_module(f"{pkg.__name__}.{name}")
-          for name in ("configuration", "dry_run", "sharding", "train")}
+          for name in ("configuration", "dry_run", "sharding", state_mod)}
   cfg = mods["configuration"].base_config()
   ours = _flat(config)
   for name in _flat(cfg):
@@ -68,12 +71,12 @@ def _step(pkg, config):
   if cfg.text.tokenizer == "word" and not cfg.text.max_vocab:
     cfg.text.max_vocab = 64
   layout = mods["dry_run"].planned_layout(cfg)
-  make = getattr(mods["train"], "make_step_inputs", None) or getattr(mods["train"], "make_method")
+  make = getattr(mods[state_mod], "make_step_inputs", None) or getattr(mods[state_mod], "make_method")
   inputs = make(cfg, layout)
   mesh, rules = mods["sharding"].make_mesh(cfg.mesh.shape), mods["sharding"].rules_of(cfg)
-  abstract, shardings = mods["train"].state_shardings(inputs, mesh, rules)
-  step_fn, _ = mods["train"].compile_steps(inputs, mesh, rules, shardings)
-  state = mods["train"].init_state(inputs, 0, mesh, rules)
+  abstract, shardings = mods[state_mod].state_shardings(inputs, mesh, rules)
+  step_fn, _ = mods[state_mod].compile_steps(inputs, mesh, rules, shardings)
+  state = mods[state_mod].init_state(inputs, 0, mesh, rules)
   return step_fn, state, mesh, layout
 
 

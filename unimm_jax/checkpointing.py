@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: model, optimizer, EMA, step, RNG and the data iterator position.
 
-``WORKDIR/checkpoints/<step>/`` holds two items: ``state`` (the :class:`~unimm_jax.train.TrainState` pytree,
+``WORKDIR/checkpoints/<step>/`` holds two items: ``state`` (the :class:`~unimm_jax.train_state.TrainState` pytree,
 written by every process collectively) and ``data`` (the grain iterator state, a few integers). Saves are
 asynchronous where the config asks for it: the train loop goes on while the arrays are written. A restore is
 done onto an abstract target (shapes, dtypes and shardings of the state the run would initialise), so the arrays

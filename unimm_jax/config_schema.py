@@ -239,7 +239,7 @@ FIELDS: tuple[Field, ...] = (
     F("train.on_nonfinite", str, "stop", "a NaN/inf loss: stop (last good checkpoint kept) | skip the step",
       choices=("stop", "skip")),
     F("train.concurrent_chunks", int, 1, "forward/backward as N independent sub-batches in one program (CPU: see "
-      "train.py)", bounds=">0"),
+      "train_state.py)", bounds=">0"),
     F("train.compilation_cache", str, "auto", "JAX's persistent compilation cache: auto ($JAX_COMPILATION_CACHE_DIR "
       "if set, else WORKDIR/compilation_cache; gs:// too) | a directory | none (off); unimm_jax/main.py"),
 

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import AbstractMesh
 
-from unimm_jax import configuration, tokenizers, train
+from unimm_jax import configuration, tokenizers, train_state
 from unimm_jax import sharding as sharding_lib
 from unimm_jax.data import input_pipeline
 from unimm_jax import sequence
@@ -49,8 +49,8 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
   layout = input_pipeline.load_tokenizers(workdir, config).layout if saved else planned_layout(config)
   mesh = (sharding_lib.make_mesh(shape) if n == jax.device_count()
           else AbstractMesh(shape, sharding_lib.AXES))
-  method = train.make_step_inputs(config, layout)
-  abstract, shardings = train.state_shardings(method, mesh, sharding_lib.rules_of(config))
+  method = train_state.make_step_inputs(config, layout)
+  abstract, shardings = train_state.state_shardings(method, mesh, sharding_lib.rules_of(config))
   per_device = {
       "params": sharding_lib.per_device_bytes(abstract.params, shardings.params),
       "opt_state": sharding_lib.per_device_bytes(abstract.opt_state, shardings.opt_state),
@@ -58,7 +58,7 @@ def plan(config, workdir=None, num_devices: int | None = None) -> dict:
       "step_and_rng": sharding_lib.per_device_bytes((abstract.step, abstract.rng), (shardings.step, shardings.rng)),
   }
   parts = ("params", "opt_state", "ema_params")
-  if isinstance(abstract, train.LoraTrainState):   # LoRA: the three above are the adapters'; the frozen base
+  if isinstance(abstract, train_state.LoraTrainState):   # LoRA: the three above are the adapters'; the frozen base
     per_device["base"] = sharding_lib.per_device_bytes(abstract.base, shardings.base)
     parts += ("base",)
   per_device["total"] = sum(per_device.values())

@@ -19,7 +19,7 @@ from unimm_jax.models import transformer
 from unimm_jax.sequence import SequenceLayout
 
 if TYPE_CHECKING:
-  from unimm_jax import train
+  from unimm_jax import train_state
 
 
 def validation_tasks(layout: SequenceLayout, diffusion: MaskedDiffusion | None = None
@@ -54,7 +54,7 @@ def val_figures(layout: SequenceLayout, diffusion: MaskedDiffusion | None = None
       tuple(n for n, _ in validation_tasks(layout, diffusion)[1:])
 
 
-def eval_step(method: "train.StepInputs", params, tokens, key) -> jax.Array:
+def eval_step(method: "train_state.StepInputs", params, tokens, key) -> jax.Array:
   """Negative ELBO in bits per token of each example: float32 [B, len(val_figures)].
 
   Columns: each modality with every segment noised (the joint ELBO, split by modality), then each segment given

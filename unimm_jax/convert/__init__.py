@@ -69,11 +69,11 @@ def _tokenizers(src: epath.Path, config, upstream: dict):
 
 def _abstract_params(config, layout, mesh):
   """({flat name: ShapeDtypeStruct}, {flat name: NamedSharding}) of the weights a run of ``config`` starts from
-  (``TrainState.weights``: a LoRA run's base), placed as the trainer places them (``train.state_shardings``);
+  (``TrainState.weights``: a LoRA run's base), placed as the trainer places them (``train_state.state_shardings``);
   nothing allocated."""
-  from unimm_jax import train  # pylint: disable=g-import-not-at-top
-  method = train.make_step_inputs(config, layout, platform=mesh.devices.flat[0].platform)
-  abstract, shardings = train.state_shardings(method, mesh, sharding_lib.rules_of(config))
+  from unimm_jax import train_state  # pylint: disable=g-import-not-at-top
+  method = train_state.make_step_inputs(config, layout, platform=mesh.devices.flat[0].platform)
+  abstract, shardings = train_state.state_shardings(method, mesh, sharding_lib.rules_of(config))
   return bundle.flatten(abstract.weights), bundle.flatten(shardings.weights)
 
 
