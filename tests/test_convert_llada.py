@@ -81,6 +81,18 @@ def test_scanned_unfused_target_config_gives_the_same_logits(upstream, tmp_path)
                              up.reference_logits(cfg, tensors, ids), atol=1e-4, rtol=0)
 
 
+def test_a_target_config_with_masked_heads_is_refused_before_anything_is_written(upstream, tmp_path):
+  """LLaDA's attention has no per-head masks: a target config with directional or cross-modal heads would import
+  weights that compute something else, so the import names both fields and writes nothing."""
+  from unimm_jax import configuration, convert
+  src, cfg, _ = upstream
+  config = convert.llada.apply_backbone(configuration.base_config(), cfg, 16)
+  config.model.directional_heads, config.model.cross_modal_heads = 1, 1
+  with pytest.raises(convert.ConvertError, match="directional_heads=1.*cross_modal_heads=1"):
+    convert.import_checkpoint("llada", src, tmp_path / "b", config)
+  assert not (tmp_path / "b").exists()
+
+
 def test_import_export_import_is_bit_exact(upstream, imported, tmp_path):
   from unimm_jax import Pipeline, convert
   from unimm_jax import safetensors_io as st

@@ -103,6 +103,7 @@ def apply_backbone(config, upstream: dict, seq_len: int | None = None):
   m.positions, m.rope_layout, m.rope_fraction, m.rope_theta = "rope", "sequence", 1.0, s["rope_theta"]
   m.norm_eps, m.embedding_scale, m.modality_embedding, m.restrict_output = s["eps"], 1.0, False, False
   m.qk_norm, m.directional_heads, m.cross_modal_rope, m.image_code_features = False, 0, True, False
+  m.cross_modal_heads = 0
   m.max_len = seq_len
   config.text.tokenizer, config.text.max_len, config.text.vocab_size = "hf", seq_len, s["vocab"]
   config.image.tokenizer = "none"
@@ -153,6 +154,7 @@ def check_config(upstream: dict, config, layout) -> None:
   want("config.json attention_layer_norm", bool(upstream.get("attention_layer_norm", False)), "config.model.qk_norm",
        m.qk_norm)
   want("config.json (no directional heads)", 0, "config.model.directional_heads", m.directional_heads)
+  want("config.json (no cross-modal heads)", 0, "config.model.cross_modal_heads", m.cross_modal_heads)
   want("config.json (no image code features)", False, "config.model.image_code_features", m.image_code_features)
   if layout.seq_len > s["max_len"]:
     problems.append(f"the layout's {layout.seq_len} tokens exceed config.json max_sequence_length={s['max_len']}")
