@@ -4,9 +4,9 @@
 The numpy forward below (:func:`numpy_forward`) knows nothing of unimm_jax: every convention (segments, id ranges,
 MASK, which embeddings are added, the embedding scale, the norm epsilon, the q/k/v layout, qk-norm, which head
 dimensions rotate and how they pair, the rotary frequencies and positions, the attention scale, the directional
-and cross-modal heads, the tensor names, the scanned-layer layout, the output restriction) is read from the bundle, so a change of
-the network that the card does not follow fails here. The bundle's weights are changed first so that each
-convention moves the logits by far more than the tolerance (:func:`_bundle`).
+and cross-modal heads, the tensor names, the scanned-layer layout, the output restriction) is read from the bundle,
+so a change of the network that the card does not follow fails here. The bundle's weights are changed first so
+that each convention moves the logits by far more than the tolerance (:func:`_bundle`).
 """
 
 import json

@@ -86,6 +86,9 @@ def test_inconsistent_sizes_name_the_fields():
   config.model.directional_heads = 3   # 6 directional heads of the base config's 4
   assert "config.model.directional_heads=3 takes 6 heads" in _problems(config)
   config.model.directional_heads = 1
+  config.model.cross_modal_heads = 3
+  assert "config.model.cross_modal_heads=3 takes 6 heads" in _problems(config)
+  config.model.cross_modal_heads = 0
   config.model.cross_modal_rope = False
   config.model.attention = "cudnn"
   msg = _problems(config)

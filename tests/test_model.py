@@ -95,7 +95,7 @@ def test_directional_heads_see_one_side_of_the_caption_and_all_of_the_image():
   attn = layers.Attention(3, 8, 10_000.0, 1.0, cross_modal_rope=False, directional_heads=1)
   params = attn.init(jax.random.PRNGKey(1), x, positions, modality)
   q, k, v = (jax.random.normal(key, (1, 7, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
-  allowed = attention.directional_masks(*modality, 3, 1, xp=jnp)[None]           # [1, 3, 7, 7]
+  allowed = attention.head_masks(*modality, 3, 1, xp=jnp)[None]           # [1, 3, 7, 7]
   # Jacobian of the output at (query i, head n) with respect to the value at key j.
   jac = jax.jacobian(lambda v: layers.heads_first_attention(q, k, v, allowed=allowed))(v)  # [1,7,3,8, 1,7,3,8]
   dep = np.abs(np.asarray(jac)[0, :, :, :, 0, :, :, :]).sum(axis=(2, 5))        # [query, head, key, head']
@@ -126,7 +126,7 @@ def test_cross_modal_heads_give_each_direction_of_lookup_heads_of_its_own():
   segment = jnp.asarray([0, 0, 0, 1, 1, 1, 1])
   modality = (segment, segment == 0)
   positions = jnp.asarray([[0, 0], [1, 1], [2, 2], [0, 0], [0, 1], [1, 0], [1, 1]])
-  allowed = attention.directional_masks(*modality, 4, 1, xp=jnp, cross_modal=1)[None]    # [1, 4, 7, 7]
+  allowed = attention.head_masks(*modality, 4, 1, xp=jnp, cross_modal=1)[None]    # [1, 4, 7, 7]
   q, k, v = (jax.random.normal(key, (1, 7, 4, 8)) for key in jax.random.split(jax.random.PRNGKey(2), 3))
   jac = jax.jacobian(lambda v: layers.heads_first_attention(q, k, v, allowed=allowed))(v)
   dep = np.abs(np.asarray(jac)[0, :, :, :, 0, :, :, :]).sum(axis=(2, 5))

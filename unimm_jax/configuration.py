@@ -360,14 +360,11 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.model.image_row_end_id={c.model.image_row_end_id} (row ends inside the network) needs "
                     "config.model.rope_layout='sequence', positions='rope', modality_embedding=False and "
                     "image_code_features=False")
-  if 2 * c.model.directional_heads > c.model.num_heads:
-    problems.append(f"config.model.directional_heads={c.model.directional_heads} takes "
-                    f"{2 * c.model.directional_heads} heads (one left-looking and one right-looking per unit); "
-                    f"config.model.num_heads is {c.model.num_heads}")
-  if 2 * c.model.cross_modal_heads > c.model.num_heads:
-    problems.append(f"config.model.cross_modal_heads={c.model.cross_modal_heads} takes "
-                    f"{2 * c.model.cross_modal_heads} heads (one for each direction of lookup per unit); "
-                    f"config.model.num_heads is {c.model.num_heads}")
+  for name, unit in (("directional_heads", "one left-looking and one right-looking"),
+                     ("cross_modal_heads", "one for each direction of lookup")):
+    if 2 * c.model[name] > c.model.num_heads:
+      problems.append(f"config.model.{name}={c.model[name]} takes {2 * c.model[name]} heads ({unit} per unit); "
+                      f"config.model.num_heads is {c.model.num_heads}")
   if c.model.lora_rank:
     problems += _lora_problems(c)
   if c.train.concurrent_chunks > 0 and c.train.batch_size % c.train.concurrent_chunks:

@@ -13,10 +13,11 @@
 A kernel named explicitly that cannot take the config (cuDNN with float32 or a mask, a kernel of another platform)
 is an :class:`AttentionConfigError` naming the fields, never a silent fallback.
 
-The masks. With ``directional_heads = P``, within a text segment the first P heads see only the same or earlier
-words and the next P only the same or later ones; with ``cross_modal_heads = C``, in the first C heads only text
-reads the image and in the next C only the image reads the text (one direction of cross-modal lookup each). With rotary offsets within a segment only (``cross_modal_rope
-= False``), a pair of one segment scores with the rotated q, k and a pair across segments with the unrotated ones.
+The masks (:func:`head_masks`). With ``directional_heads = P``, within a text segment the first P heads see only
+the same or earlier words and the next P only the same or later ones; with ``cross_modal_heads = C``, in the first
+C heads only text reads the image and in the next C only the image reads the text (one direction of cross-modal
+lookup each). With rotary offsets within a segment only (``cross_modal_rope = False``), a pair of one segment
+scores with the rotated q, k and a pair across segments with the unrotated ones.
 The splash kernel computes one score per (query, key) pair, so the second case is written as attention over twice
 the keys: query ``[rot(q_r), q_r, q_p]`` (rotating dims r, passing dims p), keys ``[rot(k_r), 0, k_p]`` allowed
 only within the query's segment and ``[0, k_r, k_p]`` allowed only across, the values twice. Exactly one of each
@@ -167,7 +168,7 @@ def xla_attention(q, k, v, q_raw=None, k_raw=None, rotated_where=None, allowed=N
 # ---------------------------------------------------------------------------------------------------------------
 # Masks (numpy, from the layout's static segment ids)
 # ---------------------------------------------------------------------------------------------------------------
-def directional_masks(segment, is_text, num_heads: int, directional: int, xp=np, cross_modal: int = 0):
+def head_masks(segment, is_text, num_heads: int, directional: int, xp=np, cross_modal: int = 0):
   """bool [N, S, S], True where a query may attend a key: the first P heads look left and the next P right
   between the words of one text segment; with ``cross_modal = C``, in the first C heads an image query sees no
   text key (only text reads the image there) and in the next C a text query sees no image key (only the image
@@ -200,7 +201,7 @@ def splash_mask(segment: np.ndarray, is_text: np.ndarray, num_heads: int, direct
   Padded keys are never attended; padded queries attend the real keys (their outputs are dropped)."""
   s = segment.shape[0]
   pad = -(-s // SPLASH_BLOCK) * SPLASH_BLOCK
-  allowed = directional_masks(segment, is_text, num_heads, directional, cross_modal=cross_modal)   # [N, S, S]
+  allowed = head_masks(segment, is_text, num_heads, directional, cross_modal=cross_modal)   # [N, S, S]
   groups = segment if groups is None else groups   # the rotating pairs: within a group (layers.Attention)
   same = groups[:, None] == groups[None, :]
   parts = [allowed & same, allowed & ~same] if within_segment_rope else [allowed]

@@ -140,14 +140,15 @@ class Attention(nn.Module):
     or earlier words and the next P heads only to the same or later ones (every other pair, and every other
     head, as before).
 
-    With ``cross_modal_heads=C``, in the first C heads no image query attends a text key (text reads the image
-    there) and in the next C no text query attends an image key (the image reads the text): the two directions of
-    cross-modal lookup (a caption word finding its cell; a cell finding the phrase that names it) each get heads
-    of their own instead of sharing every head. Within a modality every head sees as before.
     A bidirectional attention can tell left from right only through rotary phases, which over a caption's length
     are nearly flat at the low frequencies and wrap at the high ones; a left-looking head that finds the word
     "and" says at once which phrase of a caption a word belongs to, which binding each phrase to its own grid
     cell needs (BENCHMARKS.md, generation issue).
+
+    With ``cross_modal_heads=C``, in the first C heads no image query attends a text key (text reads the image
+    there) and in the next C no text query attends an image key (the image reads the text): the two directions of
+    cross-modal lookup (a caption word finding its cell; a cell finding the phrase that names it) each get heads
+    of their own instead of sharing every head. Within a modality every head sees as before.
 
     The matmul outputs carry ``checkpoint_name``s (``qkv_proj``, ``context``, ``out_proj``) for the named
     rematerialisation policies (``transformer.REMAT_POLICIES``); the attention scores never do.
@@ -220,9 +221,9 @@ class Attention(nn.Module):
     else:
       allowed = None
       if masked_heads:
-        allowed = query_rows(attention.directional_masks(*segments[:2], self.num_heads, self.directional_heads,
-                                                         xp=jnp, cross_modal=self.cross_modal_heads),
-                             1)[None]                                                     # [1, N, A, S]
+        masks = attention.head_masks(*segments[:2], self.num_heads, self.directional_heads, xp=jnp,
+                                     cross_modal=self.cross_modal_heads)                 # [N, S, S]
+        allowed = query_rows(masks, 1)[None]                                              # [1, N, A, S]
       if key_valid is not None:
         keys = key_valid[:, None, None, :]                                                # [B, 1, 1, S]
         allowed = keys if allowed is None else allowed & keys

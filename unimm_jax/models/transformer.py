@@ -82,7 +82,7 @@ class TransformerConfig:
   fused_qkv: bool = True       # one q/k/v projection matmul per block instead of three
   cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
-  cross_modal_heads: int = 0   # C: per block, C heads where only text reads the image, C where only the image reads text
+  cross_modal_heads: int = 0   # C: per block, C heads where only text reads the image, C where only image reads text
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
   rope_layout: str = "segment"  # segment: 1-D per text segment, 2-D per image grid | sequence: 1-D over all (LLaDA)
