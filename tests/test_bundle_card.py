@@ -22,11 +22,12 @@ from test_train import tiny_config  # pytest puts tests/ on sys.path (rootdir-le
 
 # The network settings of configs/shapes.py at a tiny size: fused q/k/v, qk-norm, rotary within a modality only,
 # every head dimension rotating (2-D on the grid, base 100), image code features, one left- and one right-looking
-# head, rotary plus learned absolute positions; padded embedding rows.
+# head, rotary plus learned absolute positions; padded embedding rows. Plus values that carry the learned
+# positions (model.value_positions, an option of configs/shapes_unified.py's ablations), which needs them.
 SHAPES = {"model.qk_norm": True, "model.cross_modal_rope": False, "model.image_code_features": True,
           "model.directional_heads": 1, "model.rope_theta": 100.0, "model.rope_fraction": 1.0,
           "model.positions": "rope+learned", "model.fused_qkv": True, "model.vocab_multiple": 8,
-          "sequence.id_align": 1}
+          "sequence.id_align": 1, "model.value_positions": True}
 # The other layouts of the same tensors: separate q/k/v, scanned (and rematerialised) layers, half of each head
 # rotating, rotary positions only, aligned id ranges (unused ids between text and image), heads beyond the
 # directional ones, one head where only text reads the image and one where only the image reads the text.
@@ -84,7 +85,8 @@ def numpy_forward(conv: dict, w: dict, tokens: np.ndarray) -> np.ndarray:
         parts.append(w[names["row"]][r] + w[names["col"]][c])
       else:
         parts.append(w[names["index"]][np.arange(n)])
-    x = x + np.concatenate(parts)[None]
+    learned = np.concatenate(parts)                                                    # [S, D]
+    x = x + learned[None]
   x = x * emb["scale"]
 
   # Rotary angles of the rotating pairs, per position.
@@ -120,6 +122,8 @@ def numpy_forward(conv: dict, w: dict, tokens: np.ndarray) -> np.ndarray:
       q, k, v = (np.einsum("bsd,dnh->bsnh", u, kernel[:, att["qkv"]["order"].index(x_)]) for x_ in "qkv")
     else:
       q, k, v = (np.einsum("bsd,dnh->bsnh", u, t(att["qkv"][x_])) for x_ in "qkv")
+    if att.get("value_positions"):
+      v = v + np.einsum("sd,dnh->snh", learned, t(att["value_positions"]))[None]
     if att["qk_norm"]:
       q, k = _rms(q, t(att["qk_norm"]["q"]), eps), _rms(k, t(att["qk_norm"]["k"]), eps)
     score = lambda q, k: np.einsum("bqnh,bknh->bnqk", q, k) * att["scale"]
@@ -167,7 +171,7 @@ def _bundle(tmp_path_factory, name: str):
   for key, value in tensors.items():
     if key.endswith("/scale"):
       tensors[key] = (1.0 + 0.3 * rng.standard_normal(value.shape)).astype(np.float32)
-    elif key == "head/kernel":
+    elif key == "head/kernel" or key.endswith("value_position/kernel"):   # (the latter starts at zero)
       tensors[key] = (rng.standard_normal(value.shape) / np.sqrt(value.shape[0])).astype(np.float32)
     elif ("/" not in key and key != "image_code_features") or key == "code_projection/kernel":
       tensors[key] = value * np.float32(0.01)   # input embeddings: first-norm inputs near eps in size

@@ -18,6 +18,7 @@ from unimm_jax.method import samplers
 from unimm_jax.method.diffusion import MaskedDiffusion
 from unimm_jax.models.transformer import Transformer, TransformerConfig, sequence_nll
 from unimm_jax.sequence import SequenceLayout
+from test_model import randomize_value_positions
 from test_sampling import random_pipeline  # pytest puts tests/ on sys.path (prepend import mode)
 
 LAYOUT = SequenceLayout.two_segment(text_vocab=13, image_vocab=9, text_len=5, image_grid=(3, 4))
@@ -32,7 +33,7 @@ def _network(**overrides):
   tokens = jax.random.randint(jax.random.PRNGKey(0), (3, LAYOUT.seq_len), 0, LAYOUT.size)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
   params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
-  return model, params, tokens
+  return model, randomize_value_positions(params), tokens
 
 
 def _new_image(tokens, seed):
@@ -48,6 +49,7 @@ OPTIONS = [
     dict(),
     dict(scan_layers=True, remat="full"),
     dict(positions="rope+learned", rope_fraction=0.5, cross_modal_rope=False, directional_heads=1),
+    dict(positions="rope+learned", value_positions=True),
     dict(pad_key_id=3, rope_layout="sequence", modality_embedding=False),
     dict(image_row_end_id=4, rope_layout="sequence", modality_embedding=False),
 ]

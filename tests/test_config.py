@@ -89,6 +89,10 @@ def test_inconsistent_sizes_name_the_fields():
   config.model.cross_modal_heads = 3
   assert "config.model.cross_modal_heads=3 takes 6 heads" in _problems(config)
   config.model.cross_modal_heads = 0
+  config.model.value_positions, config.model.positions = True, "rope"
+  assert "config.model.value_positions projects the learned absolute positions" in _problems(config)
+  config.model.positions = "rope+learned"
+  assert "value_positions" not in _problems(config)
   config.model.cross_modal_rope = False
   config.model.attention = "cudnn"
   msg = _problems(config)

@@ -17,15 +17,27 @@ LAYOUT = SequenceLayout.two_segment(text_vocab=13, image_vocab=9, text_len=5, im
 TEXT_LEN, IMAGE_LEN = 5, 12
 
 
-def _random_model(dtype="float32", positions="rope", rope_fraction=1.0, cross_modal_rope=True):
+def _random_model(dtype="float32", positions="rope", rope_fraction=1.0, cross_modal_rope=True,
+                  value_positions=False):
   model = Transformer(TransformerConfig(LAYOUT, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=48,
                                         dtype=dtype, positions=positions, rope_fraction=rope_fraction,
-                                        cross_modal_rope=cross_modal_rope))
+                                        cross_modal_rope=cross_modal_rope, value_positions=value_positions))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, LAYOUT.seq_len), 0, LAYOUT.size)  # MASK included
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
   # The head starts at zero (a uniform model); give it random weights so the restriction is really tested.
   params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), params["head"]["kernel"].shape)
-  return model, params, tokens
+  return model, randomize_value_positions(params), tokens
+
+
+def randomize_value_positions(params, seed: int = 3):
+  """``params`` with every ``value_position`` kernel (which starts at zero, ``model.value_positions``) random."""
+  def visit(tree, path=()):
+    if isinstance(tree, dict):
+      return {k: visit(v, path + (k,)) for k, v in tree.items()}
+    if "value_position" in path:
+      return 0.3 * jax.random.normal(jax.random.PRNGKey(seed), tree.shape, tree.dtype)
+    return tree
+  return visit(params)
 
 
 def test_model_never_gives_probability_to_other_modality_or_mask():
@@ -153,6 +165,33 @@ def test_cross_modal_heads_give_each_direction_of_lookup_heads_of_its_own():
     layers.Attention(2, 8, 10_000.0, 1.0, cross_modal_heads=2).init(jax.random.PRNGKey(1), x, positions, modality)
 
 
+def test_value_positions_let_a_head_read_where_the_token_it_found_is():
+  """model.value_positions: each value is ``u @ W_v + P @ W_p`` (P the key's learned absolute position vector, W_p
+  per layer, zero at the start). Checked on the module: with every position's content the same and no rotary
+  embedding, the output is the found key's value, so it says which key it was exactly when W_p is not zero (and
+  equals the formula); at the start the module computes what it does without the option."""
+  s, d = 6, 12
+  x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (1, 1, d)), (1, s, d))       # same content
+  table = jax.random.normal(jax.random.PRNGKey(1), (s, d))                                     # P [S, D]
+  positions = jnp.zeros((s, 2), jnp.int32)
+  attn = layers.Attention(2, 8, None, 1.0)
+  params = nn.meta.unbox(attn.init(jax.random.PRNGKey(2), x, positions, value_pos=table))["params"]
+  assert params["value_position"]["kernel"].shape == (d, 2, 8)
+  np.testing.assert_array_equal(params["value_position"]["kernel"], 0.0)
+  plain = {k: v for k, v in params.items() if k != "value_position"}
+  np.testing.assert_allclose(attn.apply({"params": params}, x, positions, value_pos=table),
+                             attn.apply({"params": plain}, x, positions), atol=1e-6)
+  params["value_position"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3), (d, 2, 8))
+  only = lambda j: jnp.arange(s)[None] == j                     # bool [1, S]: key j alone is there
+  found = lambda p, j, **kw: np.asarray(attn.apply({"params": p}, x, positions, key_valid=only(j), **kw))[0, 0]
+  assert np.abs(found(params, 1, value_pos=table) - found(params, 4, value_pos=table)).max() > 0.1
+  np.testing.assert_allclose(found(plain, 1), found(plain, 4), atol=1e-6)   # without: nothing says which key
+  want = (np.einsum("d,dnh->nh", x[0, 1], params["qkv"]["kernel"][:, 2])
+          + np.einsum("d,dnh->nh", table[4], params["value_position"]["kernel"]))
+  np.testing.assert_allclose(found(params, 4, value_pos=table), np.einsum("nh,nhd->d", want, params["out"]["kernel"]),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_qk_norm_makes_scores_independent_of_query_and_key_scale():
   """qk_norm=True: scaling the query and key projections (what weight decay and learning rate act on) leaves the
   output unchanged, and the learned gains of the norms scale the scores; without it the same scaling changes it."""
@@ -252,7 +291,7 @@ def test_bfloat16_compute_keeps_float32_params_and_agrees():
 
 
 def test_scanned_layers_and_remat_compute_the_same_function():
-  model, params, tokens = _random_model(positions="rope+learned", rope_fraction=0.5)
+  model, params, tokens = _random_model(positions="rope+learned", rope_fraction=0.5, value_positions=True)
   stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
   stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["block_0"], params["block_1"])
   want = model.apply({"params": params}, tokens)

@@ -197,6 +197,9 @@ FIELDS: tuple[Field, ...] = (
       "ones", bounds=">=0"),
     F("model.cross_modal_heads", int, 0, "C: per block, C heads where only text reads the image (image queries see "
       "no text) and C where only the image reads the text", bounds=">=0"),
+    F("model.value_positions", bool, False, "every block's values also carry each key's learned absolute position "
+      "(a per-layer projection, zero at the start), so a head that finds a token by content can read where it is "
+      "at any depth (needs model.positions=learned or rope+learned)"),
     F("model.fused_qkv", bool, True, "one [d_model, 3, heads, head_dim] q/k/v projection (BENCHMARKS: speed)",
       state=True, legacy=False),   # before: separate query/key/value projections
     F("model.remat", str, "none", "rematerialise blocks: none | full | save_qkv | save_attention | minimal (named "

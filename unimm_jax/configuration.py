@@ -360,6 +360,9 @@ def validate(config: ConfigDict) -> ConfigDict:
     problems.append(f"config.model.image_row_end_id={c.model.image_row_end_id} (row ends inside the network) needs "
                     "config.model.rope_layout='sequence', positions='rope', modality_embedding=False and "
                     "image_code_features=False")
+  if c.model.value_positions and "learned" not in c.model.positions:
+    problems.append(f"config.model.value_positions projects the learned absolute positions into every block's "
+                    f"values: it needs config.model.positions='learned' or 'rope+learned', got {c.model.positions!r}")
   for name, unit in (("directional_heads", "one left-looking and one right-looking"),
                      ("cross_modal_heads", "one for each direction of lookup")):
     if 2 * c.model[name] > c.model.num_heads:

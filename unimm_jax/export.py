@@ -55,7 +55,8 @@ def conventions(config, layout: sequence.SequenceLayout) -> dict:
     norm         eps (every RMSNorm, in float32)
     layers       num_layers, scan, prefix ('block_{i}', or 'blocks' with a leading layer axis), the norms' names
     attention    num_heads, head_dim, qkv (fused name and order, or q/k/v names), out, qk_norm | None, scale,
-                 left_heads / right_heads (the directional heads)
+                 left_heads / right_heads (the directional heads), text_reads_image_heads /
+                 image_reads_text_heads (the cross-modal heads), value_positions (kernel name) | None
     rotary       None, or layout, rotating_dims r, pair_offset (pair j is (x[j], x[j + r/2])), frequencies f_j,
                  position_component c_j, positions p [S, 2] (angle of pair j at s: p[s][c_j] * f_j), cross_modal
     mlp          gate, up, down (SwiGLU), hidden;   output: final_norm, head, columns, restrict, fill
@@ -146,6 +147,7 @@ def conventions(config, layout: sequence.SequenceLayout) -> dict:
       "directional_heads": p, "left_heads": list(range(p)), "right_heads": list(range(p, 2 * p)),
       "cross_modal_heads": c, "text_reads_image_heads": list(range(c)),
       "image_reads_text_heads": list(range(c, 2 * c)),
+      "value_positions": "attn/value_position/kernel" if opt("value_positions", False) else None,
   }
   scan = bool(opt("scan_layers", False))
   return {
@@ -270,6 +272,10 @@ def _forward_section(conv: dict, meta: dict) -> list[str]:
   else:
     lines.append(f"- `q = u @ {att['qkv']['q']}`, `k = u @ {att['qkv']['k']}`, `v = u @ {att['qkv']['v']}` "
                  "(each kernel [D, N, H], each result [B, S, N, H]);")
+  if att.get("value_positions"):
+    lines.append(f"- values that carry positions (`model.value_positions`): `v = v + P @ {att['value_positions']}` "
+                 "([D, N, H]), P [S, D] the learned absolute positions of step 3 (before the scale), the same at "
+                 "every example;")
   if att["qk_norm"]:
     lines.append(f"- qk-norm, before the rotary embedding: `q = RMSNorm[{att['qk_norm']['q']}](q)`, "
                  f"`k = RMSNorm[{att['qk_norm']['k']}](k)` over each head's H dims (scale [H], eps {eps!r});")

@@ -115,7 +115,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
-               return_kv: bool = False):
+               return_kv: bool = False, value_pos=None):
     """x: [B, S, D], positions: int32 [S, 2] (or [B, S, 2] per example with ``rope_1d``), segments: (segment
     index int [S], is-text bool [S][, modality id int [S]]) of each position (needed when not cross_modal_rope,
     or with directional heads; without the modality ids, pairs rotate within a segment), key_valid: bool [B, S]
@@ -169,6 +169,13 @@ class Attention(nn.Module):
       # than by the growth of the projection weights, which weight decay holds back.
       q = RMSNorm(self.norm_eps, name="query_norm", axis_name="kv", **kw)(q)
       k = RMSNorm(self.norm_eps, name="key_norm", axis_name="kv", **kw)(k)
+    if value_pos is not None:
+      # Each key's absolute position, projected per layer into its value (zero at the start): a head that has
+      # found a token by its content can read where that token is at any depth. Otherwise only the first layer's
+      # values carry it (BENCHMARKS.md, "values that say where").
+      at = value_pos if rows is None else jnp.take(value_pos, rows, axis=0)                     # [S or A, D]
+      v = v + Projection((value_pos.shape[-1],), shape, ("embed", "heads", "kv"), kernel_init=nn.initializers.zeros,
+                         name="value_position", **kw)(at)[None]
     q_raw, k_raw = q, k
     r = 0
     if self.rope_theta is not None:
@@ -326,7 +333,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segments=None, key_valid=None, given=None, rows=None, kv=None,
-               return_kv: bool = False):
+               return_kv: bool = False, value_pos=None):
     """[B, S, D] -> [B, S, D] (or [B, A, D] of ``rows``; with ``return_kv``, also the attention's keys and values:
     :meth:`Attention.__call__`)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -335,7 +342,7 @@ class Block(nn.Module):
                     self.fused_qkv, self.cross_modal_rope, self.directional_heads, self.qk_norm, self.interpret,
                     self.static_segments, self.rope_1d, self.norm_eps, name="attn",
                     cross_modal_heads=self.cross_modal_heads, **kw)(
-                        h, positions, segments, key_valid, given, rows, kv, return_kv)
+                        h, positions, segments, key_valid, given, rows, kv, return_kv, value_pos=value_pos)
     out, new_kv = out if return_kv else (out, None)
     x = x + out
     h = RMSNorm(self.norm_eps, name="mlp_norm", **kw)(x)

@@ -50,10 +50,10 @@ def _ScanBlock(block_cls, return_kv: bool = False):  # pylint: disable=invalid-n
   """``block_cls`` with the (carry, output) signature ``nn.scan`` needs: the layer's cache (``kv``) scanned in,
   its keys and values (with ``return_kv``) scanned out."""
   class ScanBlock(block_cls):
-    def __call__(self, x, kv, positions, segments, key_valid=None, given=None, rows=None):
+    def __call__(self, x, kv, positions, segments, key_valid=None, given=None, rows=None, value_pos=None):
       # (The cache arguments only when caching: a rematerialised block traces every argument it is given.)
       caching = () if rows is None and not return_kv else (rows, kv, return_kv)
-      out = super().__call__(x, positions, segments, key_valid, given, *caching)
+      out = super().__call__(x, positions, segments, key_valid, given, *caching, value_pos=value_pos)
       return out if return_kv else (out, None)
   ScanBlock.__name__ = f"Scan{block_cls.__name__}"
   return ScanBlock
@@ -83,6 +83,7 @@ class TransformerConfig:
   cross_modal_rope: bool = True  # False: rotary offsets only within a modality (layers.Attention)
   directional_heads: int = 0   # P: per block, P heads look only left and P only right within each text segment
   cross_modal_heads: int = 0   # C: per block, C heads where only text reads the image, C where only image reads text
+  value_positions: bool = False  # every block's values also carry each key's absolute position (layers.Attention)
   qk_norm: bool = False        # RMS-normalised queries and keys (layers.Attention)
   code_feature_dim: int = 0    # F > 0: image tokens also embed a projection of their code's appearance [V_img, F]
   rope_layout: str = "segment"  # segment: 1-D per text segment, 2-D per image grid | sequence: 1-D over all (LLaDA)
@@ -260,8 +261,14 @@ class Transformer(nn.Module):
       x = x + self._code_embedding(tokens, param_dtype).astype(dtype)
     if cfg.modality_embedding:
       x = x + self._modality_embedding(embed_init, param_dtype).astype(dtype)[None]
+    value_pos = None
     if cfg.positions in ("learned", "rope+learned"):
-      x = x + self._absolute_positions(embed_init, param_dtype).astype(dtype)[None]
+      absolute = self._absolute_positions(embed_init, param_dtype).astype(dtype)               # [S, D]
+      x = x + absolute[None]
+      value_pos = absolute if cfg.value_positions else None
+    elif cfg.value_positions:
+      raise ValueError(f"model.value_positions projects the learned absolute positions into every block's values: "
+                       f"it needs model.positions='learned' or 'rope+learned', not {cfg.positions!r}")
     # Unit-variance embeddings are scaled so the residual stream starts near the size of one block's output.
     # (A numpy float64 scalar is not weakly typed: it would promote a bfloat16 residual stream to float32.)
     if cfg.embedding_scale != 1.0:
@@ -316,16 +323,16 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       # Parameters stacked on a leading "layers" axis; XLA compiles the block once, whatever the depth.
       stack = nn.scan(_ScanBlock(block, return_kv), variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_layers,
+                      in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_kv = stack(*block_args, **block_kw, name="blocks")(x, kv, positions, segments, key_valid, given,
-                                                                 net_rows)
+                                                                 net_rows, value_pos)
     else:
       new_kv = []
       for i in range(cfg.num_layers):
         layer_cache = (net_rows, None if kv is None else kv[i], return_kv) if caching else ()
         out = block(*block_args, **block_kw, name=f"block_{i}")(x, positions, segments, key_valid, given,
-                                                                 *layer_cache)
+                                                                 *layer_cache, value_pos=value_pos)
         x, layer_kv = out if return_kv else (out, None)
         new_kv.append(layer_kv)
     if keep is not None:
