@@ -265,7 +265,9 @@ class Transformer(nn.Module):
     if cfg.positions in ("learned", "rope+learned"):
       absolute = self._absolute_positions(embed_init, param_dtype).astype(dtype)               # [S, D]
       x = x + absolute[None]
-      value_pos = absolute if cfg.value_positions else None
+      # The values read the table the input learns; their gradient does not reshape it (with it, every task
+      # learned slower and the drawing direction bound late: BENCHMARKS.md, "values that say where").
+      value_pos = jax.lax.stop_gradient(absolute) if cfg.value_positions else None
     elif cfg.value_positions:
       raise ValueError(f"model.value_positions projects the learned absolute positions into every block's values: "
                        f"it needs model.positions='learned' or 'rope+learned', not {cfg.positions!r}")
