@@ -192,6 +192,34 @@ def test_value_positions_let_a_head_read_where_the_token_it_found_is():
                              rtol=1e-4, atol=1e-5)
 
 
+def test_value_positions_pass_no_derivative_back_to_the_position_table():
+  """The values read the learned position table through ``stop_gradient``: only the input embedding shapes it.
+
+  Along a random change of the table, the forward's central difference counts both paths and the model's own
+  derivative (``jax.jvp``, as ``jax.grad`` sees it) only the input one; they differ exactly when a ``value_position``
+  kernel is not zero, and agree at the start (zero kernels) and without the option."""
+  def derivative_and_difference(model, params, tokens):
+    table = {k: v for k, v in params.items() if k.endswith(("_position", "_row", "_col"))}
+    direction = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(7), a.shape, a.dtype), table)
+    f = lambda t: model.apply({"params": {**params, **t}}, tokens)
+    _, jvp = jax.jvp(f, (table,), (direction,))
+    eps = 1e-2
+    step = lambda s: jax.tree.map(lambda a, d: a + s * eps * d, table, direction)
+    return np.asarray(jvp), np.asarray((f(step(1.0)) - f(step(-1.0))) / (2 * eps))
+
+  for value_positions, randomize in ((False, False), (True, False), (True, True)):
+    model, params, tokens = _random_model(positions="learned", value_positions=value_positions)
+    if value_positions and not randomize:
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, a: jnp.zeros_like(a) if "value_position" in jax.tree_util.keystr(path) else a, params)
+    jvp, difference = derivative_and_difference(model, params, tokens)
+    gap = np.abs(jvp - difference).max() / np.abs(difference).max()
+    if randomize:
+      assert gap > 0.05, gap                    # the value path moves the output and passes no derivative
+    else:
+      assert gap < 1e-3, gap
+
+
 def test_qk_norm_makes_scores_independent_of_query_and_key_scale():
   """qk_norm=True: scaling the query and key projections (what weight decay and learning rate act on) leaves the
   output unchanged, and the learned gains of the norms scale the scores; without it the same scaling changes it."""
