@@ -167,7 +167,7 @@ def test_a_bad_checkpoint_stops_the_import_with_one_line_and_writes_nothing(upst
 
 SHARDED = r'''
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 import llada_upstream as up

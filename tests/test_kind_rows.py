@@ -6,6 +6,8 @@ These tests pin the equivalences that make this an optimisation and not a change
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,13 +63,14 @@ def test_an_example_is_its_own_segments_alone_when_absent_is_masked(mask_absent)
   lay = layout()
   model = transformer.from_config(unified_config(**{"model.mask_absent": mask_absent}), lay)
   tokens = patterned_tokens(lay, 1)
-  params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-  full = np.asarray(model.apply({"params": params}, tokens, hidden=True))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
+  full = np.asarray(jax.jit(functools.partial(model.apply, hidden=True))({"params": params}, tokens))
   worst = 0.0
   for row, kind in enumerate(k for k, n in KIND_ROWS for _ in range(n)):
     cols = np.flatnonzero(lay.positions_of(KIND_SEGMENTS[kind]))
     alone = model.clone(config=model.config.__class__(**{**vars(model.config), "layout": lay.only(KIND_SEGMENTS[kind])}))
-    out = np.asarray(alone.apply({"params": params}, tokens[row:row + 1, cols], hidden=True))[0]
+    apply = jax.jit(functools.partial(alone.apply, hidden=True))
+    out = np.asarray(apply({"params": params}, tokens[row:row + 1, cols]))[0]
     worst = max(worst, float(np.abs(out - full[row, cols]).max()))
   if mask_absent:
     assert worst < 1e-5, worst
@@ -94,13 +97,14 @@ def test_the_grouped_step_equals_one_forward_of_the_whole_layout(kind_rows, grou
   corruption = diffusion.sample_corruption(jax.random.PRNGKey(1), tokens.shape[0], present=lay.present(tokens, jnp))
   noisy, masked = diffusion.corrupt(jax.random.PRNGKey(2), tokens, corruption)
   given = diffusion.given_positions(corruption)
-  params = grouped.model.init(jax.random.PRNGKey(0), tokens)["params"]
+  params = jax.jit(grouped.model.init)(jax.random.PRNGKey(0), tokens)["params"]
   # The head starts at zero (every position's nll log V, whatever it attends): give every parameter some size.
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(5), x.shape), params)
+  params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(5), x.shape), p))(
+      params)
 
-  def loss(method):
-    return jax.value_and_grad(lambda p: diffusion.loss(train_state.grouped_nll(method, p, noisy, tokens, given), masked,
-                                                       corruption)[0])(params)
+  def loss(method):   # jitted: eager autodiff through the layer scan costs minutes of op-by-op dispatch
+    return jax.jit(jax.value_and_grad(lambda p: diffusion.loss(
+        train_state.grouped_nll(method, p, noisy, tokens, given), masked, corruption)[0]))(params)
 
   (a, grad_a), (b, grad_b) = loss(grouped), loss(whole)
   assert float(b) > 0.1
@@ -109,7 +113,7 @@ def test_the_grouped_step_equals_one_forward_of_the_whole_layout(kind_rows, grou
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-6)
   # A row of the wrong kind is computed on the wrong segments: the grouping is not a no-op that hides mistakes.
   swapped = jnp.concatenate([tokens[3:4], tokens[1:3], tokens[0:1], tokens[4:]])
-  nll = lambda m: train_state.grouped_nll(m, params, swapped, swapped, jnp.ones_like(given))
+  nll = lambda m: jax.jit(lambda p: train_state.grouped_nll(m, p, swapped, swapped, jnp.ones_like(given)))(params)
   assert float(jnp.abs(nll(grouped) - nll(whole)).max()) > 1e-2
 
 
