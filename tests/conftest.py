@@ -2,8 +2,8 @@
 
 Many tests start fresh JAX processes (fake-device meshes, several processes, kill-and-resume) that compile the same
 tiny programs again; a cache directory shared by the session's processes (inherited through the environment) lets
-each program compile once. It lives in a new temporary directory, so no state is carried between sessions. And
-LLVM's cheap settings, since compiling is most of what the tests spend.
+each program compile once. It lives in a new temporary directory, so no state is carried between sessions. Every
+process compiles with LLVM's cheap settings, since compiling is most of what the tests spend.
 """
 
 import atexit

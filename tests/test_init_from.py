@@ -143,7 +143,8 @@ def test_init_from_and_lora_on_an_fsdp_mesh_of_4_devices(base, tmp_path):
   path, _ = base
   for fmt in ("safetensors", "orbax"):
     export.export(path, tmp_path / fmt, fmt=fmt)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
   proc = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(path), str(tmp_path / "safetensors"),
                          str(tmp_path / "orbax")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
