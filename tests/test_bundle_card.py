@@ -23,7 +23,7 @@ from test_train import tiny_config  # pytest puts tests/ on sys.path (rootdir-le
 # The network settings of configs/shapes.py at a tiny size: fused q/k/v, qk-norm, rotary within a modality only,
 # every head dimension rotating (2-D on the grid, base 100), image code features, one left- and one right-looking
 # head, rotary plus learned absolute positions; padded embedding rows. Plus values that carry the learned
-# positions (model.value_positions, an option of configs/shapes_unified.py's ablations), which needs them.
+# positions (model.value_positions, on in configs/shapes_unified.py), which need the learned table.
 SHAPES = {"model.qk_norm": True, "model.cross_modal_rope": False, "model.image_code_features": True,
           "model.directional_heads": 1, "model.rope_theta": 100.0, "model.rope_fraction": 1.0,
           "model.positions": "rope+learned", "model.fused_qkv": True, "model.vocab_multiple": 8,
