@@ -79,8 +79,8 @@ def get_config():
   # so this equals the covering layout): caption pairs and questions in one forward of [text | image | answer]
   # (63 positions), edits in one of [text | image | target] (96), not all 99. In every 17 rows (batch 68: four
   # blocks), 12 caption pairs, 3 questions and 2 edits; with text->image 55 % of the caption pairs a batch holds 26
-  # text->image examples, near configs/shapes.py's 29 (at 17 a batch the drawing direction had not bound phrases to
-  # cells by 6,000). With 2 questions in 16 (batch 64) the understanding direction was short of examples: the
+  # text->image examples, near configs/shapes.py's 29 (with 17 of them a batch the drawing direction had not bound
+  # phrases to cells by 6,000). With 2 questions in 16 (batch 64) the understanding direction was short of examples: the
   # yes/no questions whose kind is in the scene in another colour ("is there a red circle?" beside a blue one)
   # were answered "yes" on train scenes as on val ones; with 3 in 17 both seeds answer every kind
   # (BENCHMARKS.md, "three questions in every 17 rows").
