@@ -82,6 +82,7 @@ def _env():
   return env
 
 
+@pytest.mark.exclusive
 def test_the_split_step_runs_far_ahead_on_two_loaded_cores_and_finishes():
   """The real train step on ``mesh.cpu_devices=2``, STEPS dispatched at once while 4 processes spin on the 2 cores
   (started once it has compiled: the compile is not what is tested)."""
@@ -105,6 +106,7 @@ def test_the_split_step_runs_far_ahead_on_two_loaded_cores_and_finishes():
   assert got == {"steps": STEPS, "finite": True, "devices": 2, "nproc": str(max(4, CORES))}
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("mode", ["xla_pool", "split"])
 def test_two_devices_on_two_pool_threads_deadlock_and_the_split_reserves_enough(mode):
   """The reason for the reservation, kept as a canary: the smallest all-reduce step, 200 dispatched at once, aborts

@@ -276,6 +276,7 @@ def test_slurm_default_xla_flags_are_known_to_this_jaxlib_and_the_last_value_win
   assert proc.returncode != 0 and "Unknown flag" in proc.stderr
 
 
+@pytest.mark.exclusive
 def test_local_launcher_stops_the_others_when_one_process_fails():
   start = time.monotonic()
   code = ("import os, sys, time\n"
@@ -289,6 +290,7 @@ def test_local_launcher_times_out():
   assert local.launch([sys.executable, "-c", "import time; time.sleep(60)"], 2, timeout_s=1, grace_s=5) == 124
 
 
+@pytest.mark.exclusive
 def test_local_launcher_runs_the_main_job_as_two_distributed_processes(tmp_path):
   workdir = tmp_path / "run"
   overrides = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.head_dim": 16,

@@ -94,6 +94,7 @@ def _two_processes(workdir, steps, out_dir):
   return results
 
 
+@pytest.mark.exclusive
 def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
   single = tmp_path / "single.json"
   _run(8, "main", single, tmp_path / "one", 5)
@@ -155,6 +156,7 @@ def test_dry_run_with_a_mesh_that_does_not_fit_is_one_line(tmp_path):
   assert proc.returncode == 2 and "does not fit 6 devices" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.exclusive
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, WORKER, "4", "main", str(tmp_path / f"p{i}.json"), str(tmp_path / "w"),
