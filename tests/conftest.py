@@ -21,12 +21,25 @@ import pytest
 
 from run_alone import RunAlone
 
+
+
+def _session_dir(variable, prefix):
+  """A new temporary directory in ``os.environ[variable]``, removed at exit, unless the variable is already set.
+
+  The controller imports this file before its pytest-xdist workers start; they inherit the variable and so share
+  the directory. A user's own ``variable`` (e.g. a cache directory of theirs) is used as it is and kept.
+  """
+  if variable not in os.environ:
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.environ[variable] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix="unimm_jax_test_xla_cache_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+_session_dir("JAX_COMPILATION_CACHE_DIR", "unimm_jax_test_xla_cache_")
+# The locks of run_alone.RunAlone (kept apart from the cache, which a user may point at a directory of their own).
+_session_dir("UNIMM_JAX_TEST_LOCKS", "unimm_jax_test_locks_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The tests' programs are tiny, so compiling them, not running them, is most of the suite's time: LLVM's cheap
 # settings compile them about 3x faster (test_compilation_cache measures it) and give the same results to float
@@ -40,11 +53,6 @@ MAX_WORKERS = 4   # more workers than this buy little on a laptop and multiply t
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "exclusive: runs while no other pytest-xdist worker runs a test")
-  # The directory of the locks, made by the controller before its workers start (they inherit the environment).
-  if "UNIMM_JAX_TEST_LOCKS" not in os.environ:
-    locks = tempfile.mkdtemp(prefix="unimm_jax_test_locks_")
-    os.environ["UNIMM_JAX_TEST_LOCKS"] = locks
-    atexit.register(shutil.rmtree, locks, ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):   # pylint: disable=unused-argument
