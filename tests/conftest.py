@@ -22,7 +22,6 @@ import pytest
 from run_alone import RunAlone
 
 
-
 def _session_dir(variable, prefix):
   """A new temporary directory in ``os.environ[variable]``, removed at exit, unless the variable is already set.
 
@@ -56,8 +55,8 @@ def pytest_configure(config):
 
 
 def pytest_xdist_auto_num_workers(config):   # pylint: disable=unused-argument
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  return max(1, min(cores, MAX_WORKERS))
+  from unimm_jax.configuration import usable_cores   # pylint: disable=import-outside-toplevel  (no JAX)
+  return max(1, min(usable_cores(), MAX_WORKERS))
 
 
 _LOCK = None

@@ -17,7 +17,7 @@ import pytest
 from unimm_jax import configuration
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORES = len(os.sched_getaffinity(0))
+CORES = configuration.usable_cores()
 STEPS = 120   # dispatched without a host sync: more than the 32 a device admits in flight
 
 SPLIT_STEPS = r'''

@@ -521,14 +521,18 @@ def reserve_cpu_client_threads() -> int:
   devices = int(match.group(1)) if match else 0
   if devices < 2:
     return 0
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-  threads = max(cores, 2 * devices)
+  threads = max(usable_cores(), 2 * devices)
   try:
     threads = max(threads, int(os.environ.get("NPROC", "0")))
   except ValueError:
     pass   # not a number: XLA ignores it too, and the value set below replaces it
   os.environ["NPROC"] = str(threads)
   return threads
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity where the OS has one, else every core)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def prepare_host(config: ConfigDict) -> None:
